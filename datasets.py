@@ -1,0 +1,493 @@
+"""Shared helpers for every stage: dataset listing, image loading, common flags, atomic
+writes, triplet CSVs and one-line error reporting.
+
+No stage copies these; each script imports what it needs:
+
+    from datasets import common_parser, list_split, read_triplet_csv, run_cli
+
+Path rule used by every file the pipeline writes (triplet CSVs, embedding files): a
+relative path inside a file is relative to *that file's folder*, never to the current
+working directory, so the files work from anywhere and move together with the data.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRIPLET_COLUMNS = ("query", "positive", "negative")
+
+
+# ----------------------------------------------------------------------------- errors
+
+class PipelineError(Exception):
+    """Bad input or state the user can fix: reported as one line, exit status 1."""
+
+
+def run_cli(main, argv=None):
+    """Run a stage's main(); a PipelineError becomes one 'error:' line and exit status 1."""
+    try:
+        return main(argv) or 0
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------- flags
+
+def common_parser(data_default="tiny-imagenet-200", seed_default=0, workers_default=2):
+    """Flags every stage shares (--data, --seed, --device, --num_workers), as an argparse parent."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common")
+    group.add_argument("--data", default=data_default,
+                       help="dataset root in TinyImageNet layout (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=seed_default,
+                       help="random seed; same seed, same output (default: %(default)s)")
+    group.add_argument("--device", default="auto",
+                       help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: %(default)s)")
+    group.add_argument("--num_workers", type=int, default=workers_default,
+                       help="image-loading worker processes; 0 loads in the main process "
+                            "(default: %(default)s)")
+    return parser
+
+
+def print_args(args, stream=None):
+    """Print a stage's arguments once, sorted, so a log shows exactly what ran."""
+    stream = stream or sys.stdout
+    for key, value in sorted(vars(args).items()):
+        print(f"  {key}: {value}", file=stream)
+
+
+def resolve_device(name):
+    """Turn --device into a torch.device: 'auto' picks CUDA when available, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PipelineError(f"--device {name!r} is not a device ({err}); use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu or auto")
+    return device
+
+
+# ----------------------------------------------------------------------------- dataset layout
+
+def class_of(path):
+    """Class of an image: the folder directly under the split root.
+
+    TinyImageNet keeps images in <split>/<wnid>/images/x.JPEG; flatter trees use
+    <split>/<class>/x.jpg. Both give the class folder's name.
+    """
+    parent = Path(path).parent
+    if parent.name == "images":
+        parent = parent.parent
+    return parent.name
+
+
+def is_image(name):
+    """True for file names with a known image extension (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder):
+    """All image files below folder, as sorted absolute path strings (os.scandir, no stat)."""
+    found = []
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif is_image(entry.name):
+                    found.append(entry.path)
+    found.sort()
+    return found
+
+
+def split_root(data, split):
+    """The folder of one split ('train', 'val', 'test') under a dataset root, checked."""
+    data = Path(data).expanduser().resolve()
+    if not data.is_dir():
+        raise PipelineError(f"dataset folder {data} does not exist; pass --data DIR "
+                            f"(run synthetic_data.py to generate a small one)")
+    root = data / split
+    if not root.is_dir():
+        raise PipelineError(f"{data} has no {split}/ folder; is --data a TinyImageNet-layout root?")
+    return root
+
+
+def list_split(data, split):
+    """Every image of a labelled split as (paths, labels), sorted by class then file name.
+
+    Classes are the folders directly under the split root. For val this needs the layout
+    that transform_validation.py produces (val/<wnid>/images/); the flat original layout
+    is refused with the command that fixes it.
+    """
+    root = split_root(data, split)
+    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if split == "val" and "images" in class_dirs:
+        if class_dirs == ["images"]:
+            raise PipelineError(f"{root} still has the original flat layout (val/images/); "
+                                f"run: python transform_validation.py --data {root.parent}")
+        # leftovers that transform_validation.py reported (no annotation): not a class
+        print(f"warning: ignoring {root / 'images'} (images without annotation)", file=sys.stderr)
+        class_dirs.remove("images")
+    paths, labels = [], []
+    for name in class_dirs:
+        images = _walk_images(os.path.join(root, name))
+        paths.extend(images)
+        labels.extend([name] * len(images))
+    if not paths:
+        raise PipelineError(f"no images found under {root}/<class>/; check --data")
+    return paths, labels
+
+
+def read_wnids(data):
+    """The class ids listed in <data>/wnids.txt, in file order."""
+    path = Path(data) / "wnids.txt"
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; --data must be a TinyImageNet-layout root with wnids.txt")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- files
+
+def resolve_in(path, folder):
+    """A path read from a file: relative paths are relative to that file's folder."""
+    path = os.path.expanduser(path)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(folder, path))
+
+
+def relative_to_file(path, file_path):
+    """Inverse of resolve_in: how a file at file_path refers to path (relative, '/' separated)."""
+    folder = os.path.dirname(os.path.abspath(file_path))
+    return os.path.relpath(os.path.abspath(path), folder).replace(os.sep, "/")
+
+
+def check_output_path(path):
+    """Refuse an output path whose folder does not exist, before any work is done."""
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise PipelineError(f"cannot write {path}: folder {folder} does not exist; create it or pick another path")
+    return Path(path).expanduser()
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", encoding="utf-8", newline=None):
+    """Open a temp file beside path; rename it over path only if the block succeeds.
+
+    Readers never see a half-written output, and a failure leaves no partial file.
+    """
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        if "b" in mode:
+            handle = os.fdopen(fd, mode)
+        else:
+            handle = os.fdopen(fd, mode, encoding=encoding, newline=newline)
+        with handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_triplet_csv(path):
+    """Read a triplet CSV as three arrays of absolute paths (query, positive, negative)."""
+    import pandas as pd
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"triplet file {path} does not exist; run triplet_sampler.py first")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path} is not a readable CSV ({str(err).splitlines()[0]}); "
+                            f"rerun triplet_sampler.py") from None
+    missing = [c for c in TRIPLET_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path} lacks the column(s) {', '.join(missing)}: a triplet CSV has the header "
+                            f"query,positive,negative; rerun triplet_sampler.py")
+    if len(frame) == 0:
+        raise PipelineError(f"{path} has no triplets; rerun triplet_sampler.py")
+    folder = str(path.resolve().parent)
+    cache = {}
+
+    def resolve(p):
+        if p not in cache:
+            cache[p] = resolve_in(p, folder)
+        return cache[p]
+
+    return tuple(np.array([resolve(p) for p in frame[c].tolist()], dtype=object) for c in TRIPLET_COLUMNS)
+
+
+def unique_in_order(*arrays):
+    """The distinct values of several arrays, in order of first appearance."""
+    return list(dict.fromkeys(v for array in arrays for v in array))
+
+
+def check_images_exist(paths, source, limit=10):
+    """Fail with up to `limit` missing paths listed, before any training or embedding starts."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:limit])
+        more = f" (and {len(missing) - limit} more)" if len(missing) > limit else ""
+        raise PipelineError(f"{len(missing)} image(s) named by {source} do not exist: {shown}{more}; "
+                            f"fix --data or rerun triplet_sampler.py")
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_rgb(path):
+    """Open an image file as RGB (TinyImageNet has grayscale images)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageList:
+    """torch Dataset over image paths: uint8 (3, S, S) tensors, resized in the worker.
+
+    Normalisation happens on the device after batching (see Normalize), so workers ship
+    bytes, not floats, and the same decode path serves training and embedding.
+    `augment` is an optional callable on the PIL image (train-only augmentation).
+    """
+
+    def __init__(self, paths, image_size, augment=None):
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.load(self.paths[index])
+
+    def load(self, path):
+        """One image file -> (3, S, S) uint8 tensor (augmented when the list has augment)."""
+        import torch
+        from PIL import Image
+
+        try:
+            image = load_rgb(path)
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"cannot read image {path} ({err}); replace or remove it") from None
+        if self.augment is not None:
+            image = self.augment(image)
+        size = (self.image_size, self.image_size)
+        if image.size != size:
+            image = image.resize(size, Image.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+def make_loader(dataset, batch_size, num_workers, device, shuffle=False, generator=None, drop_last=False):
+    """DataLoader with the settings every stage wants (pinned memory on CUDA, persistent workers)."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+        num_workers=num_workers, pin_memory=(device.type == "cuda"),
+        persistent_workers=False, prefetch_factor=(4 if num_workers > 0 else None))
+
+
+class Normalize:
+    """uint8 (B, 3, S, S) batch -> float, ImageNet-normalised, channels_last, on the device."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch):
+        import torch
+
+        batch = batch.to(self.device, non_blocking=True).float()
+        batch = (batch - self.mean) / self.std
+        return batch.contiguous(memory_format=torch.channels_last)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    import torch
+
+    if enabled and bf16_supported(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bf16_supported(device):
+    """Whether bf16 autocast is worth turning on for this device."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+# ----------------------------------------------------------------------------- embedding files
+
+EMBEDDING_MAGIC = "# deep-ranking embeddings v1"
+
+
+class Embeddings:
+    """An embedding file in memory: paths (absolute), labels, vectors (N, D) float32."""
+
+    def __init__(self, paths, labels, vectors, header):
+        self.paths = paths
+        self.labels = labels
+        self.vectors = vectors
+        self.header = header  # dict: dim, normalized, model
+        self._index = None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def index_of(self, path):
+        """Row of an image path, or -1."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.paths)}
+        return self._index.get(path, -1)
+
+
+def embedding_header(dim, normalized, model):
+    """The first line of an embedding text file."""
+    model = str(model).replace("\n", " ")
+    return f"{EMBEDDING_MAGIC} dim={int(dim)} normalized={int(bool(normalized))} model={model}\n"
+
+
+def parse_embedding_header(line, path):
+    """Parse and check the header line; returns dict(dim, normalized, model)."""
+    rerun = "rerun gen_embeddings.py to write it"
+    if not line.startswith(EMBEDDING_MAGIC + " "):
+        raise PipelineError(f"{path} line 1 is not a deep-ranking embeddings v1 header; {rerun}")
+    fields = {}
+    rest = line[len(EMBEDDING_MAGIC) + 1:].rstrip("\n")
+    model_at = rest.find("model=")
+    if model_at >= 0:
+        fields["model"] = rest[model_at + len("model="):]
+        rest = rest[:model_at]
+    for token in rest.split():
+        key, _, value = token.partition("=")
+        fields[key] = value
+    try:
+        dim = int(fields["dim"])
+        normalized = int(fields.get("normalized", "0"))
+    except (KeyError, ValueError):
+        raise PipelineError(f"{path} line 1 lacks a valid dim=<D>; {rerun}") from None
+    if dim < 1:
+        raise PipelineError(f"{path} line 1 has dim={dim}; {rerun}")
+    return {"dim": dim, "normalized": bool(normalized), "model": fields.get("model", "")}
+
+
+class EmbeddingWriter:
+    """Stream embeddings to a text file atomically: header, then path<TAB>label<TAB>vector lines."""
+
+    def __init__(self, path, dim, normalized, model):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self._context = atomic_write(self.path)
+        self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
+        self._handle = None
+        self._header = embedding_header(dim, normalized, model)
+        self.count = 0
+
+    def __enter__(self):
+        self._handle = self._context.__enter__()
+        self._handle.write(self._header)
+        return self
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+    def write(self, paths, labels, vectors):
+        """Append rows; vectors (B, D) float array, one row per path."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(paths):
+            raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
+        row = self._row
+        lines = [f"{relative_to_file(p, self.path)}\t{label}\t{row % tuple(v)}\n"
+                 for p, label, v in zip(paths, labels, vectors.tolist())]
+        self._handle.write("".join(lines))
+        self.count += len(lines)
+
+
+def read_embeddings(path, chunk_bytes=1 << 26):
+    """Read an embedding text file, checking header, labels and every line's dimension."""
+    path = Path(path).expanduser()
+    rerun = "rerun gen_embeddings.py"
+    if not path.is_file():
+        raise PipelineError(f"embedding file {path} does not exist; {rerun} first")
+    folder = str(path.resolve().parent)
+    paths, labels, blocks = [], [], []
+    with open(path, "r", encoding="utf-8", newline="\n") as handle:
+        header = parse_embedding_header(handle.readline(), path)
+        dim = header["dim"]
+        number = 1
+        while True:
+            lines = handle.readlines(chunk_bytes)
+            if not lines:
+                break
+            texts = []
+            for line in lines:
+                number += 1
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != 3 or not parts[0]:
+                    raise PipelineError(f"{path} line {number} is not path<TAB>label<TAB>vector; {rerun}")
+                if not parts[1]:
+                    raise PipelineError(f"{path} line {number} has no label; {rerun}")
+                paths.append(resolve_in(parts[0], folder))
+                labels.append(parts[1])
+                texts.append(parts[2])
+            blocks.append(_parse_vectors(texts, dim, path, number - len(lines) + 1))
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+    if not np.isfinite(vectors).all():
+        row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+        raise PipelineError(f"{path} line {row + 2} has a non-finite value; {rerun}")
+    return Embeddings(paths, labels, vectors, header)
+
+
+def _parse_vectors(texts, dim, path, first_line):
+    """Parse vector texts into (len(texts), dim) float32, naming the first bad line."""
+    try:
+        values = np.array(" ".join(texts).split(), dtype=np.float32)
+        if values.size == len(texts) * dim:
+            return values.reshape(len(texts), dim)
+    except ValueError:
+        pass
+    for offset, text in enumerate(texts):
+        tokens = text.split()
+        if len(tokens) != dim:
+            raise PipelineError(f"{path} line {first_line + offset} has {len(tokens)} values, the header says "
+                                f"dim={dim}; rerun gen_embeddings.py")
+        try:
+            np.array(tokens, dtype=np.float32)
+        except ValueError:
+            raise PipelineError(f"{path} line {first_line + offset} has a value that is not a number; "
+                                f"rerun gen_embeddings.py") from None
+    raise AssertionError("unreachable: a block failed but no line did")

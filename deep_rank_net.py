@@ -145,11 +145,23 @@ def _load_backbone_file(net, path, name):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise PipelineError(f"--weights {path} is not a state_dict of {name}")
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise PipelineError(f"--weights {path} does not fit {name}: {str(err).splitlines()[1].strip()[:160]}; "
-                            f"pass the matching --backbone") from None
+    problem = state_dict_mismatch(net, state)
+    if problem:
+        raise PipelineError(f"--weights {path} does not fit {name} ({problem}); pass the matching --backbone")
+    net.load_state_dict(state, strict=True)
+
+
+def state_dict_mismatch(module, state):
+    """A short description of why state would not load strictly into module, or ''."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- model
@@ -268,12 +280,11 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         model = DeepRank(**ckpt["model_args"], weights="none")
     except TypeError as err:
         raise PipelineError(f"{path} has model_args this version cannot build ({err}); rerun train_net.py") from None
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise PipelineError(f"{path} does not match the architecture its model_args describe ({first[:160]}); "
-                            f"rerun train_net.py") from None
+    problem = state_dict_mismatch(model, ckpt["model"])
+    if problem:
+        raise PipelineError(f"{path} does not match the architecture its model_args describe ({problem}); "
+                            f"rerun train_net.py")
+    model.load_state_dict(ckpt["model"], strict=True)
     return model
 
 

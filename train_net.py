@@ -187,6 +187,7 @@ def main(argv=None):
         if start_epoch >= args.epochs:
             raise PipelineError(f"{args.resume} already finished epoch {start_epoch}; pass --epochs > {start_epoch}")
     else:
+        torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
         model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
                          trainable=args.trainable, weights=args.weights)
         start_epoch = 0

@@ -1,0 +1,157 @@
+"""eval.py's metrics and kNN, and the embedding file format."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluation
+from datasets import Embeddings, EmbeddingWriter, PipelineError, read_embeddings
+
+
+def emb(paths, labels, vectors):
+    """An in-memory Embeddings object."""
+    return Embeddings(list(paths), list(labels), np.asarray(vectors, dtype=np.float32), {"model": "m"})
+
+
+REFS = emb([f"/r/{i}.jpg" for i in range(5)], ["a", "a", "b", "b", "a"], [[0.0], [1.0], [2.0], [3.0], [10.0]])
+
+
+def test_metrics_by_hand():
+    queries = emb(["/q/0.jpg", "/q/1.jpg"], ["a", "b"], [[0.4], [2.6]])
+    m = evaluation.knn_scores(REFS, queries, k=2)
+    # query a: neighbours a a b b a, R = 3; query b: b b a a a, R = 2
+    assert m["score_at_k"] == 1.0 and m["precision_at_1"] == 1.0 and m["precision_at_k"] == 1.0
+    assert m["r_precision"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["map_at_r"] == pytest.approx(((1 + 1) / 3 + 1) / 2)
+
+
+def test_ties_go_to_the_earlier_reference():
+    # 1.5 is 0.25 from refs 1 (a) and 2 (b), 2.25 from refs 0 (a) and 3 (b): order 1 2 0 3 4
+    m = evaluation.knn_scores(REFS, emb(["/q.jpg"], ["a"], [[1.5]]), k=2)
+    assert m["precision_at_1"] == 1.0 and m["precision_at_k"] == 0.5
+    assert m["r_precision"] == pytest.approx(2 / 3)
+    assert m["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
+    _, idx = evaluation.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 5)
+    assert idx.tolist() == [[1, 2, 0, 3, 4]]
+    # a tie straddling the k-th place: refs 1 and 2 tie for 1st; k = 1 keeps ref 1
+    _, idx = evaluation.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 1)
+    assert idx.tolist() == [[1]]
+
+
+def test_query_in_reference_set_never_retrieves_itself():
+    m = evaluation.knn_scores(REFS, emb(["/r/0.jpg"], ["a"], [[0.0]]), k=1)
+    # without itself: 1 (a), 2 (b), 3 (b), 4 (a); R = 2
+    assert m["precision_at_1"] == 1.0
+    assert m["r_precision"] == pytest.approx(0.5)
+    assert m["map_at_r"] == pytest.approx(0.5)
+    same = evaluation.knn_scores(REFS, REFS, k=1)
+    assert same["precision_at_1"] == pytest.approx(3 / 5)  # 0->1 a, 1->0 a, 2->1|3 b, 3->2 b, 4->3 b
+    assert same["queries"] == 5
+
+
+def test_query_of_a_class_absent_from_references():
+    m = evaluation.knn_scores(REFS, emb(["/q.jpg", "/p.jpg"], ["z", "a"], [[0.0], [0.1]]), k=1)
+    assert m["precision_at_1"] == 0.5 and m["score_at_k"] == 0.5
+    assert m["r_precision"] == pytest.approx(2 / 3)  # only query a counts (R = 3); z has R = 0
+
+
+def test_retrieval_metrics_pure():
+    out = evaluation.retrieval_metrics([[1, 0, 1, 1], [0, 0, 0, 0]], [1, 1], [3, 1], k=2)
+    assert out["score_at_k"] == 0.5 and out["precision_at_1"] == 0.5 and out["precision_at_k"] == 0.25
+    assert out["r_precision"] == pytest.approx((2 / 3 + 0) / 2)
+    assert out["map_at_r"] == pytest.approx(((1 + 2 / 3) / 3 + 0) / 2)
+
+
+def test_triplet_accuracy_by_hand():
+    vectors = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    # (0,1,2): 1 < 9 right; (0,2,1): wrong; (0,1,3): 1 == 1 is a tie, counted wrong
+    assert evaluation.triplet_accuracy(vectors, [0, 0, 0], [1, 2, 1], [2, 1, 3]) == pytest.approx(1 / 3)
+    assert evaluation.triplet_accuracy(vectors, [0, 0], [1, 1], [2, 2], chunk=1) == 1.0
+
+
+def test_chunked_knn_equals_brute_force():
+    rng = np.random.default_rng(0)
+    refs, queries = rng.normal(size=(301, 8)), rng.normal(size=(37, 8))
+    exclude = np.full(37, -1)
+    exclude[[3, 10]] = [5, 7]
+    d, idx = evaluation.knn(queries, refs, 20, exclude=exclude, chunk_elements=1000)
+    brute = ((queries[:, None, :] - refs[None, :, :]) ** 2).sum(-1)
+    brute[3, 5] = brute[10, 7] = np.inf
+    expected = np.argsort(brute, axis=1, kind="stable")[:, :20]
+    assert np.array_equal(idx.numpy(), expected)
+    assert np.allclose(d.numpy(), np.take_along_axis(brute, expected, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_file_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(7, 5)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    paths = [str(tmp_path / "imgs" / c / f"{i}.JPEG") for i, c in enumerate("aabbccc")]
+    out = tmp_path / "sub" / "e.txt"
+    out.parent.mkdir()
+    with EmbeddingWriter(out, 5, True, "model.model") as writer:
+        writer.write(paths[:3], list("aab"), vectors[:3])
+        writer.write(paths[3:], list("bccc"), vectors[3:])
+    text = out.read_text().splitlines()
+    assert text[0] == "# deep-ranking embeddings v1 dim=5 normalized=1 model=model.model"
+    assert text[1].startswith("../imgs/a/0.JPEG\ta\t")
+    back = read_embeddings(out)
+    assert back.paths == paths and back.labels == list("aabbccc")
+    assert np.abs(back.vectors - vectors).max() < 1e-6
+    assert back.header == {"dim": 5, "normalized": True, "model": "model.model"}
+
+
+def test_embedding_writer_failure_leaves_no_file(tmp_path):
+    out = tmp_path / "e.txt"
+    with pytest.raises(RuntimeError):
+        with EmbeddingWriter(out, 2, True, "m") as writer:
+            writer.write(["/a.jpg"], ["a"], [[1.0, 0.0]])
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    ("# something else\n/a.jpg\ta\t1 2\n", "line 1 is not a deep-ranking"),
+    ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg\ta\t1 2\n/b.jpg\tb\t1 2 3\n",
+     "line 3 has 3 values, the header says dim=2"),
+    ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg\t\t1 2\n", "line 2 has no label"),
+    ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg 1 2\n", "line 2 is not path"),
+    ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg\ta\t1 x\n", "line 2 has a value that is not"),
+    ("# deep-ranking embeddings v1 normalized=1 model=m\n", "dim"),
+])
+def test_bad_embedding_files(tmp_path, content, message):
+    path = tmp_path / "e.txt"
+    path.write_text(content)
+    with pytest.raises(PipelineError, match=message) as info:
+        read_embeddings(path)
+    assert "gen_embeddings.py" in str(info.value) and str(path) in str(info.value)
+
+
+def write(path, rows, dim):
+    """An embedding file from (path, label, vector) rows."""
+    with EmbeddingWriter(path, dim, True, "m") as writer:
+        for p, label, v in rows:
+            writer.write([p], [label], [v])
+
+
+def test_eval_main_errors(tmp_path):
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    write(train, [(str(tmp_path / "a/1.jpg"), "a", [1, 0]), (str(tmp_path / "b/2.jpg"), "b", [0, 1])], 2)
+    write(test, [(str(tmp_path / "a/3.jpg"), "a", [1, 0, 0])], 3)
+    with pytest.raises(PipelineError, match="dim=2 but .* has dim=3"):
+        evaluation.main(["--train_embeddings", str(train), "--test_embeddings", str(test)])
+    write(test, [(str(tmp_path / "a/3.jpg"), "a", [1, 0])], 2)
+    csv = tmp_path / "t.csv"
+    csv.write_text("query,positive,negative\na/3.jpg,a/9.jpg,b/2.jpg\n")
+    with pytest.raises(PipelineError, match=r"names .*a/9.jpg.*rerun gen_embeddings.py"):
+        evaluation.main(["--train_embeddings", str(train), "--test_embeddings", str(test),
+                         "--test_triplets", str(csv)])
+    with pytest.raises(PipelineError, match="does not exist"):
+        evaluation.main(["--train_embeddings", str(tmp_path / "none.txt"), "--test_embeddings", str(test)])
+
+
+def test_format_metrics_prints_percentages():
+    text = evaluation.format_metrics({"k": 30, "score_at_k": 0.5, "precision_at_1": 1.0, "map_at_r": math.nan})
+    assert "score_at_30" in text and "50.00%" in text and "100.00%" in text and "n/a" in text

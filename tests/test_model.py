@@ -1,0 +1,166 @@
+"""deep_rank_net.py: architecture, trainable layers, weights and checkpoints."""
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import deep_rank_net
+from datasets import PipelineError
+from deep_rank_net import DeepRank, branch_dims, load_model, save_checkpoint, trainable_parameters
+
+
+def small(**kwargs):
+    """A small DeepRank for tests."""
+    args = dict(backbone="resnet18", image_size=32, embed_dim=16, conv_dim=32, weights="none")
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return DeepRank(**args)
+
+
+def test_branch_sizes_follow_image_size():
+    assert sum(branch_dims(224)) == 3072  # the original's hard-coded size at 224 px
+    assert branch_dims(64) == [96 * 1 * 1, 96 * 2 * 2]
+    with pytest.raises(PipelineError, match="too small"):
+        branch_dims(4)
+
+
+@pytest.mark.parametrize("backbone,size", [("resnet18", 32), ("resnet18", 64), ("resnet34", 48), ("resnet50", 40)])
+def test_output_shape_and_unit_norm(backbone, size):
+    model = small(backbone=backbone, image_size=size).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, size, size))
+    assert out.shape == (3, 16)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_backbone_flag_takes_effect():
+    a, b = small(backbone="resnet18"), small(backbone="resnet50")
+    assert a.features.fc.__class__ is torch.nn.Identity
+    assert a.conv_fc.in_features == 512 and b.conv_fc.in_features == 2048
+    assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in b.parameters())
+    with pytest.raises(PipelineError, match="unknown --backbone"):
+        small(backbone="vgg11")
+
+
+def test_branches_are_wired_in():
+    model = small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        for branch in model.branches:
+            branch[0].weight.mul_(3.0).add_(0.5)
+        after = model(x)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["conv5", "head", "all"])
+def test_frozen_layers_do_not_change_and_trainable_ones_do(which):
+    model = small(trainable=which).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.5)
+    out = model(torch.randn(4, 3, 32, 32))
+    (out[:2] - out[2:]).pow(2).sum().neg().backward()
+    opt.step()
+    model(torch.randn(4, 3, 32, 32))  # a second train-mode forward: BN statistics of frozen layers stay
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "embedding.weight" in changed and "branches.0.0.weight" in changed and "conv_fc.weight" in changed
+    stem = {k for k in before if k.startswith("features.conv1.") or k.startswith("features.bn1.")}
+    last = {k for k in before if k.startswith("features.layer4.") and "num_batches" not in k}
+    if which == "all":
+        assert stem & changed and last <= changed
+    elif which == "conv5":
+        assert not stem & changed and not {k for k in changed if k.startswith("features.layer3.")}
+        assert last <= changed
+    else:
+        assert not {k for k in changed if k.startswith("features.")}
+
+
+def test_save_load_round_trip(tmp_path):
+    model = small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "m.model"
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1, momentum=0.9)
+    save_checkpoint(path, model, opt, epoch=3, config={"lr": 0.1}, metrics={"loss": 0.5})
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 3 and raw["config"] == {"lr": 0.1} and raw["metrics"] == {"loss": 0.5}
+    assert raw["model_args"]["backbone"] == "resnet18" and "weights" not in raw["model_args"]
+    loaded, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.model"]  # no temp file left
+
+
+def test_rebuild_needs_no_backbone_weights(tmp_path, monkeypatch):
+    path = tmp_path / "m.model"
+    save_checkpoint(path, small())
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("rebuilding a checkpoint must not fetch weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    load_model(path)
+
+
+def test_pickled_module_is_refused(tmp_path):
+    path = tmp_path / "old.model"
+    torch.save(small(), path)  # the original project's format: a whole pickled module
+    with pytest.raises(PipelineError, match="pickled"):
+        load_model(path)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "m.model"
+    save_checkpoint(path, small())
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_args"]["embed_dim"] = 32
+    torch.save(ckpt, path)
+    with pytest.raises(PipelineError, match="does not match"):
+        load_model(path)
+    torch.save({"something": 1}, path)
+    with pytest.raises(PipelineError, match="not a DeepRank checkpoint"):
+        load_model(path)
+
+
+def test_local_weights_file(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = small(weights=str(path))
+    assert torch.equal(model.features.conv1.weight, reference.conv1.weight)
+    with pytest.raises(PipelineError, match="does not fit resnet34"):
+        small(backbone="resnet34", weights=str(path))
+    with pytest.raises(PipelineError, match="no such file"):
+        small(weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_offline_fail_with_one_clear_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(PipelineError, match="--weights PATH") as info:
+        small(weights="imagenet")
+    assert "\n" not in str(info.value)
+
+
+def test_efficientnet_lite_needs_its_package_or_says_so():
+    try:
+        import efficientnet_lite_pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(PipelineError, match="requirements-pretrained.txt"):
+            small(backbone="efficientnet_lite0")
+        return
+    model = small(backbone="efficientnet_lite0").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_unwrap_and_model_args_rebuild():
+    model = small(trainable="head")
+    rebuilt = DeepRank(**model.model_args)
+    assert rebuilt.model_args == model.model_args
+    assert deep_rank_net.unwrap(torch.nn.DataParallel(model)) is model

@@ -1,0 +1,161 @@
+"""train_net.py: loss, schedule, training, resume and its error cases."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import train_net
+import triplet_sampler
+from datasets import PipelineError, resolve_device
+from deep_rank_net import DeepRank, load_model, save_checkpoint
+
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "32",
+        "--num_workers", "0", "--batch_size", "16"]
+
+
+@pytest.fixture
+def triplets(prepared_master, tmp_path):
+    """Train and val triplet CSVs of the synthetic dataset."""
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    triplet_sampler.main(["--data", str(prepared_master), "--training", "1", "--num_pos_images", "2",
+                          "--num_neg_images", "2", "--out", str(train)])
+    triplet_sampler.main(["--data", str(prepared_master), "--training", "0", "--out", str(val)])
+    return train, val
+
+
+def read_log(path):
+    """The per-epoch JSON lines of a training log."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_triplet_hinge_by_hand():
+    q = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    n = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    sq = train_net.triplet_hinge(q, p, n, margin=1.0, distance="squared")
+    assert torch.allclose(sq, torch.tensor([0.0, 1.0 + 9.0 - 1.0]))
+    eu = train_net.triplet_hinge(q, p, n, margin=1.0, distance="euclidean")
+    assert torch.allclose(eu, torch.tensor([0.0, 1.0 + 3.0 - 1.0]), atol=1e-5)
+
+
+def test_lr_schedule():
+    assert train_net.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert train_net.lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert train_net.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert train_net.lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert train_net.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert train_net.lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(triplets, tmp_path):
+    train, val = triplets
+    out = tmp_path / "run" / "deepranknet.model"
+    out.parent.mkdir()
+    assert train_net.main(FAST + ["--epochs", "4", "--optim", "adam", "--lr", "0.001", "--trainable", "all",
+                                  "--triplets", str(train), "--val_triplets", str(val), "--out", str(out)]) == 0
+    log = read_log(out.parent / "deepranknet_log.jsonl")
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    assert all(0 <= row["zero_loss_share"] <= 1 and 0 <= row["val_triplet_accuracy"] <= 1 for row in log)
+    assert sorted(p.name for p in out.parent.glob("*.model")) == [
+        "deepranknet.model", "temp_net1.model", "temp_net2.model", "temp_net3.model", "temp_net4.model"]
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["config"]["optim"] == "adam" and ckpt["metrics"]["epoch"] == 4
+    model, _ = load_model(out)
+    assert isinstance(model, DeepRank)
+
+
+def test_resume_equals_uninterrupted_run(triplets, tmp_path):
+    train, _ = triplets
+    common = FAST + ["--triplets", str(train), "--augment", "flip", "--seed", "3", "--max_steps", "4"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = tmp_path / "a" / "final.model"
+    train_net.main(common + ["--epochs", "2", "--out", str(straight)])
+    resumed = tmp_path / "b" / "final.model"
+    train_net.main(common + ["--epochs", "1", "--out", str(tmp_path / "b" / "first.model")])
+    train_net.main(common + ["--epochs", "2", "--resume", str(tmp_path / "b" / "temp_net1.model"),
+                             "--out", str(resumed)])
+    a = torch.load(straight, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)
+
+
+def test_training_csv_without_columns(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(PipelineError, match="query,positive,negative"):
+        train_net.main(FAST + ["--triplets", str(bad), "--out", str(tmp_path / "m.model")])
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.csv"]
+
+
+def test_missing_images_listed_before_training(triplets, tmp_path):
+    train, _ = triplets
+    frame = pd.read_csv(train)
+    frame.loc[:11, "negative"] = [f"nowhere/img_{i}.JPEG" for i in range(12)]
+    frame.to_csv(train, index=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PipelineError) as info:
+        train_net.main(FAST + ["--triplets", str(train), "--out", str(out / "m.model")])
+    message = str(info.value)
+    assert "12 image(s)" in message and "img_0.JPEG" in message and "img_9.JPEG" in message
+    assert "img_10.JPEG" not in message and "and 2 more" in message
+    assert list(out.iterdir()) == []
+
+
+def test_resume_refuses_pickled_module_and_other_architecture(triplets, tmp_path):
+    train, _ = triplets
+    out = tmp_path / "out"
+    out.mkdir()
+    pickled = tmp_path / "old.model"
+    torch.save(DeepRank(backbone="resnet18", image_size=32, embed_dim=8, conv_dim=8), pickled)
+    with pytest.raises(PipelineError, match="pickled"):
+        train_net.main(FAST + ["--triplets", str(train), "--resume", str(pickled), "--out", str(out / "m.model")])
+    other = tmp_path / "other.model"
+    save_checkpoint(other, DeepRank(backbone="resnet18", image_size=32, embed_dim=8, conv_dim=8))
+    ckpt = torch.load(other, weights_only=True)
+    ckpt["model_args"]["backbone"] = "resnet34"
+    torch.save(ckpt, other)
+    with pytest.raises(PipelineError, match="does not match"):
+        train_net.main(FAST + ["--triplets", str(train), "--resume", str(other), "--out", str(out / "m.model")])
+    assert list(out.iterdir()) == []
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(triplets, tmp_path, monkeypatch):
+    train, _ = triplets
+    real = train_net.triplet_hinge
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * math.nan if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(train_net, "triplet_hinge", poisoned)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(PipelineError, match="temp_net1.model"):
+        train_net.main(FAST + ["--triplets", str(train), "--epochs", "2", "--max_steps", "3",
+                               "--out", str(out / "deepranknet.model")])
+    assert (out / "temp_net1.model").is_file()
+    assert not (out / "deepranknet.model").exists()
+    load_model(out / "temp_net1.model")
+
+
+def test_device_selection_on_cpu(monkeypatch):
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(PipelineError, match="--device cpu"):
+            resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(PipelineError, match="not a device"):
+        resolve_device("tpu9")

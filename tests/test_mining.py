@@ -1,0 +1,161 @@
+"""Online triplet mining: each miner against brute-force enumeration, the P x K sampler, a short run."""
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import train_net
+from datasets import PipelineError
+
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "32",
+        "--num_workers", "0"]
+
+
+def random_batch(seed, classes=3, per_class=3, dim=5):
+    """Small random embeddings with labels, like a P x K batch."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(classes * per_class, dim, generator=g, dtype=torch.float64)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    perm = torch.randperm(len(labels), generator=g)
+    return emb[perm], labels[perm]
+
+
+def dist(emb, i, j, distance):
+    """Distance between rows i and j, computed directly."""
+    sq = float(((emb[i] - emb[j]) ** 2).sum())
+    return math.sqrt(sq) if distance == "euclidean" else sq
+
+
+def loss_of(d_ap, d_an, margin, soft):
+    """One triplet's loss, by definition."""
+    return math.log1p(math.exp(d_ap - d_an)) if soft else max(0.0, margin + d_ap - d_an)
+
+
+def brute(emb, labels, kind, margin, distance, soft):
+    """Enumerate every triplet of the batch in Python and apply the miner's definition."""
+    labels = labels.tolist()
+    n = len(labels)
+    pos = lambda a: [p for p in range(n) if p != a and labels[p] == labels[a]]  # noqa: E731
+    neg = lambda a: [x for x in range(n) if labels[x] != labels[a]]  # noqa: E731
+    d = lambda i, j: dist(emb, i, j, distance)  # noqa: E731
+    if kind == "batch_all":
+        values = [(d(a, p), d(a, x)) for a in range(n) for p in pos(a) for x in neg(a)]
+        losses = [loss_of(dp, dn, margin, soft) for dp, dn in values]
+        active = [margin + dp - dn > 0 for dp, dn in values]
+        return (sum(losses) / len(losses)) if soft else sum(losses) / max(1, sum(active)), sum(active), len(values)
+    if kind == "batch_hard":
+        rows = [(max(d(a, p) for p in pos(a)), min(d(a, x) for x in neg(a))) for a in range(n)]
+    else:  # semi-hard: nearest negative farther than the positive, else farthest negative
+        rows = []
+        for a in range(n):
+            for p in pos(a):
+                farther = [d(a, x) for x in neg(a) if d(a, x) > d(a, p)]
+                rows.append((d(a, p), min(farther) if farther else max(d(a, x) for x in neg(a))))
+    losses = [loss_of(dp, dn, margin, soft) for dp, dn in rows]
+    return sum(losses) / len(losses), sum(margin + dp - dn > 0 for dp, dn in rows), len(rows)
+
+
+@pytest.mark.parametrize("kind", ["batch_all", "batch_hard", "batch_semihard"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_miner_matches_brute_force(kind, distance, soft, seed):
+    emb, labels = random_batch(seed)
+    margin = 0.5 if distance == "euclidean" else 2.0
+    loss, stats = train_net.MINERS[kind](emb, labels, margin, distance, soft)
+    expected, active, count = brute(emb, labels, kind, margin, distance, soft)
+    assert float(loss) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert stats["active"] == active and stats["count"] == count
+
+
+def test_miners_give_gradients_and_zero_loss_when_separated():
+    emb = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.0, 5.1]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    for kind, miner in train_net.MINERS.items():
+        loss, stats = miner(emb, labels, margin=1.0, distance="euclidean")
+        assert loss.item() == 0.0 and stats["active"] == 0, kind
+        loss, _ = miner(emb, labels, margin=100.0, distance="euclidean")
+        loss.backward()
+        assert emb.grad is not None and emb.grad.abs().sum() > 0
+        emb.grad = None
+
+
+def test_pk_sampler_invariants():
+    labels = ["a"] * 10 + ["b"] * 6 + ["c"] * 3 + ["d"] * 1 + ["e"] * 8
+    sampler = train_net.PKBatchSampler(labels, classes_per_batch=3, images_per_class=4, seed=0)
+    assert len(sampler) == len(labels) // 12
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        for batch in batches:
+            assert len(batch) == 12
+            per_class = Counter(labels[i] for i in batch)
+            assert len(per_class) == 3 and set(per_class.values()) == {4}
+            assert "d" not in per_class  # a single-image class has no positive
+            for name in per_class:
+                chosen = [i for i in batch if labels[i] == name]
+                if labels.count(name) >= 4:
+                    assert len(set(chosen)) == 4  # distinct when the class has enough images
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first  # same (seed, epoch), same batches
+    sampler.set_epoch(3)
+    assert list(sampler) != first
+
+
+def test_pk_sampler_refuses_impossible_batches():
+    with pytest.raises(PipelineError, match="classes_per_batch"):
+        train_net.PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=3, images_per_class=2)
+    with pytest.raises(PipelineError, match="images_per_class"):
+        train_net.PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=2, images_per_class=1)
+
+
+@pytest.mark.parametrize("kind", ["batch_hard", "batch_semihard", "batch_all"])
+def test_online_mining_run_lowers_the_loss(prepared_master, tmp_path, kind):
+    out = tmp_path / "m.model"
+    assert train_net.main(FAST + ["--mining", kind, "--data", str(prepared_master), "--classes_per_batch", "4",
+                                  "--images_per_class", "4", "--epochs", "6", "--optim", "adam", "--lr", "0.001",
+                                  "--trainable", "all", "--margin", "0.5", "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "m_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6
+    assert np.mean([row["loss"] for row in log[-2:]]) < np.mean([row["loss"] for row in log[:2]])
+    for row in log:
+        assert 0 <= row["active_share"] <= 1
+        assert row["mean_pos_distance"] > 0 and row["mean_neg_distance"] > 0
+
+
+def test_collapse_is_warned(prepared_master, tmp_path, monkeypatch, capsys):
+    def collapsed(emb, labels, *args):
+        return emb.sum() * 0, {"active": 0, "count": 1, "d_pos": 0.0, "d_neg": 0.0}
+
+    monkeypatch.setitem(train_net.MINERS, "batch_hard", collapsed)
+    train_net.main(FAST + ["--mining", "batch_hard", "--data", str(prepared_master), "--classes_per_batch", "2",
+                           "--images_per_class", "2", "--epochs", "1", "--max_steps", "1",
+                           "--out", str(tmp_path / "m.model")])
+    assert "collapsed" in capsys.readouterr().err
+
+
+def test_epochs_zero_writes_the_initial_model(prepared_master, tmp_path):
+    out = tmp_path / "init.model"
+    train_net.main(FAST + ["--epochs", "0", "--mining", "batch_hard", "--data", str(prepared_master),
+                           "--classes_per_batch", "2", "--out", str(out)])
+    assert torch.load(out, weights_only=True)["epoch"] == 0
+
+
+def test_parameter_groups_split_backbone_and_head():
+    from deep_rank_net import DeepRank
+
+    model = DeepRank(backbone="resnet18", image_size=32, embed_dim=8, trainable="conv5")
+    groups = train_net.parameter_groups(model, 0.01, head_lr_mult=10)
+    assert groups[0]["lr"] == pytest.approx(0.1) and groups[1]["lr"] == 0.01
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in model.features.layer4.parameters()} <= {id(p) for p in groups[1]["params"]}
+    head_only = train_net.parameter_groups(DeepRank(backbone="resnet18", image_size=32, trainable="head"), 0.01)
+    assert len(head_only) == 1

@@ -1,10 +1,12 @@
 """Stage 2: train DeepRank with the triplet hinge loss.
 
-Reads a triplet CSV (query,positive,negative) from triplet_sampler.py; writes
+Reads a triplet CSV (query,positive,negative) from triplet_sampler.py (--mining none, the
+original's way), or with --mining batch_hard|batch_semihard|batch_all the train split of
+--data, mining triplets online inside P x K batches (Hermans et al. 2017). Writes
 temp_net<epoch>.model after each epoch and deepranknet.model at the end (plain-data
 checkpoints, written atomically, next to --out), plus <out stem>_log.jsonl with one JSON
-line per epoch. Each batch's query, positive and negative images go through the network
-in one forward pass. --resume continues a run with the same result as an uninterrupted one.
+line per epoch. Each batch's images go through the network in one forward pass.
+--resume continues a run with the same result as an uninterrupted one.
 
     python train_net.py --epochs 1 --optim sgd
 """

@@ -493,17 +493,24 @@ def read_embeddings(path, chunk_bytes=1 << 26):
             texts = []
             for line in lines:
                 number += 1
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 3 or not parts[0]:
-                    raise PipelineError(f"{path} line {number} is not path<TAB>label<TAB>vector; {rerun}")
-                if not parts[1]:
-                    raise PipelineError(f"{path} line {number} has no label; {rerun}")
+                parts = _split_row(line.rstrip("\n"), 3, path, number)
                 paths.append(parts[0])
                 labels.append(parts[1])
                 texts.append(parts[2])
             blocks.append(_parse_vectors(texts, dim, path, number - len(lines) + 1))
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
     return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+
+
+def _split_row(line, fields, path, number):
+    """Split a path<TAB>label[<TAB>vector] line, refusing a wrong shape or an empty label."""
+    parts = line.split("\t")
+    if len(parts) != fields or not parts[0]:
+        layout = "path<TAB>label<TAB>vector" if fields == 3 else "path<TAB>label"
+        raise PipelineError(f"{path} line {number} is not {layout}; rerun gen_embeddings.py")
+    if not parts[1]:
+        raise PipelineError(f"{path} line {number} has no label; rerun gen_embeddings.py")
+    return parts
 
 
 def _read_npy_embeddings(path):
@@ -517,11 +524,7 @@ def _read_npy_embeddings(path):
         rows = handle.read().splitlines()
     paths, labels = [], []
     for number, line in enumerate(rows, start=2):
-        parts = line.split("\t")
-        if len(parts) != 2 or not parts[0]:
-            raise PipelineError(f"{names} line {number} is not path<TAB>label; {rerun}")
-        if not parts[1]:
-            raise PipelineError(f"{names} line {number} has no label; {rerun}")
+        parts = _split_row(line, 2, names, number)
         paths.append(parts[0])
         labels.append(parts[1])
     try:

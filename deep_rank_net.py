@@ -267,8 +267,8 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise PipelineError(f"{path} holds pickled Python objects (such as a whole module saved with "
-                            f"torch.save(model)), which this pipeline refuses to unpickle because loading "
+        raise PipelineError(f"{path} holds pickled Python objects (such as a whole pickled module, the original "
+                            f"project's format), which this pipeline refuses to unpickle because loading "
                             f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise PipelineError(f"{path} is not a readable torch file ({str(err).splitlines()[0][:120]}); "

@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -472,34 +471,106 @@ class EmbeddingWriter:
         self.count += len(names)
 
 
-def read_embeddings(path, chunk_bytes=1 << 26):
-    """Read an embedding file (.txt or .npy + .paths.tsv), checking header, labels and dimensions."""
+PARALLEL_PARSE_BYTES = 1 << 27  # text embedding files with more than this per process are parsed in parallel
+
+
+def read_embeddings(path, chunk_bytes=1 << 25, workers=None):
+    """Read an embedding file (.txt or .npy + .paths.tsv), checking header, labels and dimensions.
+
+    A large text file is parsed by `workers` processes (default: one per CPU core, at least
+    PARALLEL_PARSE_BYTES each), each taking a contiguous range of whole lines.
+    """
     path = Path(path).expanduser()
     rerun = "rerun gen_embeddings.py"
     if not path.is_file():
         raise PipelineError(f"embedding file {path} does not exist; {rerun} first")
     if path.suffix.lower() == ".npy":
         return _read_npy_embeddings(path)
+    with open(path, "rb") as handle:
+        first = handle.readline()
+        begin, end = handle.tell(), os.fstat(handle.fileno()).st_size
+    header = parse_embedding_header(first.decode("utf-8", "replace"), path)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, max(1, (end - begin) // PARALLEL_PARSE_BYTES))
+    parts = None
+    if workers > 1:
+        parts = _parse_parallel(path, _line_ranges(path, begin, end, workers), header["dim"], chunk_bytes)
+    if parts is None:  # serial, or a worker met a bad line: this pass names it with its line number
+        parts = [_parse_range(path, begin, end, header["dim"], chunk_bytes, first_line=2)]
+    paths = [p for part in parts for p in part[0]]
+    labels = [x for part in parts for x in part[1]]
+    blocks = [part[2] for part in parts if len(part[2])]
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
     folder = str(path.resolve().parent)
+    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+
+
+def _line_ranges(path, begin, end, pieces):
+    """Split bytes [begin, end) of a file into up to `pieces` ranges that start at line starts."""
+    cuts = [begin]
+    with open(path, "rb") as handle:
+        for i in range(1, pieces):
+            handle.seek(max(cuts[-1], begin + (end - begin) * i // pieces))
+            handle.readline()  # to the start of the next line
+            cuts.append(min(handle.tell(), end))
+    cuts.append(end)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _parse_parallel(path, ranges, dim, chunk_bytes):
+    """[(paths, labels, vectors)] of each range: the first parsed here, the rest in worker
+    processes at the same time. None if any range has a bad line (the caller re-reads serially)."""
+    import concurrent.futures
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with concurrent.futures.ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
+        futures = [pool.submit(_parse_range, path, a, b, dim, chunk_bytes) for a, b in ranges[1:]]
+        try:
+            parts = [_parse_range(path, *ranges[0], dim, chunk_bytes)]
+            parts += [future.result() for future in futures]
+        except PipelineError:
+            for future in futures:
+                future.cancel()
+            return None
+    return parts
+
+
+def _parse_range(path, begin, end, dim, chunk_bytes, first_line=None):
+    """(paths, labels, float32 (N, dim) vectors) of the lines in bytes [begin, end) of a text
+    embedding file. Error messages give line numbers when first_line (begin's line) is known."""
     paths, labels, blocks = [], [], []
-    with open(path, "r", encoding="utf-8", newline="\n") as handle:
-        header = parse_embedding_header(handle.readline(), path)
-        dim = header["dim"]
-        number = 1
-        while True:
-            lines = handle.readlines(chunk_bytes)
+    number = (first_line or 1) - 1
+    with open(path, "rb") as handle:
+        handle.seek(begin)
+        left = end - begin
+        while left > 0:
+            lines = handle.readlines(min(chunk_bytes, left))  # whole lines; may run one line past `end`
             if not lines:
                 break
+            taken = 0
+            for count, line in enumerate(lines):
+                if taken >= left:
+                    lines = lines[:count]
+                    break
+                taken += len(line)
+            left -= taken
             texts = []
             for line in lines:
                 number += 1
-                parts = _split_row(line.rstrip("\n"), 3, path, number)
+                where = number if first_line else None
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise PipelineError(f"{path} line {where} is not UTF-8 text; rerun gen_embeddings.py") from None
+                parts = _split_row(line.rstrip("\n"), 3, path, where)
                 paths.append(parts[0])
                 labels.append(parts[1])
                 texts.append(parts[2])
-            blocks.append(_parse_vectors(texts, dim, path, number - len(lines) + 1))
+            blocks.append(_parse_vectors(texts, dim, path, number - len(lines) + 1 if first_line else None))
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
-    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+    return paths, labels, vectors
 
 
 def _split_row(line, fields, path, number):
@@ -551,21 +622,20 @@ def _checked(embeddings, path):
 def _parse_vectors(texts, dim, path, first_line):
     """Parse vector texts into (len(texts), dim) float32, naming the first bad line."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # malformed text: found line by line below
-            values = np.fromstring(" ".join(texts), dtype=np.float32, sep=" ")  # C parser, ~2x np.array(split)
-        if values.size == len(texts) * dim:
-            return values.reshape(len(texts), dim)
+        values = np.loadtxt(texts, dtype=np.float32, delimiter=" ", ndmin=2, comments=None)  # numpy's C parser
+        if values.shape == (len(texts), dim):
+            return values
     except ValueError:
         pass
     for offset, text in enumerate(texts):
-        tokens = text.split()
+        tokens = text.split(" ")
+        where = first_line + offset if first_line else None
         if len(tokens) != dim:
-            raise PipelineError(f"{path} line {first_line + offset} has {len(tokens)} values, the header says "
+            raise PipelineError(f"{path} line {where} has {len(tokens)} values, the header says "
                                 f"dim={dim}; rerun gen_embeddings.py")
         try:
             np.array(tokens, dtype=np.float32)
         except ValueError:
-            raise PipelineError(f"{path} line {first_line + offset} has a value that is not a number; "
+            raise PipelineError(f"{path} line {where} has a value that is not a number; "
                                 f"rerun gen_embeddings.py") from None
     raise AssertionError("unreachable: a block failed but no line did")

@@ -4,17 +4,21 @@ In one run, on the same model (DeepRank, --backbone resnet101 at 224 px by defau
 weights: speed does not depend on their values) and the same images:
 
   ours    gen_embeddings.main() end to end on a triplet CSV: JPEG decoding, resizing,
-          normalising, bf16 autocast + channels_last forward, each image once, text output;
-          steady state: (images of a big run - images of a small run) / (time difference)
-  bare    the same network's forward alone on a ready-made batch, same precision and batch
+          normalising, bf16 autocast + channels_last forward (compiled with frozen weights,
+          as --compile auto does for a large gallery; --compile off to compare), each image
+          once, text output; steady state: (images of a big run - images of a small run) /
+          (time difference), which removes checkpoint loading and compiling
+  bare    the same network's plain eager forward alone on a ready-made batch, same precision
+          (bf16 autocast, channels_last) and batch size
+  bare_compiled  the same, compiled like ours: the forward pass ours wraps
   naive   the original's way: every triplet row's query, positive and negative through the
           network in fp32, three passes per row (measured on --naive_rows rows)
 
-Prints images/s of each (median of --repeats runs), ours/bare, and ours/naive in triplet
-rows per second; then the peak memory of gen_embeddings with 1x and 4x the images (small
-model) to show that it does not grow with the number of images.
+Prints images/s of each (median of --repeats runs), ours/bare, ours/bare_compiled, and
+ours/naive in triplet rows per second; then the peak memory of gen_embeddings with 1x and 4x
+the images (small model) to show that it does not grow with the number of images.
 
-    python bench/bench_embed.py --images 256 --repeats 3
+    python bench/bench_embed.py --images 2048 --repeats 3
 """
 
 import argparse
@@ -37,7 +41,7 @@ import synthetic_data  # noqa: E402
 import transform_validation  # noqa: E402
 import triplet_sampler  # noqa: E402
 from datasets import Normalize, autocast, read_triplet_csv, unique_in_order  # noqa: E402
-from deep_rank_net import DeepRank, prepare, save_checkpoint  # noqa: E402
+from deep_rank_net import DeepRank, FrozenRunner, prepare, save_checkpoint  # noqa: E402
 
 
 def make_data(root, images, classes=8):
@@ -55,11 +59,11 @@ def make_data(root, images, classes=8):
     return root / "train.csv", root / "val.csv"
 
 
-def time_ours(model_path, train_csv, val_csv, out_dir, batch, workers):
+def time_ours(model_path, train_csv, val_csv, out_dir, batch, workers, compile):
     """Seconds for gen_embeddings.main() to embed every image of both CSVs, end to end."""
     args = ["--model", str(model_path), "--train_triplets", str(train_csv), "--test_triplets", str(val_csv),
             "--train_out", str(out_dir / "train.txt"), "--test_out", str(out_dir / "test.txt"),
-            "--batch_size", str(batch), "--num_workers", str(workers)]
+            "--batch_size", str(batch), "--num_workers", str(workers), "--compile", compile]
     with open(os.devnull, "w") as null:
         sys.stdout, saved = null, sys.stdout
         try:
@@ -76,7 +80,7 @@ def time_bare(model, images, batch, size):
     device = torch.device("cpu")
     x = Normalize(device)(torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8))
     with autocast(device):
-        model(x)  # warm-up (oneDNN primitive creation)
+        model(x)  # warm-up (oneDNN primitive creation; compiling, for a compiled model)
         start = time.perf_counter()
         for _ in range(images // batch):
             model(x)
@@ -112,7 +116,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet101")
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=256, help="train images embedded per run")
+    parser.add_argument("--images", type=int, default=2048, help="train images embedded per run")
+    parser.add_argument("--bare_images", type=int, default=512, help="images per bare forward measurement")
+    parser.add_argument("--compile", default="on", choices=("on", "off"), help="ours: gen_embeddings --compile")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=1)
     parser.add_argument("--naive_rows", type=int, default=16)
@@ -133,22 +139,27 @@ def main(argv=None):
         (tmp / "small").mkdir()
         small_csvs = make_data(tmp / "small", args.batch_size)
         n_small = sum(len(unique_in_order(*read_triplet_csv(csv))) for csv in small_csvs)
-        ours, bare, naive = [], [], []
+        ours, bare, bare_compiled, naive = [], [], [], []
+        bare_images = (args.bare_images // args.batch_size) * args.batch_size
         for _ in range(args.repeats):
-            fixed = time_ours(model_path, *small_csvs, tmp, args.batch_size, args.num_workers)
-            full = time_ours(model_path, train_csv, val_csv, tmp, args.batch_size, args.num_workers)
+            fixed = time_ours(model_path, *small_csvs, tmp, args.batch_size, args.num_workers, args.compile)
+            full = time_ours(model_path, train_csv, val_csv, tmp, args.batch_size, args.num_workers, args.compile)
             ours.append((n_images - n_small) / (full - fixed))
-            bare.append((args.images // args.batch_size) * args.batch_size /
-                        time_bare(model, args.images, args.batch_size, args.image_size))
+            bare.append(bare_images / time_bare(model, bare_images, args.batch_size, args.image_size))
+            compiled = FrozenRunner(model, args.batch_size, compile=True)
+            bare_compiled.append(bare_images / time_bare(compiled, bare_images, args.batch_size, args.image_size))
             naive.append(3 * args.naive_rows / time_naive(model, args.naive_rows, args.image_size))
             model = model.to(memory_format=torch.channels_last)
         result = {
             "model": f"DeepRank {args.backbone} {args.image_size}px", "batch_size": args.batch_size,
             "num_workers": args.num_workers, "threads": torch.get_num_threads(), "images": n_images,
+            "ours_compile": args.compile,
             "ours_img_s": round(statistics.median(ours), 2), "bare_forward_img_s": round(statistics.median(bare), 2),
+            "bare_compiled_img_s": round(statistics.median(bare_compiled), 2),
             "naive_fp32_img_s": round(statistics.median(naive), 2),
         }
         result["ours_vs_bare"] = round(result["ours_img_s"] / result["bare_forward_img_s"], 3)
+        result["ours_vs_bare_compiled"] = round(result["ours_img_s"] / result["bare_compiled_img_s"], 3)
         # naive spends 3 passes per triplet row; ours embeds each distinct image once (about one per row at N = M = 1)
         rows = len(open(train_csv).read().splitlines()) - 1
         ours_rows_s = rows / (n_images / result["ours_img_s"])

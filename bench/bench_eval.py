@@ -8,7 +8,8 @@ in one run measures:
   npy       read_embeddings() on the .npy files: seconds, and both formats' sizes
   matmul    this machine's fp32 matrix-multiply rate (torch.mm, one query chunk x all references)
   knn       eval.knn() (exact, chunked) as a share of that rate
-  ours      eval.main() end to end on the text files (parse + kNN + metrics)
+  ours      eval.main() end to end on the text files (parse + kNN + metrics), exact (fp32)
+            and with --knn_precision bf16
   reference pandas.read_csv + sklearn NearestNeighbors(algorithm="brute") on the same files,
             then the same metric function (scikit-learn: requirements-bench.txt)
 
@@ -61,8 +62,9 @@ def write_files(folder, count, dim, classes, name, seed):
     return outs
 
 
-def reference(train_txt, test_txt, k):
-    """pandas + scikit-learn: parse both files, brute-force kNN, the same metrics."""
+def reference(train_txt, test_txt, k, timings):
+    """pandas + scikit-learn: parse both files, brute-force kNN, the same metrics (phase seconds
+    go into timings)."""
     import pandas as pd
     from sklearn.neighbors import NearestNeighbors
 
@@ -75,8 +77,11 @@ def reference(train_txt, test_txt, k):
                                   frame.iloc[:, 1:].to_numpy(dtype=np.float32)], axis=1)
         return first[0].tolist(), first[1].to_numpy(), vectors
 
+    start = time.perf_counter()
     _, train_labels, train = load(train_txt)
     _, test_labels, test = load(test_txt)
+    timings["reference_parse_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
     names = {x: i for i, x in enumerate(sorted(set(train_labels) | set(test_labels)))}
     ref_codes = np.array([names[x] for x in train_labels])
     query_codes = np.array([names[x] for x in test_labels])
@@ -84,6 +89,7 @@ def reference(train_txt, test_txt, k):
     depth = int(max(k, r_counts.max()))
     index = NearestNeighbors(n_neighbors=depth, algorithm="brute").fit(train)
     _, idx = index.kneighbors(test)
+    timings["reference_knn_s"] = round(time.perf_counter() - start, 1)
     return evaluation.retrieval_metrics(ref_codes[idx], query_codes, r_counts, k)
 
 
@@ -142,6 +148,9 @@ def main(argv=None):
         result["knn_s"] = round(knn_s, 2)
         result["knn_gflop_s"] = round(2 * args.test * args.train * args.dim / knn_s / 1e9, 1)
         result["knn_share_of_matmul"] = round(result["knn_gflop_s"] / result["matmul_gflop_s"], 3)
+        start = time.perf_counter()
+        evaluation.knn(test.vectors, train.vectors, args.k, precision="bf16")
+        result["knn_bf16_s"] = round(time.perf_counter() - start, 2)
         del train, test
 
         start = time.perf_counter()
@@ -151,11 +160,20 @@ def main(argv=None):
         result["ours_end_to_end_s"] = round(time.perf_counter() - start, 1)
         result["ours_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         ours = json.loads((tmp / "ours.json").read_text())
+        start = time.perf_counter()
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            evaluation.main(["--train_embeddings", str(train_txt), "--test_embeddings", str(test_txt),
+                             "--k", str(args.k), "--json", str(tmp / "bf16.json"), "--knn_precision", "bf16"])
+        result["ours_bf16_end_to_end_s"] = round(time.perf_counter() - start, 1)
+        fast = json.loads((tmp / "bf16.json").read_text())
+        result["bf16_max_metric_change"] = max(abs(fast[key] - ours[key]) for key in evaluation.METRIC_KEYS[2:])
         if not args.skip_reference:
             start = time.perf_counter()
-            ref = reference(train_txt, test_txt, args.k)
+            ref = reference(train_txt, test_txt, args.k, result)
             result["reference_end_to_end_s"] = round(time.perf_counter() - start, 1)
             result["ours_vs_reference"] = round(result["reference_end_to_end_s"] / result["ours_end_to_end_s"], 2)
+            result["ours_bf16_vs_reference"] = round(result["reference_end_to_end_s"] /
+                                                     result["ours_bf16_end_to_end_s"], 2)
             result["same_metrics"] = all(abs(ours[key] - ref[key]) < 1e-9 for key in
                                          ("score_at_k", "precision_at_1", "precision_at_k", "r_precision", "map_at_r"))
     print(json.dumps(result))

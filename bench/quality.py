@@ -77,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder, removed after)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_original", action="store_true", help="only the recommended recipe and untrained")
+    parser.add_argument("--flags", default="", help="extra train_net.py flags for the recommended recipe (they "
+                                                    "override its own), to try a variant against the baselines")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +107,9 @@ def main(argv=None):
         train_minutes = max(1.0, (args.minutes * 60 - prep_s - 1.2 * scoring_s) / 60)
         result["train_minutes"] = round(train_minutes, 2)
 
-        recipes = [("recommended", RECOMMENDED)] + ([] if args.skip_original else [("original", ORIGINAL)])
+        recommended = RECOMMENDED + args.flags.split()
+        result["recommended_flags"] = " ".join(recommended)
+        recipes = [("recommended", recommended)] + ([] if args.skip_original else [("original", ORIGINAL)])
         for name, flags in recipes:
             (work / name).mkdir(exist_ok=True)
             model = work / name / "deepranknet.model"

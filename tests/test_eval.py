@@ -186,3 +186,36 @@ def test_bad_npy_embedding_files(tmp_path):
     (tmp_path / "e.paths.tsv").unlink()
     with pytest.raises(PipelineError, match="paths and labels"):
         read_embeddings(npy)
+
+
+def test_parallel_parse_equals_serial_and_names_bad_lines(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(301, 6)).astype(np.float32)
+    paths = [str(tmp_path / "imgs" / f"c{i % 5}" / f"{i}.JPEG") for i in range(301)]
+    out = tmp_path / "e.txt"
+    with EmbeddingWriter(out, 6, False, "m") as writer:
+        writer.write(paths, [f"c{i % 5}" for i in range(301)], vectors)
+    serial = read_embeddings(out, workers=1)
+    for workers in (2, 3):
+        parallel = read_embeddings(out, chunk_bytes=512, workers=workers)
+        assert parallel.paths == serial.paths == paths and parallel.labels == serial.labels
+        assert np.array_equal(parallel.vectors, serial.vectors)
+    lines = out.read_text().splitlines(keepends=True)
+    lines[250] = lines[250].rsplit(" ", 1)[0] + "\n"  # line 251 loses a value, in the last worker's range
+    out.write_text("".join(lines))
+    with pytest.raises(PipelineError, match="line 251 has 5 values, the header says dim=6"):
+        read_embeddings(out, chunk_bytes=512, workers=2)
+
+
+def test_bf16_knn_finds_the_same_neighbours_when_gaps_are_clear():
+    rng = np.random.default_rng(3)
+    refs = rng.normal(size=(300, 64)).astype(np.float32)
+    queries = refs[::7] + 0.01 * rng.normal(size=(43, 64)).astype(np.float32)  # each query near one ref
+    exact_d, exact_i = evaluation.knn(queries, refs, 1)
+    fast_d, fast_i = evaluation.knn(queries, refs, 1, precision="bf16")
+    assert np.array_equal(exact_i.numpy()[:, 0], np.arange(0, 300, 7))
+    assert np.array_equal(fast_i.numpy(), exact_i.numpy())
+    assert np.allclose(fast_d.numpy(), exact_d.numpy(), atol=0.5)  # ~1e-2 of |q|^2 ~ 64
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # restored afterwards
+    with pytest.raises(PipelineError, match="fp32 or bf16"):
+        evaluation.knn(queries, refs, 1, precision="fp16")

@@ -164,3 +164,55 @@ def test_unwrap_and_model_args_rebuild():
     rebuilt = DeepRank(**model.model_args)
     assert rebuilt.model_args == model.model_args
     assert deep_rank_net.unwrap(torch.nn.DataParallel(model)) is model
+
+
+@pytest.mark.parametrize("which", ["conv5", "head", "all"])
+def test_frozen_split_reproduces_the_backbone(which):
+    model = small(trainable=which).train()
+    trunk, tail = model.frozen_split()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = tail(trunk(x)) if trunk is not None else tail(x)
+        assert torch.equal(out, model.features(x))
+    if which == "all":
+        assert trunk is None
+    else:
+        assert not any(p.requires_grad for p in trunk.parameters())
+        assert not any(m.training for m in trunk.modules())  # frozen BatchNorm keeps its statistics
+
+
+def test_frozen_split_of_efficientnet_lite():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    model = small(backbone="efficientnet_lite0", image_size=64).train()
+    trunk, tail = model.frozen_split()
+    assert not any(m.training for m in trunk.modules()) and model.features.net._blocks[-1].training
+    model.eval()  # no drop-connect: deterministic
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(tail(trunk(x)), model.features(x))
+    trainable = {id(p) for p in model.features.parameters() if p.requires_grad}
+    assert trainable and not any(id(p) in trainable for p in trunk.parameters())
+
+
+def test_want_compile():
+    cpu = torch.device("cpu")
+    assert deep_rank_net.want_compile("off", 10 ** 9, 224, cpu) is False
+    assert deep_rank_net.want_compile("on", 1, 32, cpu) is True
+    assert deep_rank_net.want_compile("auto", 100, 224, cpu) is False  # too little work to repay compiling
+    assert deep_rank_net.want_compile("auto", 10 ** 6, 224, cpu) == deep_rank_net.compiler_available(cpu)
+    with pytest.raises(PipelineError, match="--compile"):
+        deep_rank_net.want_compile("maybe", 1, 32, cpu)
+
+
+def test_compiled_runner_matches_eager_for_any_batch_size():
+    if not deep_rank_net.compiler_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    model = small().eval()
+    runner = deep_rank_net.FrozenRunner(model, batch_size=4, compile=True)
+    x = torch.randn(9, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    for rows in (4, 3, 9):  # full, padded, split into several batches
+        out = runner(x[:rows])
+        assert runner.compiled and out.shape == (rows, 16)
+        assert torch.allclose(out, expected[:rows], atol=1e-4)

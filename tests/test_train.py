@@ -159,3 +159,20 @@ def test_device_selection_on_cpu(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(PipelineError, match="not a device"):
         resolve_device("tpu9")
+
+
+def test_compiled_frozen_layers_train_like_eager_ones(triplets, tmp_path, capsys):
+    from deep_rank_net import compiler_available
+    if not compiler_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    train, _ = triplets
+    common = FAST + ["--triplets", str(train), "--max_steps", "3", "--no_amp", "--lr", "0.01"]
+    runs = {}
+    for mode in ("off", "on"):
+        (tmp_path / mode).mkdir()
+        train_net.main(common + ["--compile", mode, "--out", str(tmp_path / mode / "m.model")])
+        assert f"frozen backbone layers: {'compiled' if mode == 'on' else 'eager'}" in capsys.readouterr().out
+        runs[mode] = torch.load(tmp_path / mode / "m.model", weights_only=True)
+    for key, value in runs["off"]["model"].items():
+        assert torch.allclose(value.float(), runs["on"]["model"][key].float(), atol=1e-4), key
+    assert runs["off"]["metrics"]["loss"] == pytest.approx(runs["on"]["metrics"]["loss"], rel=1e-3)

@@ -101,10 +101,11 @@ def time_naive(model, rows, size):
 
 
 def peak_memory(model_path, train_csv, val_csv, out_dir):
-    """Peak RSS (MB) of a separate gen_embeddings.py process."""
-    code = ("import resource, sys; sys.path.insert(0, %r); import gen_embeddings; "
+    """Peak RSS (MB) of a separate gen_embeddings.py process (Linux: /proc/self/status)."""
+    # VmHWM is this process's own peak (ru_maxrss would start from the parent's peak at fork)
+    code = ("import sys; sys.path.insert(0, %r); import gen_embeddings; "
             "gen_embeddings.main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % str(ROOT)
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])") % str(ROOT)
     result = subprocess.run([sys.executable, "-c", code, "--model", str(model_path), "--train_triplets",
                              str(train_csv), "--test_triplets", str(val_csv), "--train_out",
                              str(out_dir / "m_train.txt"), "--test_out", str(out_dir / "m_test.txt"),

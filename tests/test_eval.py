@@ -219,3 +219,14 @@ def test_bf16_knn_finds_the_same_neighbours_when_gaps_are_clear():
     assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # restored afterwards
     with pytest.raises(PipelineError, match="fp32 or bf16"):
         evaluation.knn(queries, refs, 1, precision="fp16")
+
+
+def test_paths_with_spaces_round_trip(tmp_path):
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(40, 3)).astype(np.float32)
+    paths = [str(tmp_path / "my images" / f"c{i % 2}" / f"{i} copy.JPEG") for i in range(40)]
+    out = tmp_path / "e.txt"
+    with EmbeddingWriter(out, 3, False, "m") as writer:
+        writer.write(paths, [f"c{i % 2}" for i in range(40)], vectors)
+    back = read_embeddings(out, chunk_bytes=256, workers=2)
+    assert back.paths == paths and np.abs(back.vectors - vectors).max() < 1e-6

@@ -389,7 +389,7 @@ def parse_embedding_header(line, path):
     if not line.startswith(EMBEDDING_MAGIC + " "):
         raise PipelineError(f"{path} line 1 is not a deep-ranking embeddings v1 header; {rerun}")
     fields = {}
-    rest = line[len(EMBEDDING_MAGIC) + 1:].rstrip("\n")
+    rest = line[len(EMBEDDING_MAGIC) + 1:].rstrip("\r\n")
     model_at = rest.find("model=")
     if model_at >= 0:
         fields["model"] = rest[model_at + len("model="):]
@@ -564,7 +564,7 @@ def _parse_range(path, begin, end, dim, chunk_bytes, first_line=None):
                     line = line.decode("utf-8")
                 except UnicodeDecodeError:
                     raise PipelineError(f"{path} line {where} is not UTF-8 text; rerun gen_embeddings.py") from None
-                parts = _split_row(line.rstrip("\n"), 3, path, where)
+                parts = _split_row(line.rstrip("\r\n"), 3, path, where)
                 paths.append(parts[0])
                 labels.append(parts[1])
                 texts.append(parts[2])
@@ -621,14 +621,15 @@ def _checked(embeddings, path):
 
 def _parse_vectors(texts, dim, path, first_line):
     """Parse vector texts into (len(texts), dim) float32, naming the first bad line."""
-    try:
-        values = np.loadtxt(texts, dtype=np.float32, delimiter=" ", ndmin=2, comments=None)  # numpy's C parser
-        if values.shape == (len(texts), dim):
-            return values
-    except ValueError:
-        pass
+    for delimiter in (" ", None):  # single spaces as written (fast), then any whitespace (hand-edited files)
+        try:
+            values = np.loadtxt(texts, dtype=np.float32, delimiter=delimiter, ndmin=2, comments=None)  # C parser
+            if values.shape == (len(texts), dim):
+                return values
+        except ValueError:
+            pass
     for offset, text in enumerate(texts):
-        tokens = text.split(" ")
+        tokens = text.split()
         where = first_line + offset if first_line else None
         if len(tokens) != dim:
             raise PipelineError(f"{path} line {where} has {len(tokens)} values, the header says "

@@ -55,7 +55,7 @@ def squared_distances(queries, refs, ref_sq=None):
     return d.clamp_(min=0)
 
 
-def triplet_accuracy(vectors, q, p, n, chunk=65536):
+def triplet_accuracy(vectors, q, p, n, chunk=1024):
     """Share of triplets (row indices q, p, n into vectors) with D(q,p) < D(q,n) strictly."""
     vectors = torch.as_tensor(vectors, dtype=torch.float32)
     q, p, n = (torch.as_tensor(np.asarray(a), dtype=torch.long) for a in (q, p, n))

@@ -95,6 +95,7 @@ def embed_to_files(model, plans, device, args, header_model):
     writers = [EmbeddingWriter(out, dim, True, header_model) for out, _, _ in plans]
     for writer in writers:
         writer.__enter__()
+
     def write_rows(paths, batch):
         labels = [class_of(p) for p in paths]
         for writer, member in zip(writers, members):

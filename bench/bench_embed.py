@@ -15,7 +15,7 @@ weights: speed does not depend on their values) and the same images:
           network in fp32, three passes per row (measured on --naive_rows rows)
 
 Prints images/s of each (median of --repeats runs), ours/bare, ours/bare_compiled, and
-ours/naive in triplet rows per second; then the peak memory of gen_embeddings with 1x and 4x
+ours/naive in triplet rows per second; then the peak memory of gen_embeddings with 1x and 16x
 the images (small model) to show that it does not grow with the number of images.
 
     python bench/bench_embed.py --images 2048 --repeats 3
@@ -113,6 +113,60 @@ def peak_memory(model_path, train_csv, val_csv, out_dir):
     return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 
+def measure_speed(tmp, args):
+    """ours / bare / bare compiled / naive images per second (medians) and their ratios."""
+    train_csv, val_csv = make_data(tmp, args.images)
+    model = DeepRank(backbone=args.backbone, image_size=args.image_size, weights="none").eval()
+    model_path = tmp / "m.model"
+    save_checkpoint(model_path, model)
+    model = prepare(model, torch.device("cpu"))
+    n_images = sum(len(unique_in_order(*read_triplet_csv(csv))) for csv in (train_csv, val_csv))
+    # a second, small dataset: its run measures the fixed costs (checkpoint load, oneDNN warm-up),
+    # so the difference of the two runs is the steady-state rate a large gallery sees
+    (tmp / "small").mkdir()
+    small_csvs = make_data(tmp / "small", args.batch_size)
+    n_small = sum(len(unique_in_order(*read_triplet_csv(csv))) for csv in small_csvs)
+    ours, bare, bare_compiled, naive = [], [], [], []
+    bare_images = (args.bare_images // args.batch_size) * args.batch_size
+    for _ in range(args.repeats):
+        fixed = time_ours(model_path, *small_csvs, tmp, args.batch_size, args.num_workers, args.compile)
+        full = time_ours(model_path, train_csv, val_csv, tmp, args.batch_size, args.num_workers, args.compile)
+        ours.append((n_images - n_small) / (full - fixed))
+        bare.append(bare_images / time_bare(model, bare_images, args.batch_size, args.image_size))
+        compiled = FrozenRunner(model, args.batch_size, compile=True)
+        bare_compiled.append(bare_images / time_bare(compiled, bare_images, args.batch_size, args.image_size))
+        naive.append(3 * args.naive_rows / time_naive(model, args.naive_rows, args.image_size))
+        model = model.to(memory_format=torch.channels_last)
+    result = {
+        "model": f"DeepRank {args.backbone} {args.image_size}px", "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "threads": torch.get_num_threads(), "images": n_images,
+        "ours_compile": args.compile,
+        "ours_img_s": round(statistics.median(ours), 2), "bare_forward_img_s": round(statistics.median(bare), 2),
+        "bare_compiled_img_s": round(statistics.median(bare_compiled), 2),
+        "naive_fp32_img_s": round(statistics.median(naive), 2),
+    }
+    result["ours_vs_bare"] = round(result["ours_img_s"] / result["bare_forward_img_s"], 3)
+    result["ours_vs_bare_compiled"] = round(result["ours_img_s"] / result["bare_compiled_img_s"], 3)
+    # naive spends 3 passes per triplet row; ours embeds each distinct image once (about one per row at N = M = 1)
+    rows = len(open(train_csv).read().splitlines()) - 1
+    ours_rows_s = rows / (n_images / result["ours_img_s"])
+    result["ours_vs_naive_rows_per_s"] = round(ours_rows_s / (result["naive_fp32_img_s"] / 3), 2)
+    return result
+
+
+def measure_memory(tmp):
+    """Peak RSS of gen_embeddings (resnet18, 64 px, 4096-d) on 500 and 8,000 images."""
+    small = DeepRank(backbone="resnet18", image_size=64, embed_dim=4096, weights="none")
+    save_checkpoint(tmp / "small.model", small)
+    peaks = {}
+    for scale in (1, 16):
+        data = tmp / f"mem{scale}"
+        data.mkdir()
+        csvs = make_data(data, 500 * scale)
+        peaks[f"peak_rss_mb_{500 * scale}_images"] = round(peak_memory(tmp / "small.model", *csvs, data), 1)
+    return peaks
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet101")
@@ -125,56 +179,14 @@ def main(argv=None):
     parser.add_argument("--naive_rows", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--skip_speed", action="store_true", help="only the peak-memory measurement")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train_csv, val_csv = make_data(tmp, args.images)
-        model = DeepRank(backbone=args.backbone, image_size=args.image_size, weights="none").eval()
-        model_path = tmp / "m.model"
-        save_checkpoint(model_path, model)
-        model = prepare(model, torch.device("cpu"))
-        n_images = sum(len(unique_in_order(*read_triplet_csv(csv))) for csv in (train_csv, val_csv))
-        # a second, small dataset: its run measures the fixed costs (checkpoint load, oneDNN warm-up),
-        # so the difference of the two runs is the steady-state rate a large gallery sees
-        (tmp / "small").mkdir()
-        small_csvs = make_data(tmp / "small", args.batch_size)
-        n_small = sum(len(unique_in_order(*read_triplet_csv(csv))) for csv in small_csvs)
-        ours, bare, bare_compiled, naive = [], [], [], []
-        bare_images = (args.bare_images // args.batch_size) * args.batch_size
-        for _ in range(args.repeats):
-            fixed = time_ours(model_path, *small_csvs, tmp, args.batch_size, args.num_workers, args.compile)
-            full = time_ours(model_path, train_csv, val_csv, tmp, args.batch_size, args.num_workers, args.compile)
-            ours.append((n_images - n_small) / (full - fixed))
-            bare.append(bare_images / time_bare(model, bare_images, args.batch_size, args.image_size))
-            compiled = FrozenRunner(model, args.batch_size, compile=True)
-            bare_compiled.append(bare_images / time_bare(compiled, bare_images, args.batch_size, args.image_size))
-            naive.append(3 * args.naive_rows / time_naive(model, args.naive_rows, args.image_size))
-            model = model.to(memory_format=torch.channels_last)
-        result = {
-            "model": f"DeepRank {args.backbone} {args.image_size}px", "batch_size": args.batch_size,
-            "num_workers": args.num_workers, "threads": torch.get_num_threads(), "images": n_images,
-            "ours_compile": args.compile,
-            "ours_img_s": round(statistics.median(ours), 2), "bare_forward_img_s": round(statistics.median(bare), 2),
-            "bare_compiled_img_s": round(statistics.median(bare_compiled), 2),
-            "naive_fp32_img_s": round(statistics.median(naive), 2),
-        }
-        result["ours_vs_bare"] = round(result["ours_img_s"] / result["bare_forward_img_s"], 3)
-        result["ours_vs_bare_compiled"] = round(result["ours_img_s"] / result["bare_compiled_img_s"], 3)
-        # naive spends 3 passes per triplet row; ours embeds each distinct image once (about one per row at N = M = 1)
-        rows = len(open(train_csv).read().splitlines()) - 1
-        ours_rows_s = rows / (n_images / result["ours_img_s"])
-        result["ours_vs_naive_rows_per_s"] = round(ours_rows_s / (result["naive_fp32_img_s"] / 3), 2)
+        result = {} if args.skip_speed else measure_speed(tmp, args)
         if not args.skip_memory:
-            small = DeepRank(backbone="resnet18", image_size=64, embed_dim=4096, weights="none")
-            save_checkpoint(tmp / "small.model", small)
-            peaks = {}
-            for scale in (1, 4):
-                data = tmp / f"mem{scale}"
-                data.mkdir()
-                csvs = make_data(data, 500 * scale)
-                peaks[f"peak_rss_mb_{500 * scale}_images"] = round(peak_memory(tmp / "small.model", *csvs, data), 1)
-            result.update(peaks)
+            result.update(measure_memory(tmp))
     print(json.dumps(result))
     return 0
 

@@ -188,13 +188,18 @@ def test_bad_npy_embedding_files(tmp_path):
         read_embeddings(npy)
 
 
+def random_text_file(out, rows, dim, classes, name):
+    """An embedding text file of random vectors; name(i, class) gives row i's image path."""
+    vectors = np.random.default_rng(rows).normal(size=(rows, dim)).astype(np.float32)
+    paths = [name(i, f"c{i % classes}") for i in range(rows)]
+    with EmbeddingWriter(out, dim, False, "m") as writer:
+        writer.write(paths, [f"c{i % classes}" for i in range(rows)], vectors)
+    return paths, vectors
+
+
 def test_parallel_parse_equals_serial_and_names_bad_lines(tmp_path):
-    rng = np.random.default_rng(2)
-    vectors = rng.normal(size=(301, 6)).astype(np.float32)
-    paths = [str(tmp_path / "imgs" / f"c{i % 5}" / f"{i}.JPEG") for i in range(301)]
     out = tmp_path / "e.txt"
-    with EmbeddingWriter(out, 6, False, "m") as writer:
-        writer.write(paths, [f"c{i % 5}" for i in range(301)], vectors)
+    paths, _ = random_text_file(out, 301, 6, 5, lambda i, c: str(tmp_path / "imgs" / c / f"{i}.JPEG"))
     serial = read_embeddings(out, workers=1)
     for workers in (2, 3):
         parallel = read_embeddings(out, chunk_bytes=512, workers=workers)
@@ -222,11 +227,15 @@ def test_bf16_knn_finds_the_same_neighbours_when_gaps_are_clear():
 
 
 def test_paths_with_spaces_round_trip(tmp_path):
-    rng = np.random.default_rng(4)
-    vectors = rng.normal(size=(40, 3)).astype(np.float32)
-    paths = [str(tmp_path / "my images" / f"c{i % 2}" / f"{i} copy.JPEG") for i in range(40)]
     out = tmp_path / "e.txt"
-    with EmbeddingWriter(out, 3, False, "m") as writer:
-        writer.write(paths, [f"c{i % 2}" for i in range(40)], vectors)
+    paths, vectors = random_text_file(out, 40, 3, 2, lambda i, c: str(tmp_path / "my images" / c / f"{i} copy.JPEG"))
     back = read_embeddings(out, chunk_bytes=256, workers=2)
     assert back.paths == paths and np.abs(back.vectors - vectors).max() < 1e-6
+
+
+def test_hand_edited_whitespace_still_parses(tmp_path):
+    path = tmp_path / "e.txt"
+    path.write_bytes(b"# deep-ranking embeddings v1 dim=2 normalized=0 model=m\r\n/a.jpg\ta\t1  2\r\n/b.jpg\tb\t3 4 \n")
+    back = read_embeddings(path)
+    assert back.labels == ["a", "b"] and back.vectors.tolist() == [[1, 2], [3, 4]]
+    assert back.header["model"] == "m"

@@ -398,7 +398,7 @@ def main(argv=None):
     def embed(images):
         """Embeddings of normalised images: frozen trunk (no autograd), then the trained layers."""
         with autocast(device, amp):
-            features = tail(trunk(images)) if trunk is not None else model.features(images)
+            features = tail(trunk(images) if trunk is not None else images)  # no trunk: tail is the backbone
             return model.head(features, images).float()
 
     config = dict(vars(args))

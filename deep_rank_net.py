@@ -33,12 +33,16 @@ CONV_DIM = 4096          # backbone features are projected to this size
 IMAGE_SIZE = 224         # input side in pixels; branch sizes follow from it
 TRAINABLE = "conv5"      # conv5: last backbone stage + head + branches (original's best); all; head
 BRANCH_FILTERS = 96      # 8x8 filters per sub-sampling branch (the paper's 96)
+BRANCH_INIT = 0.1        # the branches' columns of the embedding layer start at this share of the
+                         # default init: each unit-norm part would otherwise count equally, so the
+                         # two raw-pixel branches would outweigh the backbone 2:1 in a fresh model
 # ----------------------------------------------------------------
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 BACKBONES = RESNETS + ("efficientnet_lite0",)
 TRAINABLE_CHOICES = ("conv5", "all", "head")
 COMPILE_CHOICES = ("auto", "on", "off")
+TTA_CHOICES = ("none", "flip")
 COMPILE_MIN_WORK = 3000  # --compile auto: images (in 224-px equivalents) through frozen layers worth ~20 s of compiling
 CHECKPOINT_VERSION = 1
 
@@ -228,6 +232,8 @@ class DeepRank(nn.Module):
                 nn.Conv2d(3, branch_filters, kernel_size=conv[0], stride=conv[1], padding=conv[2]),
                 nn.MaxPool2d(kernel_size=pool[0], stride=pool[1], padding=pool[2])))
         self.embedding = nn.Linear(conv_dim + sum(dims), embed_dim)
+        with torch.no_grad():
+            self.embedding.weight[:, conv_dim:] *= BRANCH_INIT
         self.set_trainable(trainable)
 
     def set_trainable(self, which):
@@ -442,22 +448,29 @@ def load_model(path):
 
 @torch.inference_mode()
 def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, progress=None, layer="embedding",
-                  compile=False):
+                  compile=False, tta="none"):
     """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
 
     model must already be on device, in eval mode. layer: 'embedding' (DeepRank's output) or
     'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
     compile: run the network compiled with its weights frozen (see FrozenRunner).
+    tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
+    (two forward passes per image).
     """
+    if tta not in TTA_CHOICES:
+        raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA_CHOICES)}")
     from datasets import ImageList, Normalize, autocast, make_loader
 
     loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
     normalize = Normalize(device)
     forward = FrozenRunner(model if layer == "embedding" else _BackboneOnly(unwrap(model)), batch_size, compile)
     for batch in loader:
+        batch = normalize(batch)
         with autocast(device, amp):
-            out = forward(normalize(batch))
-        out = out.float().cpu()
+            out = forward(batch).float()
+            if tta == "flip":
+                out = l2n(out + forward(batch.flip(3)).float())
+        out = out.cpu()
         if progress is not None:
             progress.update(len(out))
         yield out

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datasets import (EmbeddingWriter, PipelineError, check_images_exist, check_output_path, class_of,
                       common_parser, list_split, print_args, read_triplet_csv, resolve_device, run_cli,
                       unique_in_order)
-from deep_rank_net import COMPILE_CHOICES, embed_batches, load_model, prepare, want_compile
+from deep_rank_net import COMPILE_CHOICES, TTA_CHOICES, embed_batches, load_model, prepare, want_compile
 
 # ---------------------------------------------------------------- hyperparameters
 MODEL = "deepranknet.model"
@@ -34,6 +34,7 @@ TEST_TRIPLETS = "val_triplet_sample.csv"
 TRAIN_OUT = "train_embedding.txt"
 TEST_OUT = "test_embedding.txt"
 COMPILE = "auto"                # compile the network with frozen weights: auto (large jobs) | on | off
+TTA = "none"                    # test-time augmentation: none | flip (image + mirror image, 2 passes)
 # ----------------------------------------------------------------
 
 
@@ -53,6 +54,9 @@ def build_parser():
     a("--layer", default="embedding", choices=("embedding", "backbone"),
       help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
            "(a baseline) (default: %(default)s)")
+    a("--tta", default=TTA, choices=TTA_CHOICES,
+      help="test-time augmentation: flip embeds each image and its mirror image and keeps their normalised "
+           "sum (two forward passes) (default: %(default)s)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
       help="torch.compile the network with its weights frozen (about 3x on a CPU with AMX, ~20 s to compile); "
@@ -106,13 +110,14 @@ def embed_to_files(model, plans, device, args, header_model):
     try:
         bar = tqdm(total=len(union), desc="embedding", unit="img", dynamic_ncols=True, leave=False, disable=None)
         start = 0
-        compile = want_compile(args.compile, len(union), model.image_size, device)
+        passes = 2 if args.tta == "flip" else 1
+        compile = want_compile(args.compile, passes * len(union), model.image_size, device)
         # text formatting runs on a thread, overlapping the next batch's forward pass (which releases
         # the GIL); at most two batches wait, so memory stays flat
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = collections.deque()
             for batch in embed_batches(model, union, device, args.batch_size, args.num_workers, not args.no_amp,
-                                       bar, args.layer, compile):
+                                       bar, args.layer, compile, args.tta):
                 batch = batch.numpy()
                 vectors[start:start + len(batch)] = batch
                 pending.append(pool.submit(write_rows, union[start:start + len(batch)], batch))
@@ -145,7 +150,8 @@ def main(argv=None):
     model = prepare(model, device)
     torch.manual_seed(args.seed)
 
-    source = os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
+    source = (os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
+              + (f" tta={args.tta}" if args.tta != "none" else ""))
     vectors, row = embed_to_files(model, plans, device, args, source)
     from eval import triplet_accuracy
 

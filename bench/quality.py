@@ -4,15 +4,16 @@ On a TinyImageNet-layout directory (copied to a work folder first; never modifie
 runs every stage through the stage scripts' own main(), then evaluates val against train:
 
   recommended  online batch-all mining (P x K batches), AdamW + weight decay, new layers at
-               10x the LR, warm-up + cosine over the budget, mild augmentation, last two
-               stages of the ImageNet-pretrained efficientnet_lite0 (offline,
+               10x the LR, warm-up + cosine over the budget, mild augmentation, every layer
+               of the ImageNet-pretrained efficientnet_lite0 (offline,
                requirements-pretrained.txt) trainable, 160 px
   untrained    the same pretrained backbone, not trained: its pooled features, L2-normalised
   original     the original recipe: pre-sampled random triplets (N = M = 1), SGD 0.001 with
                Nesterov momentum, margin 1, batch 25, conv5 trainable; same backbone, same
                image size, same --minutes
 
-All three are scored on the same val triplet CSV (N = M = 1) and the same kNN metrics.
+All three embed with flip test-time augmentation (gen_embeddings.py --tta flip) and are
+scored on the same val triplet CSV (N = M = 1) and the same kNN metrics.
 Prints one JSON line with the three metric sets side by side (stage logs go to stderr).
 
     python bench/quality.py --data ../shared/data/tiny-imagenet-mini --minutes 30
@@ -40,8 +41,9 @@ import triplet_sampler  # noqa: E402
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image_size", "160"]
 RECOMMENDED = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_per_class", "4",
                "--optim", "adam", "--lr", "0.0002", "--head_lr_mult", "10", "--weight_decay", "0.0005",
-               "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "conv5",
+               "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "all",
                "--margin", "0.2", "--embed_dim", "512"]
+EMBED = ["--tta", "flip"]  # every model (baselines too) embeds each image and its mirror image
 ORIGINAL = ["--mining", "none", "--optim", "sgd", "--lr", "0.001", "--batch_size", "25", "--margin", "1.0",
             "--augment", "flip", "--trainable", "conv5", "--embed_dim", "4096"]
 # ----------------------------------------------------------------
@@ -55,13 +57,13 @@ def stage(main, argv):
         raise SystemExit(f"{main.__module__} {' '.join(argv)} exited with {status}")
 
 
-def score(work, name, model, csvs, layer="embedding"):
+def score(work, name, model, csvs, layer="embedding", embed_flags=EMBED):
     """Embed every train and val image with a checkpoint and evaluate val against train."""
     train_csv, val_csv = csvs
     train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
     stage(gen_embeddings.main, ["--model", str(model), "--train_triplets", str(train_csv),
                                 "--test_triplets", str(val_csv), "--train_out", str(train_out),
-                                "--test_out", str(test_out), "--layer", layer, "--batch_size", "128"])
+                                "--test_out", str(test_out), "--layer", layer, "--batch_size", "128", *embed_flags])
     metrics_path = work / f"{name}_metrics.json"
     stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out),
                             "--train_triplets", str(train_csv), "--test_triplets", str(val_csv),
@@ -94,7 +96,8 @@ def main(argv=None):
                                          "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
         common = BACKBONE + ["--data", str(data), "--seed", str(args.seed), "--triplets", str(csvs[0])]
         result = {"data": str(args.data), "minutes": args.minutes, "backbone": " ".join(BACKBONE),
-                  "recommended_flags": " ".join(RECOMMENDED), "original_flags": " ".join(ORIGINAL)}
+                  "recommended_flags": " ".join(RECOMMENDED), "original_flags": " ".join(ORIGINAL),
+                  "embed_flags": " ".join(EMBED)}
         prep_s = time.perf_counter() - begin
 
         untrained = work / "untrained.model"

@@ -216,3 +216,31 @@ def test_compiled_runner_matches_eager_for_any_batch_size():
         out = runner(x[:rows])
         assert runner.compiled and out.shape == (rows, 16)
         assert torch.allclose(out, expected[:rows], atol=1e-4)
+
+
+def test_fresh_head_starts_from_the_backbone():
+    model = small()
+    w = model.embedding.weight.detach()
+    conv, branches = w[:, :model.conv_fc.out_features], w[:, model.conv_fc.out_features:]
+    ratio = branches.abs().mean() / conv.abs().mean()
+    assert ratio == pytest.approx(deep_rank_net.BRANCH_INIT, rel=0.2)
+
+
+def test_flip_tta_is_mirror_invariant(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.fromarray(pixels).save(paths[0])
+    Image.fromarray(pixels[:, ::-1].copy()).save(paths[1])
+    model = small().eval()
+    cpu = torch.device("cpu")
+    plain = torch.cat(list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, amp=False)))
+    flip = torch.cat(list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, amp=False, tta="flip")))
+    assert not torch.allclose(plain[0], plain[1], atol=1e-3)
+    assert torch.allclose(flip[0], flip[1], atol=1e-5)
+    assert torch.allclose(flip, deep_rank_net.l2n(plain + plain.flip(0)), atol=1e-5)
+    with pytest.raises(PipelineError, match="--tta"):
+        list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, tta="rotate"))

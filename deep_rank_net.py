@@ -42,7 +42,8 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 BACKBONES = RESNETS + ("efficientnet_lite0",)
 TRAINABLE_CHOICES = ("conv5", "all", "head")
 COMPILE_CHOICES = ("auto", "on", "off")
-TTA_CHOICES = ("none", "flip")
+TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
+TTA_CHOICES = tuple(TTA_PASSES)
 COMPILE_MIN_WORK = 3000  # --compile auto: images (in 224-px equivalents) through frozen layers worth ~20 s of compiling
 CHECKPOINT_VERSION = 1
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datasets import (EmbeddingWriter, PipelineError, check_images_exist, check_output_path, class_of,
                       common_parser, list_split, print_args, read_triplet_csv, resolve_device, run_cli,
                       unique_in_order)
-from deep_rank_net import COMPILE_CHOICES, TTA_CHOICES, embed_batches, load_model, prepare, want_compile
+from deep_rank_net import COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, embed_batches, load_model, prepare, want_compile
 
 # ---------------------------------------------------------------- hyperparameters
 MODEL = "deepranknet.model"
@@ -110,8 +110,7 @@ def embed_to_files(model, plans, device, args, header_model):
     try:
         bar = tqdm(total=len(union), desc="embedding", unit="img", dynamic_ncols=True, leave=False, disable=None)
         start = 0
-        passes = 2 if args.tta == "flip" else 1
-        compile = want_compile(args.compile, passes * len(union), model.image_size, device)
+        compile = want_compile(args.compile, TTA_PASSES[args.tta] * len(union), model.image_size, device)
         # text formatting runs on a thread, overlapping the next batch's forward pass (which releases
         # the GIL); at most two batches wait, so memory stays flat
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+import fastparse
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -472,13 +474,17 @@ class EmbeddingWriter:
 
 
 PARALLEL_PARSE_BYTES = 1 << 27  # text embedding files with more than this per process are parsed in parallel
+FAST_PARSE_BYTES = 1 << 25  # text embedding files this large use the compiled parser (fastparse) when installed
 
 
-def read_embeddings(path, chunk_bytes=1 << 25, workers=None):
+def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
     """Read an embedding file (.txt or .npy + .paths.tsv), checking header, labels and dimensions.
 
-    A large text file is parsed by `workers` processes (default: one per CPU core, at least
-    PARALLEL_PARSE_BYTES each), each taking a contiguous range of whole lines.
+    A text file of FAST_PARSE_BYTES or more (or any size with fast=True) is parsed by the
+    compiled parser on every core when numba is installed (fast=False: never). Otherwise, or
+    when that parser meets a line it does not handle, numpy's C parser reads it: a large file
+    in `workers` processes (default: one per CPU core, at least PARALLEL_PARSE_BYTES each),
+    each taking a contiguous range of whole lines; bad lines are named by number.
     """
     path = Path(path).expanduser()
     rerun = "rerun gen_embeddings.py"
@@ -492,8 +498,12 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None):
     header = parse_embedding_header(first.decode("utf-8", "replace"), path)
     if workers is None:
         workers = min(os.cpu_count() or 1, max(1, (end - begin) // PARALLEL_PARSE_BYTES))
+    if fast is None:
+        fast = end - begin >= FAST_PARSE_BYTES
     parts = None
-    if workers > 1:
+    if fast and fastparse.available():
+        parts = _parse_compiled(path, begin, end, header["dim"], chunk_bytes)
+    if parts is None and workers > 1:
         parts = _parse_parallel(path, _line_ranges(path, begin, end, workers), header["dim"], chunk_bytes)
     if parts is None:  # serial, or a worker met a bad line: this pass names it with its line number
         parts = [_parse_range(path, begin, end, header["dim"], chunk_bytes, first_line=2)]
@@ -503,6 +513,37 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None):
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
     folder = str(path.resolve().parent)
     return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+
+
+def _parse_compiled(path, begin, end, dim, chunk_bytes):
+    """[(paths, labels, vectors)] of bytes [begin, end) by fastparse, a block of whole lines at
+    a time (read into one reused buffer); None if a line is not handled there."""
+    parts, buf, held = [], bytearray(chunk_bytes), 0  # buf[:held]: the start of a line not yet parsed
+    with open(path, "rb") as handle:
+        handle.seek(begin)
+        left = end - begin
+        while left > 0:
+            if held == len(buf):  # a line longer than the buffer
+                buf.extend(bytearray(len(buf)))
+            with memoryview(buf) as view:
+                got = handle.readinto(view[held:held + min(len(buf) - held, left)])
+            left = left - got if got else 0
+            size = held + got
+            cut = buf.rfind(b"\n", 0, size) + 1 if left > 0 else size  # a line may run past the block
+            if left <= 0 and size and buf[size - 1] != 10:  # the last line has no newline
+                if size == len(buf):
+                    buf.append(10)
+                else:
+                    buf[size] = 10
+                cut = size = size + 1
+            if cut:
+                part = fastparse.parse_block(buf, cut, dim)
+                if part is None:
+                    return None
+                parts.append(part)
+            buf[:size - cut] = buf[cut:size]
+            held = size - cut
+    return parts
 
 
 def _line_ranges(path, begin, end, pieces):

@@ -71,17 +71,20 @@ def triplet_accuracy(vectors, q, p, n, chunk=1024):
 
 def _stable_topk(d, k):
     """k smallest per row of d, ordered by (distance, column): exact ties by column order."""
-    vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    thr = vals[:, -1:]
-    # rows where more columns equal the k-th value than topk kept: it may have picked any of them
-    straddle = ((d == thr).sum(1) > (vals == thr).sum(1)).nonzero().flatten().tolist()
-    for row in straddle:
-        cand = (d[row] <= thr[row]).nonzero().flatten()  # column order
+    extra = int(k < d.shape[1])  # one more: a (k+1)-th equal to the k-th means a tie at the cut
+    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
+    straddle = (vals[:, k] == vals[:, k - 1]).nonzero().flatten().tolist() if extra else []
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    for row in straddle:  # topk may have kept any of the tied columns: keep the first ones
+        cand = (d[row] <= vals[row, -1]).nonzero().flatten()  # column order
         order = torch.sort(d[row, cand], stable=True).indices[:k]
         idx[row], vals[row] = cand[order], d[row, cand[order]]
-    # within the kept k, order equal distances by column
-    order = np.lexsort((idx.numpy(), vals.numpy()))
-    return torch.gather(vals, 1, torch.from_numpy(order)), torch.gather(idx, 1, torch.from_numpy(order))
+    # within the kept k, order equal distances by column (only rows that have equal distances)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().flatten()
+    if len(tied):
+        order = torch.from_numpy(np.lexsort((idx[tied].numpy(), vals[tied].numpy())))
+        vals[tied], idx[tied] = torch.gather(vals[tied], 1, order), torch.gather(idx[tied], 1, order)
+    return vals, idx
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ Generates --train x --dim train and --test x --dim test embedding files (random 
 vectors in --classes classes, written with gen_embeddings' writer, text and .npy), then
 in one run measures:
 
-  parse     read_embeddings() on the text files: MB/s (median of --repeats)
+  parse     read_embeddings() on the train text file: MB/s (median of --repeats, after one
+            warm-up read that compiles the parser), and once with fast=False (numpy's parser
+            in one process per core, the fallback)
   npy       read_embeddings() on the .npy files: seconds, and both formats' sizes
   matmul    this machine's fp32 matrix-multiply rate (torch.mm, one query chunk x all references)
   knn       eval.knn() (exact, chunked) as a share of that rate
@@ -126,6 +128,7 @@ def main(argv=None):
                   "text_bytes": train_txt.stat().st_size + test_txt.stat().st_size,
                   "npy_bytes": sum(p.stat().st_size for p in (train_npy, test_npy, tmp / "train.paths.tsv",
                                                                tmp / "test.paths.tsv"))}
+        read_embeddings(test_txt)  # warm-up: compiles (or loads from numba's cache) the text parser
         parse, npy = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -137,6 +140,9 @@ def main(argv=None):
             npy.append(time.perf_counter() - start)
         result["text_load_s"] = round(statistics.median(parse), 2)
         result["parse_mb_s"] = round(train_txt.stat().st_size / statistics.median(parse) / 1e6, 1)
+        start = time.perf_counter()
+        read_embeddings(train_txt, fast=False)  # numpy's C parser, one process per core: the fallback path
+        result["numpy_parse_mb_s"] = round(train_txt.stat().st_size / (time.perf_counter() - start) / 1e6, 1)
         result["npy_load_s"] = round(statistics.median(npy), 2)
 
         train, test = read_embeddings(train_npy), read_embeddings(test_npy)

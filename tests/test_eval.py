@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import fastparse
 from datasets import Embeddings, EmbeddingWriter, PipelineError, read_embeddings
 
 
@@ -38,6 +39,15 @@ def test_ties_go_to_the_earlier_reference():
     # a tie straddling the k-th place: refs 1 and 2 tie for 1st; k = 1 keeps ref 1
     _, idx = evaluation.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 1)
     assert idx.tolist() == [[1]]
+
+
+def test_topk_orders_ties_by_column_like_a_stable_sort():
+    d = torch.from_numpy(np.random.default_rng(5).integers(0, 4, size=(30, 40)).astype(np.float32))
+    full = np.argsort(d.numpy(), axis=1, kind="stable")  # by distance, then column
+    for k in (1, 2, 9, 39, 40):
+        vals, idx = evaluation._stable_topk(d.clone(), k)
+        assert np.array_equal(idx.numpy(), full[:, :k])
+        assert np.array_equal(vals.numpy(), np.take_along_axis(d.numpy(), full[:, :k], 1))
 
 
 def test_query_in_reference_set_never_retrieves_itself():
@@ -112,7 +122,7 @@ def test_embedding_writer_failure_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("content,message", [
+BAD_EMBEDDING_FILES = [
     ("# something else\n/a.jpg\ta\t1 2\n", "line 1 is not a deep-ranking"),
     ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg\ta\t1 2\n/b.jpg\tb\t1 2 3\n",
      "line 3 has 3 values, the header says dim=2"),
@@ -120,7 +130,10 @@ def test_embedding_writer_failure_leaves_no_file(tmp_path):
     ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg 1 2\n", "line 2 is not path"),
     ("# deep-ranking embeddings v1 dim=2 normalized=1 model=m\n/a.jpg\ta\t1 x\n", "line 2 has a value that is not"),
     ("# deep-ranking embeddings v1 normalized=1 model=m\n", "dim"),
-])
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_EMBEDDING_FILES)
 def test_bad_embedding_files(tmp_path, content, message):
     path = tmp_path / "e.txt"
     path.write_text(content)
@@ -239,3 +252,67 @@ def test_hand_edited_whitespace_still_parses(tmp_path):
     back = read_embeddings(path)
     assert back.labels == ["a", "b"] and back.vectors.tolist() == [[1, 2], [3, 4]]
     assert back.header["model"] == "m"
+
+
+# the compiled text parser (fastparse) against numpy's
+
+HEADER = "# deep-ranking embeddings v1 dim=4 normalized=0 model=m\n"
+HANDLED = [  # every number shape the compiled parser reads itself
+    "1 -2.5 +3.25e-3 4E+02",
+    ".5 5. -0 0.000000",
+    "1.234567e-05 -9.999999e+22 0.001969091 -0.0001234567",
+    "123456789012345 0.100000000000000 7e0 -3.402823e+28",
+    "1e-22 1e22 2.2250738585072014e-308 0.30000001192092896",
+]
+
+
+def body_bytes(rows):
+    return "".join(f"/imgs/ü {i}.jpg\tc{i % 2}\t{row}\n" for i, row in enumerate(rows)).encode()
+
+
+def test_compiled_parser_handles_every_plain_decimal_like_numpy():
+    assert fastparse.available(), "numba is in requirements.txt: the compiled parser must be usable"
+    rows = [r for r in HANDLED if "2.2250738585072014e-308" not in r]  # 17 digits: not handled
+    data = body_bytes(rows)
+    paths, labels, vectors = fastparse.parse_block(data, len(data), 4)
+    expect = np.loadtxt([r for r in rows], dtype=np.float32, comments=None, ndmin=2)
+    assert vectors.tobytes() == expect.tobytes()  # bit for bit, signs of zero included
+    assert paths == [f"/imgs/ü {i}.jpg" for i in range(len(rows))] and labels == ["c0", "c1"] * 2
+    for bad in ("nan 1 2 3", "1 2 3", "1 2 3 4 5", "1 2 3 x", "1 2 3 1e", "1 2 3 --1", "1 2 3 1e-23",
+                "1 2 3 2.2250738585072014e-308", "1 2 3 4\t", "1  2 3 0x1"):
+        data = body_bytes([bad])
+        assert fastparse.parse_block(data, len(data), 4) is None, bad
+    for bad in (b"\tc\t1 2 3 4\n", b"/a.jpg\t\t1 2 3 4\n", b"/a.jpg 1 2 3 4\n", b"/\xff.jpg\tc\t1 2 3 4\n"):
+        assert fastparse.parse_block(bad, len(bad), 4) is None, bad
+
+
+def test_compiled_read_equals_numpy_read(tmp_path):
+    out = tmp_path / "e.txt"
+    paths, _ = random_text_file(out, 203, 7, 3, lambda i, c: str(tmp_path / "my imgs" / c / f"{i}.JPEG"))
+    numpy_read = read_embeddings(out, fast=False)
+    for chunk in (64, 1000, 1 << 20):  # 64: every line outgrows the buffer
+        fast = read_embeddings(out, chunk_bytes=chunk, fast=True)
+        assert fast.paths == numpy_read.paths == paths and fast.labels == numpy_read.labels
+        assert fast.vectors.tobytes() == numpy_read.vectors.tobytes()
+    # CRLF, runs of spaces and no newline at the end
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(HEADER.encode() + b"/a.jpg\ta\t1  2 3 4 \r\n/b.jpg\tb\t5 6 7 8")
+    back = read_embeddings(crlf, chunk_bytes=16, fast=True)
+    assert back.labels == ["a", "b"] and back.vectors.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_lines_the_compiled_parser_leaves_go_to_numpy(tmp_path):
+    path = tmp_path / "e.txt"
+    path.write_text(HEADER + "/a.jpg\ta\t1 2 3 4\n/b.jpg\tb\t1 2 3 2.2250738585072014e-308\n")
+    assert read_embeddings(path, fast=True).vectors.tobytes() == read_embeddings(path, fast=False).vectors.tobytes()
+    path.write_text(HEADER + "/a.jpg\ta\t1 2 3 4\n/b.jpg\tb\t1 2 nan 4\n")
+    with pytest.raises(PipelineError, match="/b.jpg has a non-finite value"):
+        read_embeddings(path, fast=True)
+
+
+@pytest.mark.parametrize("content,message", BAD_EMBEDDING_FILES)
+def test_bad_files_name_their_line_with_the_compiled_parser(tmp_path, content, message):
+    path = tmp_path / "e.txt"
+    path.write_text(content)
+    with pytest.raises(PipelineError, match=message):
+        read_embeddings(path, fast=True)

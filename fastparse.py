@@ -170,7 +170,14 @@ def parse_block(data, size, dim):
     starts[1:] = ends[:-1] + 1
     vectors = np.empty((len(ends), dim), np.float32)
     tabs = np.empty((len(ends), 2), np.int64)
-    if kernel is None or kernel(buf, starts, ends, dim, vectors, tabs) >= 0:
+    if kernel is None:
+        return None
+    try:
+        if kernel(buf, starts, ends, dim, vectors, tabs) >= 0:
+            return None
+    except Exception:  # numba compiles on the first call: a numba that fails here is not used again
+        global _KERNEL
+        _KERNEL = False
         return None
     try:
         paths = [data[s:t].decode("utf-8") for s, t in zip(starts.tolist(), tabs[:, 0].tolist())]

@@ -316,3 +316,12 @@ def test_bad_files_name_their_line_with_the_compiled_parser(tmp_path, content, m
     path.write_text(content)
     with pytest.raises(PipelineError, match=message):
         read_embeddings(path, fast=True)
+
+
+def test_without_numba_the_numpy_parser_reads(tmp_path, monkeypatch):
+    out = tmp_path / "e.txt"
+    paths, vectors = random_text_file(out, 20, 3, 2, lambda i, c: str(tmp_path / c / f"{i}.JPEG"))
+    monkeypatch.setattr(fastparse, "_KERNEL", False)  # as when numba is not installed or failed to compile
+    assert not fastparse.available()
+    back = read_embeddings(out, fast=True)
+    assert back.paths == paths and np.abs(back.vectors - vectors).max() < 1e-6

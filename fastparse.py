@@ -1,16 +1,16 @@
-"""Compiled (numba) parser for the text embedding format: many times numpy's C parser.
+"""Compiled (numba) parser for the text embedding format, a few times faster than numpy's.
 
 A text embedding line is path<TAB>label<TAB>v1 v2 ... vD. parse_block() parses a block of
 whole lines on every core (numba prange) straight from the file's bytes. It reads plain
 decimal numbers as gen_embeddings writes them (optional sign, digits, optional fraction,
 optional exponent; values separated by spaces) and gives the same float32 as numpy's
-parser: the decimal is converted exactly to the nearest float64 (an integer of at most 15
-digits times or over an exact power of ten, one IEEE rounding), then rounded to float32, as
-numpy does.
+parser: the decimal is converted exactly to the nearest float64 (an integer of at most 18
+digits and below 2**53, times or over an exact power of ten: one IEEE rounding), then
+rounded to float32, as numpy does.
 
-Anything else (nan, inf, more than 15 significant digits, a huge exponent, a wrong value
-count, an empty path or label, a tab in the vector, bad UTF-8) marks the line as not
-handled; datasets.read_embeddings then reads the file with its numpy parser, which accepts
+Anything else (nan, inf, more digits or a larger integer than that, a huge exponent, a
+wrong value count, an empty path or label, a tab in the vector, bad UTF-8) marks the line
+as not handled; datasets.read_embeddings then reads the file with its numpy parser, which accepts
 what is valid and names the bad line. numba is optional: without it available() is False.
 """
 
@@ -80,25 +80,27 @@ def _build(cache):
                 negative = c == 45
                 pos += 1
             mantissa = 0
-            significant = 0
-            exponent = 0
-            digits = 0
-            while pos < end and 48 <= buf[pos] <= 57:
-                if mantissa > 0 or buf[pos] != 48:
-                    significant += 1
-                mantissa = mantissa * 10 + (buf[pos] - 48)
-                digits += 1
+            first = pos
+            while pos < end:
+                digit = np.int64(buf[pos]) - 48
+                if digit < 0 or digit > 9:
+                    break
+                mantissa = mantissa * 10 + digit
                 pos += 1
+            digits = pos - first
+            exponent = 0
             if pos < end and buf[pos] == 46:  # .
                 pos += 1
-                while pos < end and 48 <= buf[pos] <= 57:
-                    if mantissa > 0 or buf[pos] != 48:
-                        significant += 1
-                    mantissa = mantissa * 10 + (buf[pos] - 48)
-                    exponent -= 1
-                    digits += 1
+                first = pos
+                while pos < end:
+                    digit = np.int64(buf[pos]) - 48
+                    if digit < 0 or digit > 9:
+                        break
+                    mantissa = mantissa * 10 + digit
                     pos += 1
-            if digits == 0 or significant > 15:
+                exponent = first - pos
+                digits -= exponent
+            if digits == 0 or digits > 18 or mantissa > 9007199254740992:  # 2**53: exact as a float64
                 return False
             if pos < end and (buf[pos] == 101 or buf[pos] == 69):  # e E
                 pos += 1

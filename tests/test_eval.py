@@ -279,7 +279,7 @@ def test_compiled_parser_handles_every_plain_decimal_like_numpy():
     assert vectors.tobytes() == expect.tobytes()  # bit for bit, signs of zero included
     assert paths == [f"/imgs/ü {i}.jpg" for i in range(len(rows))] and labels == ["c0", "c1"] * 2
     for bad in ("nan 1 2 3", "1 2 3", "1 2 3 4 5", "1 2 3 x", "1 2 3 1e", "1 2 3 --1", "1 2 3 1e-23",
-                "1 2 3 2.2250738585072014e-308", "1 2 3 4\t", "1  2 3 0x1"):
+                "1 2 3 2.2250738585072014e-308", "1 2 3 9007199254740993", "1 2 3 4\t", "1  2 3 0x1"):
         data = body_bytes([bad])
         assert fastparse.parse_block(data, len(data), 4) is None, bad
     for bad in (b"\tc\t1 2 3 4\n", b"/a.jpg\t\t1 2 3 4\n", b"/a.jpg 1 2 3 4\n", b"/\xff.jpg\tc\t1 2 3 4\n"):

@@ -510,7 +510,10 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
     paths = [p for part in parts for p in part[0]]
     labels = [x for part in parts for x in part[1]]
     blocks = [part[2] for part in parts if len(part[2])]
-    vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
+    if len(blocks) == 1:
+        vectors = blocks[0]
+    else:
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
     folder = str(path.resolve().parent)
     return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
 
@@ -519,6 +522,7 @@ def _parse_compiled(path, begin, end, dim, chunk_bytes):
     """[(paths, labels, vectors)] of bytes [begin, end) by fastparse, a block of whole lines at
     a time (read into one reused buffer); None if a line is not handled there."""
     parts, buf, held = [], bytearray(chunk_bytes), 0  # buf[:held]: the start of a line not yet parsed
+    rows = _GrowingRows(dim, end - begin)
     with open(path, "rb") as handle:
         handle.seek(begin)
         left = end - begin
@@ -537,13 +541,35 @@ def _parse_compiled(path, begin, end, dim, chunk_bytes):
                     buf[size] = 10
                 cut = size = size + 1
             if cut:
-                part = fastparse.parse_block(buf, cut, dim)
+                part = fastparse.parse_block(buf, cut, dim, lambda n: rows.take(n, cut))
                 if part is None:
                     return None
-                parts.append(part)
+                parts.append(part[:2])
             buf[:size - cut] = buf[cut:size]
             held = size - cut
-    return parts
+    return [([p for part in parts for p in part[0]], [x for part in parts for x in part[1]], rows.filled())]
+
+
+class _GrowingRows:
+    """A float32 (rows, dim) array filled a block at a time, sized from the bytes per row seen so
+    far (grown by copying if that falls short), so no block list is concatenated at the end."""
+
+    def __init__(self, dim, total_bytes):
+        self.array, self.count, self.seen, self.total = np.empty((0, dim), np.float32), 0, 0, total_bytes
+
+    def take(self, n, block_bytes):
+        """The next n rows to fill, for a block of block_bytes bytes."""
+        self.seen += block_bytes
+        if self.count + n > len(self.array):
+            expected = int((self.count + n) * self.total / max(self.seen, 1) * 1.02) + 1
+            grown = np.empty((max(self.count + n, expected), self.array.shape[1]), np.float32)
+            grown[:self.count] = self.array[:self.count]
+            self.array = grown
+        self.count += n
+        return self.array[self.count - n:self.count]
+
+    def filled(self):
+        return self.array[:self.count]
 
 
 def _line_ranges(path, begin, end, pieces):
@@ -650,9 +676,14 @@ def _read_npy_embeddings(path):
     return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
 
 
+def _row_blocks(array, rows=4096):
+    """Row slices of an array (views), so a whole-array temporary is never made."""
+    return [array[s:s + rows] for s in range(0, len(array), rows)] or [array]
+
+
 def _checked(embeddings, path):
     """Refuse non-finite values, naming the first bad row."""
-    finite = np.isfinite(embeddings.vectors).all(axis=1)
+    finite = np.concatenate([np.isfinite(block).all(axis=1) for block in _row_blocks(embeddings.vectors)])
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise PipelineError(f"{path}: the vector of {embeddings.paths[row]} has a non-finite value; "

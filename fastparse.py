@@ -160,17 +160,17 @@ def _line_ends(data, size):
     return ends
 
 
-def parse_block(data, size, dim):
+def parse_block(data, size, dim, reserve=None):
     """(paths, labels, float32 (N, dim) vectors) of the whole lines in data[:size] (bytes or
     bytearray; each line ends in a newline), or None if any line is not handled here (see the
-    module doc)."""
+    module doc). reserve(N), if given, returns the C-contiguous (N, dim) float32 array to fill."""
     kernel = _kernel()
     buf = np.frombuffer(data, dtype=np.uint8, count=size)
     ends = np.array(_line_ends(data, size), dtype=np.int64)
     starts = np.empty_like(ends)
     starts[:1] = 0
     starts[1:] = ends[:-1] + 1
-    vectors = np.empty((len(ends), dim), np.float32)
+    vectors = np.empty((len(ends), dim), np.float32) if reserve is None else reserve(len(ends))
     tabs = np.empty((len(ends), 2), np.int64)
     if kernel is None:
         return None

@@ -294,6 +294,12 @@ def test_compiled_read_equals_numpy_read(tmp_path):
         fast = read_embeddings(out, chunk_bytes=chunk, fast=True)
         assert fast.paths == numpy_read.paths == paths and fast.labels == numpy_read.labels
         assert fast.vectors.tobytes() == numpy_read.vectors.tobytes()
+    # long lines first, then short ones: the row estimate from the first blocks falls short and grows
+    mixed = tmp_path / "mixed.txt"
+    rows = [" ".join(["-0.001234567"] * 4)] * 5 + ["0 1 2 3"] * 60
+    mixed.write_bytes(HEADER.encode() + body_bytes(rows))
+    fast = read_embeddings(mixed, chunk_bytes=120, fast=True)
+    assert fast.vectors.tobytes() == read_embeddings(mixed, fast=False).vectors.tobytes() and len(fast) == 65
     # CRLF, runs of spaces and no newline at the end
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(HEADER.encode() + b"/a.jpg\ta\t1  2 3 4 \r\n/b.jpg\tb\t5 6 7 8")

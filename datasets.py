@@ -474,7 +474,7 @@ class EmbeddingWriter:
 
 
 PARALLEL_PARSE_BYTES = 1 << 27  # text embedding files with more than this per process are parsed in parallel
-FAST_PARSE_BYTES = 1 << 25  # text embedding files this large use the compiled parser (fastparse) when installed
+FAST_PARSE_BYTES = 1 << 28  # text embedding files this large use the compiled parser (fastparse): loading it takes ~1 s
 
 
 def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):

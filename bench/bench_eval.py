@@ -128,7 +128,7 @@ def main(argv=None):
                   "text_bytes": train_txt.stat().st_size + test_txt.stat().st_size,
                   "npy_bytes": sum(p.stat().st_size for p in (train_npy, test_npy, tmp / "train.paths.tsv",
                                                                tmp / "test.paths.tsv"))}
-        read_embeddings(test_txt)  # warm-up: compiles (or loads from numba's cache) the text parser
+        read_embeddings(test_txt, fast=True)  # warm-up: compiles (or loads from numba's cache) the text parser
         parse, npy = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -521,7 +521,7 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
 def _parse_compiled(path, begin, end, dim, chunk_bytes):
     """[(paths, labels, vectors)] of bytes [begin, end) by fastparse, a block of whole lines at
     a time (read into one reused buffer); None if a line is not handled there."""
-    parts, buf, held = [], bytearray(chunk_bytes), 0  # buf[:held]: the start of a line not yet parsed
+    paths, labels, buf, held = [], [], bytearray(chunk_bytes), 0  # buf[:held]: a line not yet parsed
     rows = _GrowingRows(dim, end - begin)
     with open(path, "rb") as handle:
         handle.seek(begin)
@@ -544,10 +544,11 @@ def _parse_compiled(path, begin, end, dim, chunk_bytes):
                 part = fastparse.parse_block(buf, cut, dim, lambda n: rows.take(n, cut))
                 if part is None:
                     return None
-                parts.append(part[:2])
+                paths += part[0]
+                labels += part[1]
             buf[:size - cut] = buf[cut:size]
             held = size - cut
-    return [([p for part in parts for p in part[0]], [x for part in parts for x in part[1]], rows.filled())]
+    return [(paths, labels, rows.filled())]
 
 
 class _GrowingRows:

@@ -272,10 +272,6 @@ class DeepRank(nn.Module):
         trunk = nn.Sequential(f.conv1, f.bn1, f.relu, f.maxpool, f.layer1, f.layer2, f.layer3).eval()
         return trunk, nn.Sequential(f.layer4, f.avgpool, nn.Flatten(1), f.fc)
 
-    def backbone_features(self, x):
-        """x: (B, 3, S, S) -> (B, F) the backbone's pooled features, L2-normalised (no head, no branches)."""
-        return l2n(self.features(x).float())
-
     def forward(self, x):
         """x: (B, 3, S, S) normalised images -> (B, embed_dim) unit-norm embeddings."""
         return self.head(self.features(x), x)
@@ -296,15 +292,15 @@ def trainable_parameters(model):
 
 # ----------------------------------------------------------------------------- compiled inference
 
-class _BackboneOnly(nn.Module):
-    """DeepRank.backbone_features as a module (so it can be compiled like the model)."""
+class PooledFeatures(nn.Module):
+    """A backbone's pooled features, L2-normalised: (B, 3, S, S) -> (B, F) (a module, so it can be compiled)."""
 
-    def __init__(self, model):
+    def __init__(self, features):
         super().__init__()
-        self.model = model
+        self.features = features
 
     def forward(self, x):
-        return self.model.backbone_features(x)
+        return l2n(self.features(x).float())
 
 
 def compiler_available(device):
@@ -464,7 +460,7 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, 
 
     loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
     normalize = Normalize(device)
-    forward = FrozenRunner(model if layer == "embedding" else _BackboneOnly(unwrap(model)), batch_size, compile)
+    forward = FrozenRunner(model if layer == "embedding" else PooledFeatures(unwrap(model).features), batch_size, compile)
     for batch in loader:
         batch = normalize(batch)
         with autocast(device, amp):

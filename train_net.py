@@ -25,9 +25,9 @@ from tqdm import tqdm
 from datasets import (ImageList, Normalize, PipelineError, autocast, bf16_supported, check_images_exist,
                       check_output_path, common_parser, list_split, make_loader, print_args, read_triplet_csv,
                       resolve_device, run_cli, unique_in_order)
-from deep_rank_net import (BACKBONES, COMPILE_CHOICES, TRAINABLE_CHOICES, DeepRank, FrozenRunner, embed_batches,
-                           load_checkpoint, model_from_checkpoint, prepare, save_checkpoint, trainable_parameters,
-                           want_compile)
+from deep_rank_net import (BACKBONES, COMPILE_CHOICES, TRAINABLE_CHOICES, DeepRank, FrozenRunner, PooledFeatures,
+                           build_backbone, embed_batches, load_checkpoint, model_from_checkpoint, prepare,
+                           save_checkpoint, trainable_parameters, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 EPOCHS = 1                 # passes over the triplet CSV
@@ -51,6 +51,8 @@ MINING = "none"            # none: pre-sampled CSV triplets (original) | batch_h
 CLASSES_PER_BATCH = 16     # P of a P x K batch (online mining)
 IMAGES_PER_CLASS = 4       # K of a P x K batch (online mining)
 SOFT_MARGIN = False        # online mining: softplus(d_ap - d_an) instead of the hinge
+DISTILL = 0.0              # weight of the pull toward the pretrained backbone's neighbourhoods (0: off)
+DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distributions (standardised similarities)
 COMPILE = "auto"           # compile the frozen backbone layers: auto (long runs) | on | off
 TRIPLETS = "training_triplet_sample.csv"
 OUT = "deepranknet.model"
@@ -149,6 +151,25 @@ def batch_semihard_loss(emb, labels, margin=MARGIN, distance=DISTANCE, soft=Fals
     loss = _hinge(d_ap[ok], chosen[ok], margin, soft)
     active = (margin + d_ap[ok] - chosen[ok] > 0).sum()
     return loss.mean() if ok.any() else emb.sum() * 0, _stats(d.detach(), pos, neg, active, ok.sum())
+
+
+def neighbour_kl(student, teacher, temperature=DISTILL_TEMPERATURE):
+    """Mean over the batch's rows of KL(P_teacher(.|i) || P_student(.|i)): how far each image's
+    distribution over its batch neighbours has moved from the teacher's. P(j|i) is the softmax
+    over j != i of z_ij / temperature, z_ij the cosine similarity cos(x_i, x_j) standardised over
+    row i (zero mean, unit variance), so only the neighbours' order and relative spacing count,
+    not the scale of either space. Rows of both inputs are unit vectors; at least 3 rows."""
+    n = len(student)
+    eye = torch.eye(n, dtype=torch.bool, device=student.device)
+
+    def log_p(x):
+        sim = (x @ x.T).masked_fill(eye, 0)
+        mean = sim.sum(1, keepdim=True) / (n - 1)
+        var = (sim - mean).masked_fill(eye, 0).pow(2).sum(1, keepdim=True) / (n - 2)
+        z = (sim - mean) / (var + 1e-12).sqrt()
+        return F.log_softmax((z / temperature).masked_fill(eye, -1e4), dim=1)  # exp(-1e4) == 0: never oneself
+
+    return F.kl_div(log_p(student.float()), log_p(teacher.float()), log_target=True, reduction="batchmean")
 
 
 MINERS = {"batch_all": batch_all_loss, "batch_hard": batch_hard_loss, "batch_semihard": batch_semihard_loss}
@@ -293,6 +314,11 @@ def build_parser():
     a("--images_per_class", type=int, default=IMAGES_PER_CLASS, help="K, online mining (default: %(default)s)")
     a("--soft_margin", action="store_true", default=SOFT_MARGIN,
       help="online mining: soft-margin loss softplus(d_ap - d_an) instead of the hinge")
+    a("--distill", type=float, default=DISTILL,
+      help="weight of a second loss that keeps each image's batch neighbours as the pretrained backbone (a frozen "
+           "copy of --weights) ranks them, against overfitting the classes (0: off) (default: %(default)s)")
+    a("--distill_temperature", type=float, default=DISTILL_TEMPERATURE,
+      help="temperature of --distill's neighbour distributions over standardised cosine similarities (default: %(default)s)")
     a("--keep_last", type=int, default=0, help="keep only the last N temp_net<epoch>.model files (0: all)")
     a("--max_steps", type=int, default=0, help="stop each epoch after this many steps (0: all; for smoke tests)")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
@@ -353,6 +379,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
         raise PipelineError("--epochs must be >= 0 (0 writes the initial model), --batch_size >= 1 and --lr > 0")
+    if args.distill < 0 or args.distill_temperature <= 0:
+        raise PipelineError("--distill must be >= 0 and --distill_temperature > 0")
+    if args.distill and args.weights == "none":
+        raise PipelineError("--distill keeps the pretrained backbone's neighbourhoods: it needs --weights imagenet "
+                            "or PATH, not none")
     out = check_output_path(args.out)
     folder = out.resolve().parent
     log_path = folder / f"{out.stem}_log.jsonl"
@@ -394,6 +425,12 @@ def main(argv=None):
         work = batch_images * steps_per_epoch * (args.epochs - start_epoch)
         trunk = FrozenRunner(trunk, batch_images, want_compile(args.compile, work, model.image_size, device))
         print(f"frozen backbone layers: {'compiled' if trunk.compiled else 'eager'}")
+    teacher = None
+    if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
+        features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
+        work = batch_images * steps_per_epoch * (args.epochs - start_epoch)
+        teacher = FrozenRunner(prepare(PooledFeatures(features), device), batch_images,
+                               want_compile(args.compile, work, model.image_size, device))
 
     def embed(images):
         """Embeddings of normalised images: frozen trunk (no autograd), then the trained layers."""
@@ -409,8 +446,8 @@ def main(argv=None):
     train_start = time.perf_counter()
     out_of_time = False
 
-    def batch_loss(batch):
-        """(loss, stats) of one batch: pre-sampled triplets or online mining."""
+    def ranking_loss(batch):
+        """(loss, stats, embeddings, normalised images) of one batch: pre-sampled triplets or online mining."""
         if batch_sampler is None:
             b = batch.shape[0]
             images = normalize(batch.transpose(0, 1).reshape(3 * b, *batch.shape[2:]))  # (3B, 3, S, S): q|p|n
@@ -420,10 +457,24 @@ def main(argv=None):
             if args.distance == "euclidean":
                 d_pos, d_neg = d_pos.sqrt(), d_neg.sqrt()
             return per_triplet.mean(), {"active": int((per_triplet > 0).sum()), "count": b,
-                                        "d_pos": float(d_pos.mean()), "d_neg": float(d_neg.mean())}
+                                        "d_pos": float(d_pos.mean()), "d_neg": float(d_neg.mean())}, \
+                torch.cat([eq, ep, en]), images
         images, labels = batch
-        emb = embed(normalize(images))
-        return MINERS[args.mining](emb, labels.to(device), args.margin, args.distance, args.soft_margin)
+        images = normalize(images)
+        emb = embed(images)
+        loss, stats = MINERS[args.mining](emb, labels.to(device), args.margin, args.distance, args.soft_margin)
+        return loss, stats, emb, images
+
+    def batch_loss(batch):
+        """(loss, stats) of one batch: the ranking loss, plus --distill's neighbourhood term."""
+        loss, stats, emb, images = ranking_loss(batch)
+        if teacher is not None:
+            with autocast(device, amp):
+                target = teacher(images)
+            kl = neighbour_kl(emb, target, args.distill_temperature)
+            loss = loss + args.distill * kl
+            stats["distill"] = float(kl.detach())
+        return loss, stats
 
     model.train()
     for epoch in range(start_epoch, args.epochs):
@@ -437,7 +488,7 @@ def main(argv=None):
             batch_sampler.set_epoch(epoch)
             loader = make_loader(dataset, None, args.num_workers, device, batch_sampler=batch_sampler,
                                  generator=generator)
-        losses, active, count, d_pos, d_neg, images_seen = [], 0, 0, [], [], 0
+        losses, active, count, d_pos, d_neg, distill, images_seen = [], 0, 0, [], [], [], 0
         start = time.perf_counter()
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
                    dynamic_ncols=True, leave=False, disable=None)
@@ -463,6 +514,8 @@ def main(argv=None):
             count += stats["count"]
             d_pos.append(stats["d_pos"])
             d_neg.append(stats["d_neg"])
+            if "distill" in stats:
+                distill.append(stats["distill"])
             images_seen += batch_images if batch_sampler is not None else 3 * len(batch)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}",
                             img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
@@ -477,6 +530,8 @@ def main(argv=None):
                    "mean_neg_distance": float(np.nanmean(d_neg)) if d_neg else None,
                    "seconds": round(elapsed, 2), "images_per_s": round(images_seen / max(elapsed, 1e-9), 2),
                    "lr": optimizer.param_groups[0]["lr"]}
+        if distill:
+            metrics["distill_kl"] = float(np.mean(distill))
         if args.val_triplets:
             metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args)
         temp = folder / f"temp_net{epoch + 1}.model"
@@ -487,6 +542,7 @@ def main(argv=None):
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(json.dumps(metrics) + "\n")
         val = f", val triplet accuracy {100 * metrics['val_triplet_accuracy']:.2f}%" if args.val_triplets else ""
+        val += f", distill KL {metrics['distill_kl']:.4f}" if distill else ""
         print(f"epoch {epoch + 1}/{args.epochs}: loss {metrics['loss']:.4f}, active triplets "
               f"{100 * metrics['active_share']:.1f}%, d(a,p) {metrics['mean_pos_distance']:.3f}, "
               f"d(a,n) {metrics['mean_neg_distance']:.3f}{val}, {metrics['images_per_s']:.1f} img/s, {elapsed:.0f} s")

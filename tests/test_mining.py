@@ -159,3 +159,55 @@ def test_parameter_groups_split_backbone_and_head():
     assert {id(p) for p in model.features.layer4.parameters()} <= {id(p) for p in groups[1]["params"]}
     head_only = train_net.parameter_groups(DeepRank(backbone="resnet18", image_size=32, trainable="head"), 0.01)
     assert len(head_only) == 1
+
+
+def neighbour_kl_by_definition(student, teacher, temperature):
+    """The --distill term computed row by row in float64 numpy."""
+    total = 0.0
+    n = len(student)
+    for i in range(n):
+        rows = []
+        for x in (student, teacher):
+            sim = np.array([float(x[i] @ x[j]) for j in range(n) if j != i])
+            z = (sim - sim.mean()) / sim.std(ddof=1) / temperature
+            rows.append(np.exp(z - z.max()) / np.exp(z - z.max()).sum())
+        q, p = rows
+        total += float((p * np.log(p / q)).sum())
+    return total / n
+
+
+def test_neighbour_kl_matches_its_definition_and_gives_finite_gradients():
+    g = torch.Generator().manual_seed(0)
+    student = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+    teacher = torch.nn.functional.normalize(torch.randn(7, 9, generator=g, dtype=torch.float64), dim=1)
+    student.requires_grad_(True)
+    kl = train_net.neighbour_kl(student, teacher, temperature=0.5)
+    assert float(kl.detach()) == pytest.approx(neighbour_kl_by_definition(student.detach(), teacher, 0.5), rel=1e-4)
+    kl.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # only the neighbours' order and relative spacing count: the same space gives zero
+    assert float(train_net.neighbour_kl(teacher, teacher)) == pytest.approx(0, abs=1e-6)
+
+
+def test_distill_needs_pretrained_weights(prepared_master, tmp_path):
+    with pytest.raises(PipelineError, match="--distill .* needs --weights"):
+        train_net.main(FAST + ["--mining", "batch_all", "--data", str(prepared_master), "--distill", "1",
+                               "--out", str(tmp_path / "m.model")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_path):
+    """--distill with --weights PATH: the teacher is that file's backbone, and the KL term falls."""
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    flags = [f if f != "none" else str(weights) for f in FAST]
+    out = tmp_path / "m.model"
+    assert train_net.main(flags + ["--mining", "batch_all", "--data", str(prepared_master), "--classes_per_batch", "4",
+                                   "--images_per_class", "4", "--epochs", "4", "--optim", "adam", "--lr", "0.001",
+                                   "--trainable", "all", "--margin", "0.5", "--distill", "1", "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "m_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) and row["distill_kl"] >= 0 for row in log)
+    assert log[-1]["distill_kl"] < log[0]["distill_kl"]

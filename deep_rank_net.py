@@ -460,7 +460,8 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, 
 
     loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
     normalize = Normalize(device)
-    forward = FrozenRunner(model if layer == "embedding" else PooledFeatures(unwrap(model).features), batch_size, compile)
+    network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
+    forward = FrozenRunner(network, batch_size, compile)
     for batch in loader:
         batch = normalize(batch)
         with autocast(device, amp):

@@ -318,7 +318,8 @@ def build_parser():
       help="weight of a second loss that keeps each image's batch neighbours as the pretrained backbone (a frozen "
            "copy of --weights) ranks them, against overfitting the classes (0: off) (default: %(default)s)")
     a("--distill_temperature", type=float, default=DISTILL_TEMPERATURE,
-      help="temperature of --distill's neighbour distributions over standardised cosine similarities (default: %(default)s)")
+      help="temperature of --distill's neighbour distributions over standardised cosine similarities "
+           "(default: %(default)s)")
     a("--keep_last", type=int, default=0, help="keep only the last N temp_net<epoch>.model files (0: all)")
     a("--max_steps", type=int, default=0, help="stop each epoch after this many steps (0: all; for smoke tests)")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
@@ -421,14 +422,13 @@ def main(argv=None):
     budget = args.max_minutes * 60
     normalize = Normalize(device)
     trunk, tail = model.frozen_split()
+    work = batch_images * steps_per_epoch * (args.epochs - start_epoch)  # images through the network
     if trunk is not None:  # frozen layers: no autograd, and compiled with their weights as constants
-        work = batch_images * steps_per_epoch * (args.epochs - start_epoch)
         trunk = FrozenRunner(trunk, batch_images, want_compile(args.compile, work, model.image_size, device))
         print(f"frozen backbone layers: {'compiled' if trunk.compiled else 'eager'}")
     teacher = None
     if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
         features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
-        work = batch_images * steps_per_epoch * (args.epochs - start_epoch)
         teacher = FrozenRunner(prepare(PooledFeatures(features), device), batch_images,
                                want_compile(args.compile, work, model.image_size, device))
 

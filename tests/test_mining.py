@@ -211,3 +211,13 @@ def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_pa
     log = [json.loads(line) for line in (tmp_path / "m_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["loss"]) and row["distill_kl"] >= 0 for row in log)
     assert log[-1]["distill_kl"] < log[0]["distill_kl"]
+    # pre-sampled CSV triplets: the teacher sees the same query | positive | negative batch
+    import triplet_sampler
+
+    csv = tmp_path / "train.csv"
+    (tmp_path / "csv").mkdir()
+    triplet_sampler.main(["--data", str(prepared_master), "--training", "1", "--out", str(csv)])
+    assert train_net.main(flags + ["--triplets", str(csv), "--batch_size", "8", "--max_steps", "2", "--distill",
+                                   "1", "--out", str(tmp_path / "csv" / "m.model")]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "csv" / "m_log.jsonl").read_text().splitlines()]
+    assert math.isfinite(row["loss"]) and row["distill_kl"] > 0

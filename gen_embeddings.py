@@ -18,38 +18,36 @@ import sys
 import tempfile
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from datasets import (EmbeddingWriter, PipelineError, check_images_exist, check_output_path, class_of,
-                      common_parser, list_split, print_args, read_triplet_csv, resolve_device, run_cli,
-                      unique_in_order)
-from deep_rank_net import COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, embed_batches, load_model, prepare, want_compile
+from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
+                    check_output_path, data_flag, device_flag, print_args, run_cli, workers_flag)
+from datasets import check_images_exist, class_of, list_split, read_triplet_csv, triplet_rows, unique_in_order
+from deep_rank_net import load_model
+from embedding_io import EmbeddingWriter
+from metrics import triplet_accuracy
+from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, embed_batches, prepare, resolve_device,
+                     want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
-MODEL = "deepranknet.model"
 BATCH_SIZE = 64                 # images per forward pass
-TRAIN_TRIPLETS = "training_triplet_sample.csv"
-TEST_TRIPLETS = "val_triplet_sample.csv"
-TRAIN_OUT = "train_embedding.txt"
-TEST_OUT = "test_embedding.txt"
-COMPILE = "auto"                # compile the network with frozen weights: auto (large jobs) | on | off
 TTA = "none"                    # test-time augmentation: none | flip (image + mirror image, 2 passes)
 # ----------------------------------------------------------------
 
 
 def build_parser():
     """gen_embeddings.py's flags; constants above are their defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser(data_default=None)],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(default=None), device_flag(),
+                                                                   workers_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--model", default=MODEL, help="checkpoint from train_net.py (default: %(default)s)")
     a("--train_triplets", default=TRAIN_TRIPLETS, help="train triplet CSV (default: %(default)s)")
-    a("--test_triplets", default=TEST_TRIPLETS, help="test triplet CSV (default: %(default)s)")
+    a("--test_triplets", default=VAL_TRIPLETS, help="test triplet CSV (default: %(default)s)")
     a("--split", default="both", choices=("train", "val", "both"),
       help="with --data: embed every image of train/, val/ or both instead of the CSVs' (default: %(default)s)")
-    a("--train_out", default=TRAIN_OUT, help="train embedding file (default: %(default)s)")
-    a("--test_out", default=TEST_OUT, help="test embedding file (default: %(default)s)")
+    a("--train_out", default=TRAIN_EMBEDDINGS, help="train embedding file (default: %(default)s)")
+    a("--test_out", default=TEST_EMBEDDINGS, help="test embedding file (default: %(default)s)")
     a("--batch_size", type=int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
     a("--layer", default="embedding", choices=("embedding", "backbone"),
       help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
@@ -59,8 +57,8 @@ def build_parser():
            "sum (two forward passes) (default: %(default)s)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
-      help="torch.compile the network with its weights frozen (about 3x on a CPU with AMX, ~20 s to compile); "
-           "auto: when there are enough images (default: %(default)s)")
+      help="torch.compile the network with its weights frozen; auto: when there are enough images to repay "
+           "compiling (default: %(default)s)")
     return parser
 
 
@@ -144,20 +142,16 @@ def main(argv=None):
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model)
     plans = plan_outputs(args)
-    print("gen_embeddings.py arguments:")
-    print_args(args)
+    print_args("gen_embeddings.py", args)
     model = prepare(model, device)
-    torch.manual_seed(args.seed)
 
     source = (os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
               + (f" tta={args.tta}" if args.tta != "none" else ""))
     vectors, row = embed_to_files(model, plans, device, args, source)
-    from eval import triplet_accuracy
-
     for (out, paths, columns), name in zip(plans, ("train", "test")):
         print(f"wrote {len(paths)} embeddings to {out}")
         if columns is not None:
-            index = [np.array([row[x] for x in column]) for column in columns]
+            index = triplet_rows(columns, row, out, "was not embedded")
             accuracy = triplet_accuracy(vectors, *index)
             print(f"{name} triplets ranked correctly (similarity precision): {100 * accuracy:.2f}% "
                   f"of {len(index[0])}")

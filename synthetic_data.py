@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import PipelineError, run_cli
+from common import PipelineError, print_args, run_cli
 
 # ---------------------------------------------------------------- hyperparameters
 CLASSES = 6            # number of classes (at most len(SHAPES) * len(TEXTURES))
@@ -169,6 +169,7 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=IMAGE_SIZE, help="pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
+    print_args("synthetic_data.py", args)
     out = generate(args.out, args.classes, args.train_per_class, args.val_per_class, args.test_images,
                    args.seed, args.image_size)
     print(f"wrote {args.classes} classes x ({args.train_per_class} train + {args.val_per_class} val) images "

@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from datasets import PipelineError, common_parser, is_image, read_wnids, run_cli, split_root
+from common import PipelineError, data_flag, print_args, run_cli
+from datasets import is_image, read_wnids, split_root
 
 MAX_LISTED = 10  # problems listed by name; the rest are counted
 
@@ -80,9 +81,10 @@ def _report(title, items):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    print_args("transform_validation.py", args)
     val_root = split_root(args.data, "val")
     wnids = set(read_wnids(val_root.parent))
     annotations = read_annotations(val_root / "val_annotations.txt", wnids)

@@ -4,9 +4,8 @@ Reads <data>/train/ (--training 1) or <data>/val/ (--training 0, after
 transform_validation.py); writes a CSV with header query,positive,negative. For every
 image of every class (the query) it draws NUM_POS_IMAGES distinct positives of the same
 class (never the query itself) and, for each positive, NUM_NEG_IMAGES distinct negatives
-from the other classes, as the original project did. Vectorised with numpy: the full
-TinyImageNet train split (100,000 images, N = M = 2) takes seconds. Paths in the CSV are
-relative to the CSV's own folder.
+from the other classes, as the original project did, vectorised with numpy (no loop per
+triplet, no quadratic search). Paths in the CSV are relative to the CSV's own folder.
 
     python triplet_sampler.py --training 1 --num_pos_images 1 --num_neg_images 1
 """
@@ -17,14 +16,13 @@ import time
 
 import numpy as np
 
-from datasets import (PipelineError, atomic_write, check_output_path, common_parser, list_split,
-                      relative_to_file, run_cli)
+from common import (TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, check_output_path, data_flag, print_args, run_cli,
+                    seed_flag)
+from datasets import list_split, write_triplet_csv
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image
 NUM_NEG_IMAGES = 1   # negatives per (query, positive) pair
-TRAIN_OUT = "training_triplet_sample.csv"  # default output for --training 1
-VAL_OUT = "val_triplet_sample.csv"         # default output for --training 0
 # ----------------------------------------------------------------
 
 
@@ -101,22 +99,8 @@ def sample_triplets(labels, num_pos, num_neg, seed=0):
     return triplets, short
 
 
-def write_triplet_csv(path, paths, triplets):
-    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder."""
-    relative = np.array([relative_to_file(p, path) for p in paths], dtype=object)
-    if any(("," in p or '"' in p or "\n" in p) for p in relative):
-        raise PipelineError("an image path contains a comma, quote or newline; rename it for a CSV")
-    rows = relative[triplets]  # (T, 3) of str
-    with atomic_write(path, newline="") as handle:
-        handle.write("query,positive,negative\n")
-        chunk = 100_000
-        for start in range(0, len(rows), chunk):
-            block = rows[start:start + chunk]
-            handle.write("".join(f"{q},{p},{n}\n" for q, p, n in block.tolist()))
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(), seed_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training", type=int, choices=(0, 1), default=1,
                         help="1: sample train/ into training_triplet_sample.csv; 0: val/ into "
@@ -126,9 +110,10 @@ def main(argv=None):
     parser.add_argument("--num_neg_images", type=int, default=NUM_NEG_IMAGES,
                         help="negatives per (query, positive) pair (default: %(default)s)")
     parser.add_argument("--out", default=None,
-                        help=f"output CSV (default: {TRAIN_OUT} or {VAL_OUT} by --training)")
+                        help=f"output CSV (default: {TRAIN_TRIPLETS} or {VAL_TRIPLETS} by --training)")
     args = parser.parse_args(argv)
-    out = args.out or (TRAIN_OUT if args.training else VAL_OUT)
+    print_args("triplet_sampler.py", args)
+    out = args.out or (TRAIN_TRIPLETS if args.training else VAL_TRIPLETS)
     check_output_path(out)
     split = "train" if args.training else "val"
 

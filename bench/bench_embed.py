@@ -40,8 +40,10 @@ import gen_embeddings  # noqa: E402
 import synthetic_data  # noqa: E402
 import transform_validation  # noqa: E402
 import triplet_sampler  # noqa: E402
-from datasets import Normalize, autocast, read_triplet_csv, unique_in_order  # noqa: E402
-from deep_rank_net import DeepRank, FrozenRunner, prepare, save_checkpoint  # noqa: E402
+from datasets import read_triplet_csv, unique_in_order  # noqa: E402
+from deep_rank_net import DeepRank, save_checkpoint  # noqa: E402
+from loaders import Normalize  # noqa: E402
+from runtime import FrozenRunner, autocast, prepare  # noqa: E402
 
 
 def make_data(root, images, classes=8):

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import eval as evaluation  # noqa: E402
-from datasets import EmbeddingWriter, read_embeddings  # noqa: E402
+import metrics  # noqa: E402
+from embedding_io import EmbeddingWriter, read_embeddings  # noqa: E402
 
 
 def write_files(folder, count, dim, classes, name, seed):
@@ -92,7 +93,7 @@ def reference(train_txt, test_txt, k, timings):
     index = NearestNeighbors(n_neighbors=depth, algorithm="brute").fit(train)
     _, idx = index.kneighbors(test)
     timings["reference_knn_s"] = round(time.perf_counter() - start, 1)
-    return evaluation.retrieval_metrics(ref_codes[idx], query_codes, r_counts, k)
+    return metrics.retrieval_metrics(ref_codes[idx], query_codes, r_counts, k)
 
 
 def matmul_rate(dim, refs, chunk_rows):
@@ -146,16 +147,16 @@ def main(argv=None):
         result["npy_load_s"] = round(statistics.median(npy), 2)
 
         train, test = read_embeddings(train_npy), read_embeddings(test_npy)
-        chunk = max(1, evaluation.CHUNK_ELEMENTS // args.train)
+        chunk = max(1, metrics.CHUNK_ELEMENTS // args.train)
         result["matmul_gflop_s"] = round(matmul_rate(args.dim, args.train, chunk), 1)
         start = time.perf_counter()
-        evaluation.knn(test.vectors, train.vectors, args.k)
+        metrics.knn(test.vectors, train.vectors, args.k)
         knn_s = time.perf_counter() - start
         result["knn_s"] = round(knn_s, 2)
         result["knn_gflop_s"] = round(2 * args.test * args.train * args.dim / knn_s / 1e9, 1)
         result["knn_share_of_matmul"] = round(result["knn_gflop_s"] / result["matmul_gflop_s"], 3)
         start = time.perf_counter()
-        evaluation.knn(test.vectors, train.vectors, args.k, precision="bf16")
+        metrics.knn(test.vectors, train.vectors, args.k, precision="bf16")
         result["knn_bf16_s"] = round(time.perf_counter() - start, 2)
         del train, test
 

@@ -1,19 +1,28 @@
-"""Shared fixtures: the synthetic dataset (generated once per session, copied per test) and
-the real TinyImageNet sample from ../shared, copied to a temp folder (never modified)."""
+"""Shared test helpers: the synthetic dataset (generated once per session, copied per test),
+the real TinyImageNet sample from ../shared (copied to a temp folder, never modified), triplet
+CSVs of the synthetic set, the small-model flags every training test uses, and log reading.
+(pytest.ini's pythonpath puts the project root on sys.path.)"""
 
+import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+import synthetic_data
+import transform_validation
+import triplet_sampler
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import synthetic_data  # noqa: E402
-import transform_validation  # noqa: E402
-
 MINI = ROOT.parent / "shared" / "data" / "tiny-imagenet-mini"
+# a small, fast model for every training test: resnet18 from random init at 32 px
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "32",
+        "--num_workers", "0"]
+
+
+def read_log(path):
+    """The per-epoch JSON lines of a training log."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +53,13 @@ def mini_copy(tmp_path):
     if not MINI.is_dir():
         pytest.skip(f"{MINI} is not present (it sits beside the checkout in this project's workplace)")
     return Path(shutil.copytree(MINI, tmp_path / "tiny-imagenet-mini"))
+
+
+@pytest.fixture
+def triplets(prepared_master, tmp_path):
+    """Train (N = M = 2) and val (N = M = 1) triplet CSVs of the synthetic dataset."""
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    assert triplet_sampler.main(["--data", str(prepared_master), "--training", "1", "--num_pos_images", "2",
+                                 "--num_neg_images", "2", "--out", str(train)]) == 0
+    assert triplet_sampler.main(["--data", str(prepared_master), "--training", "0", "--out", str(val)]) == 0
+    return train, val

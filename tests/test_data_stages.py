@@ -13,7 +13,8 @@ import pytest
 import synthetic_data
 import transform_validation
 import triplet_sampler
-from datasets import PipelineError, class_of, list_split, read_triplet_csv
+from common import PipelineError
+from datasets import class_of, list_split, read_triplet_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

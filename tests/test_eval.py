@@ -1,4 +1,4 @@
-"""eval.py's metrics and kNN, and the embedding file format."""
+"""The metrics and kNN (metrics.py), eval.py, and the embedding file format (embedding_io.py)."""
 
 import math
 
@@ -8,7 +8,9 @@ import torch
 
 import eval as evaluation
 import fastparse
-from datasets import Embeddings, EmbeddingWriter, PipelineError, read_embeddings
+import metrics
+from common import PipelineError
+from embedding_io import Embeddings, EmbeddingWriter, read_embeddings
 
 
 def emb(paths, labels, vectors):
@@ -21,7 +23,7 @@ REFS = emb([f"/r/{i}.jpg" for i in range(5)], ["a", "a", "b", "b", "a"], [[0.0],
 
 def test_metrics_by_hand():
     queries = emb(["/q/0.jpg", "/q/1.jpg"], ["a", "b"], [[0.4], [2.6]])
-    m = evaluation.knn_scores(REFS, queries, k=2)
+    m = metrics.knn_scores(REFS, queries, k=2)
     # query a: neighbours a a b b a, R = 3; query b: b b a a a, R = 2
     assert m["score_at_k"] == 1.0 and m["precision_at_1"] == 1.0 and m["precision_at_k"] == 1.0
     assert m["r_precision"] == pytest.approx((2 / 3 + 1) / 2)
@@ -30,14 +32,14 @@ def test_metrics_by_hand():
 
 def test_ties_go_to_the_earlier_reference():
     # 1.5 is 0.25 from refs 1 (a) and 2 (b), 2.25 from refs 0 (a) and 3 (b): order 1 2 0 3 4
-    m = evaluation.knn_scores(REFS, emb(["/q.jpg"], ["a"], [[1.5]]), k=2)
+    m = metrics.knn_scores(REFS, emb(["/q.jpg"], ["a"], [[1.5]]), k=2)
     assert m["precision_at_1"] == 1.0 and m["precision_at_k"] == 0.5
     assert m["r_precision"] == pytest.approx(2 / 3)
     assert m["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
-    _, idx = evaluation.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 5)
+    _, idx = metrics.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 5)
     assert idx.tolist() == [[1, 2, 0, 3, 4]]
     # a tie straddling the k-th place: refs 1 and 2 tie for 1st; k = 1 keeps ref 1
-    _, idx = evaluation.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 1)
+    _, idx = metrics.knn(torch.tensor([[1.5]]), torch.tensor(REFS.vectors), 1)
     assert idx.tolist() == [[1]]
 
 
@@ -45,30 +47,30 @@ def test_topk_orders_ties_by_column_like_a_stable_sort():
     d = torch.from_numpy(np.random.default_rng(5).integers(0, 4, size=(30, 40)).astype(np.float32))
     full = np.argsort(d.numpy(), axis=1, kind="stable")  # by distance, then column
     for k in (1, 2, 9, 39, 40):
-        vals, idx = evaluation._stable_topk(d.clone(), k)
+        vals, idx = metrics._stable_topk(d.clone(), k)
         assert np.array_equal(idx.numpy(), full[:, :k])
         assert np.array_equal(vals.numpy(), np.take_along_axis(d.numpy(), full[:, :k], 1))
 
 
 def test_query_in_reference_set_never_retrieves_itself():
-    m = evaluation.knn_scores(REFS, emb(["/r/0.jpg"], ["a"], [[0.0]]), k=1)
+    m = metrics.knn_scores(REFS, emb(["/r/0.jpg"], ["a"], [[0.0]]), k=1)
     # without itself: 1 (a), 2 (b), 3 (b), 4 (a); R = 2
     assert m["precision_at_1"] == 1.0
     assert m["r_precision"] == pytest.approx(0.5)
     assert m["map_at_r"] == pytest.approx(0.5)
-    same = evaluation.knn_scores(REFS, REFS, k=1)
+    same = metrics.knn_scores(REFS, REFS, k=1)
     assert same["precision_at_1"] == pytest.approx(3 / 5)  # 0->1 a, 1->0 a, 2->1|3 b, 3->2 b, 4->3 b
     assert same["queries"] == 5
 
 
 def test_query_of_a_class_absent_from_references():
-    m = evaluation.knn_scores(REFS, emb(["/q.jpg", "/p.jpg"], ["z", "a"], [[0.0], [0.1]]), k=1)
+    m = metrics.knn_scores(REFS, emb(["/q.jpg", "/p.jpg"], ["z", "a"], [[0.0], [0.1]]), k=1)
     assert m["precision_at_1"] == 0.5 and m["score_at_k"] == 0.5
     assert m["r_precision"] == pytest.approx(2 / 3)  # only query a counts (R = 3); z has R = 0
 
 
 def test_retrieval_metrics_pure():
-    out = evaluation.retrieval_metrics([[1, 0, 1, 1], [0, 0, 0, 0]], [1, 1], [3, 1], k=2)
+    out = metrics.retrieval_metrics([[1, 0, 1, 1], [0, 0, 0, 0]], [1, 1], [3, 1], k=2)
     assert out["score_at_k"] == 0.5 and out["precision_at_1"] == 0.5 and out["precision_at_k"] == 0.25
     assert out["r_precision"] == pytest.approx((2 / 3 + 0) / 2)
     assert out["map_at_r"] == pytest.approx(((1 + 2 / 3) / 3 + 0) / 2)
@@ -77,8 +79,8 @@ def test_retrieval_metrics_pure():
 def test_triplet_accuracy_by_hand():
     vectors = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
     # (0,1,2): 1 < 9 right; (0,2,1): wrong; (0,1,3): 1 == 1 is a tie, counted wrong
-    assert evaluation.triplet_accuracy(vectors, [0, 0, 0], [1, 2, 1], [2, 1, 3]) == pytest.approx(1 / 3)
-    assert evaluation.triplet_accuracy(vectors, [0, 0], [1, 1], [2, 2], chunk=1) == 1.0
+    assert metrics.triplet_accuracy(vectors, [0, 0, 0], [1, 2, 1], [2, 1, 3]) == pytest.approx(1 / 3)
+    assert metrics.triplet_accuracy(vectors, [0, 0], [1, 1], [2, 2], chunk=1) == 1.0
 
 
 def test_chunked_knn_equals_brute_force():
@@ -86,7 +88,7 @@ def test_chunked_knn_equals_brute_force():
     refs, queries = rng.normal(size=(301, 8)), rng.normal(size=(37, 8))
     exclude = np.full(37, -1)
     exclude[[3, 10]] = [5, 7]
-    d, idx = evaluation.knn(queries, refs, 20, exclude=exclude, chunk_elements=1000)
+    d, idx = metrics.knn(queries, refs, 20, exclude=exclude, chunk_elements=1000)
     brute = ((queries[:, None, :] - refs[None, :, :]) ** 2).sum(-1)
     brute[3, 5] = brute[10, 7] = np.inf
     expected = np.argsort(brute, axis=1, kind="stable")[:, :20]
@@ -229,14 +231,14 @@ def test_bf16_knn_finds_the_same_neighbours_when_gaps_are_clear():
     rng = np.random.default_rng(3)
     refs = rng.normal(size=(300, 64)).astype(np.float32)
     queries = refs[::7] + 0.01 * rng.normal(size=(43, 64)).astype(np.float32)  # each query near one ref
-    exact_d, exact_i = evaluation.knn(queries, refs, 1)
-    fast_d, fast_i = evaluation.knn(queries, refs, 1, precision="bf16")
+    exact_d, exact_i = metrics.knn(queries, refs, 1)
+    fast_d, fast_i = metrics.knn(queries, refs, 1, precision="bf16")
     assert np.array_equal(exact_i.numpy()[:, 0], np.arange(0, 300, 7))
     assert np.array_equal(fast_i.numpy(), exact_i.numpy())
     assert np.allclose(fast_d.numpy(), exact_d.numpy(), atol=0.5)  # ~1e-2 of |q|^2 ~ 64
     assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # restored afterwards
     with pytest.raises(PipelineError, match="fp32 or bf16"):
-        evaluation.knn(queries, refs, 1, precision="fp16")
+        metrics.knn(queries, refs, 1, precision="fp16")
 
 
 def test_paths_with_spaces_round_trip(tmp_path):

@@ -1,6 +1,5 @@
 """Online triplet mining: each miner against brute-force enumeration, the P x K sampler, a short run."""
 
-import json
 import math
 from collections import Counter
 
@@ -8,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import losses
 import train_net
-from datasets import PipelineError
-
-FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "32",
-        "--num_workers", "0"]
+import triplet_sampler
+from common import PipelineError
+from conftest import FAST, read_log
+from loaders import PKBatchSampler
 
 
 def random_batch(seed, classes=3, per_class=3, dim=5):
@@ -66,7 +66,7 @@ def brute(emb, labels, kind, margin, distance, soft):
 def test_miner_matches_brute_force(kind, distance, soft, seed):
     emb, labels = random_batch(seed)
     margin = 0.5 if distance == "euclidean" else 2.0
-    loss, stats = train_net.MINERS[kind](emb, labels, margin, distance, soft)
+    loss, stats = losses.ranking_loss(emb, labels, kind, margin, distance, soft)
     expected, active, count = brute(emb, labels, kind, margin, distance, soft)
     assert float(loss) == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert stats["active"] == active and stats["count"] == count
@@ -75,18 +75,31 @@ def test_miner_matches_brute_force(kind, distance, soft, seed):
 def test_miners_give_gradients_and_zero_loss_when_separated():
     emb = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.0, 5.1]], requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
-    for kind, miner in train_net.MINERS.items():
-        loss, stats = miner(emb, labels, margin=1.0, distance="euclidean")
+    for kind in losses.MINERS:
+        loss, stats = losses.ranking_loss(emb, labels, kind, margin=1.0, distance="euclidean")
         assert loss.item() == 0.0 and stats["active"] == 0, kind
-        loss, _ = miner(emb, labels, margin=100.0, distance="euclidean")
+        loss, _ = losses.ranking_loss(emb, labels, kind, margin=100.0, distance="euclidean")
         loss.backward()
         assert emb.grad is not None and emb.grad.abs().sum() > 0
         emb.grad = None
 
 
+def test_miners_return_valid_triplets():
+    """Every (a, p, n) a miner returns has label[a] == label[p] != label[n] and a != p."""
+    emb, labels = random_batch(3, classes=4, per_class=3)
+    d = losses.distance_matrix(emb, "euclidean")
+    for kind, miner in losses.MINERS.items():
+        a, p, n = miner(d, labels)
+        assert len(a) > 0, kind
+        assert (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all() and (a != p).all(), kind
+    assert len(losses.all_triplets(d, labels)[0]) == 12 * 2 * 9  # every anchor: 2 positives x 9 negatives
+    assert len(losses.hard_triplets(d, labels)[0]) == 12  # one per anchor
+    assert len(losses.semihard_triplets(d, labels)[0]) == 12 * 2  # one per positive pair
+
+
 def test_pk_sampler_invariants():
     labels = ["a"] * 10 + ["b"] * 6 + ["c"] * 3 + ["d"] * 1 + ["e"] * 8
-    sampler = train_net.PKBatchSampler(labels, classes_per_batch=3, images_per_class=4, seed=0)
+    sampler = PKBatchSampler(labels, classes_per_batch=3, images_per_class=4, seed=0)
     assert len(sampler) == len(labels) // 12
     for epoch in range(5):
         sampler.set_epoch(epoch)
@@ -111,9 +124,9 @@ def test_pk_sampler_invariants():
 
 def test_pk_sampler_refuses_impossible_batches():
     with pytest.raises(PipelineError, match="classes_per_batch"):
-        train_net.PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=3, images_per_class=2)
+        PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=3, images_per_class=2)
     with pytest.raises(PipelineError, match="images_per_class"):
-        train_net.PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=2, images_per_class=1)
+        PKBatchSampler(["a"] * 5 + ["b"] * 5, classes_per_batch=2, images_per_class=1)
 
 
 @pytest.mark.parametrize("kind", ["batch_hard", "batch_semihard", "batch_all"])
@@ -122,7 +135,7 @@ def test_online_mining_run_lowers_the_loss(prepared_master, tmp_path, kind):
     assert train_net.main(FAST + ["--mining", kind, "--data", str(prepared_master), "--classes_per_batch", "4",
                                   "--images_per_class", "4", "--epochs", "6", "--optim", "adam", "--lr", "0.001",
                                   "--trainable", "all", "--margin", "0.5", "--out", str(out)]) == 0
-    log = [json.loads(line) for line in (tmp_path / "m_log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m_log.jsonl")
     assert len(log) == 6
     assert np.mean([row["loss"] for row in log[-2:]]) < np.mean([row["loss"] for row in log[:2]])
     for row in log:
@@ -130,15 +143,15 @@ def test_online_mining_run_lowers_the_loss(prepared_master, tmp_path, kind):
         assert row["mean_pos_distance"] > 0 and row["mean_neg_distance"] > 0
 
 
-def test_collapse_is_warned(prepared_master, tmp_path, monkeypatch, capsys):
-    def collapsed(emb, labels, *args):
-        return emb.sum() * 0, {"active": 0, "count": 1, "d_pos": 0.0, "d_neg": 0.0}
-
-    monkeypatch.setitem(train_net.MINERS, "batch_hard", collapsed)
-    train_net.main(FAST + ["--mining", "batch_hard", "--data", str(prepared_master), "--classes_per_batch", "2",
-                           "--images_per_class", "2", "--epochs", "1", "--max_steps", "1",
-                           "--out", str(tmp_path / "m.model")])
+def test_collapse_is_warned(capsys):
+    epoch = train_net.EpochStats()
+    epoch.add(0.0, {"active": 0, "count": 16, "d_pos": 0.0, "d_neg": 1e-4}, images=16)
+    row = epoch.row(1, 0.001)
+    assert train_net.collapsed(row) and row["zero_loss_share"] == 1.0
+    train_net.report_epoch(row, total_epochs=1)
     assert "collapsed" in capsys.readouterr().err
+    epoch.add(0.5, {"active": 8, "count": 16, "d_pos": 0.2, "d_neg": 0.9}, images=16)
+    assert not train_net.collapsed(epoch.row(1, 0.001))
 
 
 def test_epochs_zero_writes_the_initial_model(prepared_master, tmp_path):
@@ -181,12 +194,12 @@ def test_neighbour_kl_matches_its_definition_and_gives_finite_gradients():
     student = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
     teacher = torch.nn.functional.normalize(torch.randn(7, 9, generator=g, dtype=torch.float64), dim=1)
     student.requires_grad_(True)
-    kl = train_net.neighbour_kl(student, teacher, temperature=0.5)
+    kl = losses.neighbour_kl(student, teacher, temperature=0.5)
     assert float(kl.detach()) == pytest.approx(neighbour_kl_by_definition(student.detach(), teacher, 0.5), rel=1e-4)
     kl.backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
     # only the neighbours' order and relative spacing count: the same space gives zero
-    assert float(train_net.neighbour_kl(teacher, teacher)) == pytest.approx(0, abs=1e-6)
+    assert float(losses.neighbour_kl(teacher, teacher, 0.5)) == pytest.approx(0, abs=1e-6)
 
 
 def test_distill_needs_pretrained_weights(prepared_master, tmp_path):
@@ -208,16 +221,14 @@ def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_pa
     assert train_net.main(flags + ["--mining", "batch_all", "--data", str(prepared_master), "--classes_per_batch", "4",
                                    "--images_per_class", "4", "--epochs", "4", "--optim", "adam", "--lr", "0.001",
                                    "--trainable", "all", "--margin", "0.5", "--distill", "1", "--out", str(out)]) == 0
-    log = [json.loads(line) for line in (tmp_path / "m_log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m_log.jsonl")
     assert all(math.isfinite(row["loss"]) and row["distill_kl"] >= 0 for row in log)
     assert log[-1]["distill_kl"] < log[0]["distill_kl"]
     # pre-sampled CSV triplets: the teacher sees the same query | positive | negative batch
-    import triplet_sampler
-
     csv = tmp_path / "train.csv"
     (tmp_path / "csv").mkdir()
     triplet_sampler.main(["--data", str(prepared_master), "--training", "1", "--out", str(csv)])
     assert train_net.main(flags + ["--triplets", str(csv), "--batch_size", "8", "--max_steps", "2", "--distill",
                                    "1", "--out", str(tmp_path / "csv" / "m.model")]) == 0
-    (row,) = [json.loads(line) for line in (tmp_path / "csv" / "m_log.jsonl").read_text().splitlines()]
+    (row,) = read_log(tmp_path / "csv" / "m_log.jsonl")
     assert math.isfinite(row["loss"]) and row["distill_kl"] > 0

@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 import deep_rank_net
-from datasets import PipelineError
+import runtime
+from common import PipelineError
 from deep_rank_net import DeepRank, branch_dims, load_model, save_checkpoint, trainable_parameters
 
 
@@ -181,6 +182,17 @@ def test_frozen_split_reproduces_the_backbone(which):
         assert not any(m.training for m in trunk.modules())  # frozen BatchNorm keeps its statistics
 
 
+def test_last_stage_is_what_conv5_trains_and_where_the_split_falls():
+    """One adapter per backbone family decides the last stage: conv5 trains exactly it, and the
+    frozen trunk is everything before it."""
+    model = small(trainable="conv5")
+    trained = {id(p) for p in model.features.parameters() if p.requires_grad}
+    assert trained == {id(p) for p in model.features.layer4.parameters()}
+    trunk, _ = model.frozen_split()
+    assert not trained & {id(p) for p in trunk.parameters()}
+    assert {id(p) for p in trunk.parameters()} | trained == {id(p) for p in model.features.parameters()}
+
+
 def test_frozen_split_of_efficientnet_lite():
     pytest.importorskip("efficientnet_lite_pytorch")
     model = small(backbone="efficientnet_lite0", image_size=64).train()
@@ -196,19 +208,19 @@ def test_frozen_split_of_efficientnet_lite():
 
 def test_want_compile():
     cpu = torch.device("cpu")
-    assert deep_rank_net.want_compile("off", 10 ** 9, 224, cpu) is False
-    assert deep_rank_net.want_compile("on", 1, 32, cpu) is True
-    assert deep_rank_net.want_compile("auto", 100, 224, cpu) is False  # too little work to repay compiling
-    assert deep_rank_net.want_compile("auto", 10 ** 6, 224, cpu) == deep_rank_net.compiler_available(cpu)
+    assert runtime.want_compile("off", 10 ** 9, 224, cpu) is False
+    assert runtime.want_compile("on", 1, 32, cpu) is True
+    assert runtime.want_compile("auto", 100, 224, cpu) is False  # too little work to repay compiling
+    assert runtime.want_compile("auto", 10 ** 6, 224, cpu) == runtime.compiler_available(cpu)
     with pytest.raises(PipelineError, match="--compile"):
-        deep_rank_net.want_compile("maybe", 1, 32, cpu)
+        runtime.want_compile("maybe", 1, 32, cpu)
 
 
 def test_compiled_runner_matches_eager_for_any_batch_size():
-    if not deep_rank_net.compiler_available(torch.device("cpu")):
+    if not runtime.compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     model = small().eval()
-    runner = deep_rank_net.FrozenRunner(model, batch_size=4, compile=True)
+    runner = runtime.FrozenRunner(model, batch_size=4, compile=True)
     x = torch.randn(9, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -237,10 +249,10 @@ def test_flip_tta_is_mirror_invariant(tmp_path):
     Image.fromarray(pixels[:, ::-1].copy()).save(paths[1])
     model = small().eval()
     cpu = torch.device("cpu")
-    plain = torch.cat(list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, amp=False)))
-    flip = torch.cat(list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, amp=False, tta="flip")))
+    plain = torch.cat(list(runtime.embed_batches(model, paths, cpu, num_workers=0, amp=False)))
+    flip = torch.cat(list(runtime.embed_batches(model, paths, cpu, num_workers=0, amp=False, tta="flip")))
     assert not torch.allclose(plain[0], plain[1], atol=1e-3)
     assert torch.allclose(flip[0], flip[1], atol=1e-5)
     assert torch.allclose(flip, deep_rank_net.l2n(plain + plain.flip(0)), atol=1e-5)
     with pytest.raises(PipelineError, match="--tta"):
-        list(deep_rank_net.embed_batches(model, paths, cpu, num_workers=0, tta="rotate"))
+        list(runtime.embed_batches(model, paths, cpu, num_workers=0, tta="rotate"))

@@ -1,44 +1,36 @@
 """train_net.py: loss, schedule, training, resume and its error cases."""
 
-import json
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+import losses
 import train_net
-import triplet_sampler
-from datasets import PipelineError, resolve_device
+from common import PipelineError
+from conftest import FAST as SMALL
+from conftest import read_log
 from deep_rank_net import DeepRank, load_model, save_checkpoint
+from runtime import compiler_available, resolve_device
 
-FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "32",
-        "--num_workers", "0", "--batch_size", "16"]
-
-
-@pytest.fixture
-def triplets(prepared_master, tmp_path):
-    """Train and val triplet CSVs of the synthetic dataset."""
-    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
-    triplet_sampler.main(["--data", str(prepared_master), "--training", "1", "--num_pos_images", "2",
-                          "--num_neg_images", "2", "--out", str(train)])
-    triplet_sampler.main(["--data", str(prepared_master), "--training", "0", "--out", str(val)])
-    return train, val
+FAST = SMALL + ["--batch_size", "16"]
 
 
-def read_log(path):
-    """The per-epoch JSON lines of a training log."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_triplet_hinge_by_hand():
+def test_csv_batch_loss_by_hand():
+    """A CSV batch is its queries, then positives, then negatives: a, p, n = 0..B, B..2B, 2B..3B."""
     q = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     p = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
     n = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
-    sq = train_net.triplet_hinge(q, p, n, margin=1.0, distance="squared")
-    assert torch.allclose(sq, torch.tensor([0.0, 1.0 + 9.0 - 1.0]))
-    eu = train_net.triplet_hinge(q, p, n, margin=1.0, distance="euclidean")
-    assert torch.allclose(eu, torch.tensor([0.0, 1.0 + 3.0 - 1.0]), atol=1e-5)
+    emb = torch.cat([q, p, n])
+    loss, stats = losses.ranking_loss(emb, None, "none", margin=1.0, distance="squared")
+    assert float(loss) == pytest.approx((0.0 + (1.0 + 9.0 - 1.0)) / 2)
+    assert stats == {"active": 1, "count": 2, "d_pos": pytest.approx(5.0), "d_neg": pytest.approx(2.5)}
+    loss, _ = losses.ranking_loss(emb, None, "none", margin=1.0, distance="euclidean")
+    assert float(loss) == pytest.approx((0.0 + (1.0 + 3.0 - 1.0)) / 2, abs=1e-5)
+    soft, _ = losses.ranking_loss(emb, None, "none", margin=1.0, distance="squared", soft=True)
+    assert float(soft) == pytest.approx((math.log1p(math.exp(1 - 4)) + math.log1p(math.exp(9 - 1))) / 2)
 
 
 def test_lr_schedule():
@@ -128,25 +120,46 @@ def test_resume_refuses_pickled_module_and_other_architecture(triplets, tmp_path
     assert list(out.iterdir()) == []
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(triplets, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(triplets, tmp_path):
+    """A learning rate of 1e30 blows the weights up after epoch 1's one step: epoch 2's loss is NaN."""
     train, _ = triplets
-    real = train_net.triplet_hinge
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * math.nan if calls["n"] > 3 else loss
-
-    monkeypatch.setattr(train_net, "triplet_hinge", poisoned)
     out = tmp_path / "run"
     out.mkdir()
-    with pytest.raises(PipelineError, match="temp_net1.model"):
-        train_net.main(FAST + ["--triplets", str(train), "--epochs", "2", "--max_steps", "3",
-                               "--out", str(out / "deepranknet.model")])
+    with pytest.raises(PipelineError, match=r"loss became nan at epoch 2 step 1.*temp_net1.model"):
+        train_net.main(FAST + ["--triplets", str(train), "--epochs", "2", "--max_steps", "1", "--lr", "1e30",
+                               "--no_amp", "--out", str(out / "deepranknet.model")])
     assert (out / "temp_net1.model").is_file()
     assert not (out / "deepranknet.model").exists()
     load_model(out / "temp_net1.model")
+
+
+def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
+    """The epoch function on its own: steps, statistics, a NaN loss, --max_minutes."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    flags = SimpleNamespace(schedule="constant", epochs=1, warmup_epochs=0, max_minutes=0)
+    stats = {"active": 1, "count": 2, "d_pos": 0.5, "d_neg": 1.0}
+
+    class Network:  # a loss of (w . w) until `poison`, then NaN
+        def __init__(self, poison):
+            self.calls, self.poison = 0, poison
+
+        def batch_loss(self, batch):
+            self.calls += 1
+            loss = weight.pow(2).sum()
+            return (loss * math.nan if self.calls > self.poison else loss), dict(stats)
+
+    batches = [(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), None)] * 5
+    schedule = train_net.Schedule(optimizer, flags, steps_per_epoch=4, start_epoch=0)
+    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, schedule, 0, 4, None, 1)
+    row = epoch.row(1, optimizer.param_groups[0]["lr"])
+    assert not out_of_time and row["steps"] == 4 and row["active_share"] == 0.5 and row["loss"] < 2
+    assert float(weight.detach()[0]) == pytest.approx(0.8 ** 4)  # four SGD steps on w . w at lr 0.1
+    with pytest.raises(PipelineError, match="step 3; training stopped, last good checkpoint: temp_net7.model"):
+        train_net.train_one_epoch(Network(2), optimizer, batches, schedule, 0, 4, "temp_net7.model", 1)
+    budget = train_net.Schedule(optimizer, SimpleNamespace(**{**vars(flags), "max_minutes": 1e-9}), 4, 0)
+    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, budget, 0, 4, None, 1)
+    assert out_of_time and epoch.row(1, 0.1)["steps"] == 1
 
 
 def test_device_selection_on_cpu(monkeypatch):
@@ -162,7 +175,6 @@ def test_device_selection_on_cpu(monkeypatch):
 
 
 def test_compiled_frozen_layers_train_like_eager_ones(triplets, tmp_path, capsys):
-    from deep_rank_net import compiler_available
     if not compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     train, _ = triplets

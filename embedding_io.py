@@ -1,0 +1,383 @@
+"""The embedding file format: header, writer (.txt or .npy) and readers.
+
+Text (`*_embedding.txt`): a header line
+`# deep-ranking embeddings v1 dim=<D> normalized=<0|1> model=<checkpoint>`, then one line per
+image, `<path>\t<label>\t<v1> ... <vD>` (7 significant digits), paths relative to the file.
+`.npy`: a float32 (N, D) array, with `<stem>.paths.tsv` beside it (the same header, then
+`<path>\t<label>` lines). Readers check the header, every line and every value, and name the
+stage to rerun. Large text files are parsed by the compiled parser of fastparse.py (private to
+this module) or, failing that, by numpy's C parser on every core.
+
+    with EmbeddingWriter("train_embedding.txt", dim=512, normalized=True, model="m.model") as out:
+        out.write(paths, labels, vectors)
+    embeddings = read_embeddings("train_embedding.txt")   # .paths, .labels, .vectors (N, D)
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import fastparse
+from common import PipelineError, atomic_write, relative_to_file, resolve_in
+
+EMBEDDING_MAGIC = "# deep-ranking embeddings v1"
+
+
+class Embeddings:
+    """An embedding file in memory: paths (absolute), labels, vectors (N, D) float32."""
+
+    def __init__(self, paths, labels, vectors, header):
+        self.paths = paths
+        self.labels = labels
+        self.vectors = vectors
+        self.header = header  # dict: dim, normalized, model
+        self._index = None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def index_of(self, path):
+        """Row of an image path, or -1."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.paths)}
+        return self._index.get(path, -1)
+
+
+def embedding_header(dim, normalized, model):
+    """The first line of an embedding text file."""
+    model = str(model).replace("\n", " ")
+    return f"{EMBEDDING_MAGIC} dim={int(dim)} normalized={int(bool(normalized))} model={model}\n"
+
+
+def parse_embedding_header(line, path):
+    """Parse and check the header line; returns dict(dim, normalized, model)."""
+    rerun = "rerun gen_embeddings.py to write it"
+    if not line.startswith(EMBEDDING_MAGIC + " "):
+        raise PipelineError(f"{path} line 1 is not a deep-ranking embeddings v1 header; {rerun}")
+    fields = {}
+    rest = line[len(EMBEDDING_MAGIC) + 1:].rstrip("\r\n")
+    model_at = rest.find("model=")
+    if model_at >= 0:
+        fields["model"] = rest[model_at + len("model="):]
+        rest = rest[:model_at]
+    for token in rest.split():
+        key, _, value = token.partition("=")
+        fields[key] = value
+    try:
+        dim = int(fields["dim"])
+        normalized = int(fields.get("normalized", "0"))
+    except (KeyError, ValueError):
+        raise PipelineError(f"{path} line 1 lacks a valid dim=<D>; {rerun}") from None
+    if dim < 1:
+        raise PipelineError(f"{path} line 1 has dim={dim}; {rerun}")
+    return {"dim": dim, "normalized": bool(normalized), "model": fields.get("model", "")}
+
+
+def paths_file_of(npy_path):
+    """The text file that holds the paths and labels of a .npy embedding file."""
+    npy_path = Path(npy_path)
+    return npy_path.with_name(npy_path.stem + ".paths.tsv")
+
+
+class EmbeddingWriter:
+    """Stream embeddings to disk atomically; the format follows the file's extension.
+
+    .txt (default): header, then path<TAB>label<TAB>vector lines (7 significant digits).
+    .npy: a float32 (N, D) array, with paths and labels in <stem>.paths.tsv beside it
+    (same header line, then path<TAB>label lines): smaller and much faster to load.
+    """
+
+    def __init__(self, path, dim, normalized, model):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.binary = self.path.suffix.lower() == ".npy"
+        self._header = embedding_header(dim, normalized, model)
+        self._text = atomic_write(paths_file_of(self.path) if self.binary else self.path)
+        self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
+        self.count = 0
+
+    def __enter__(self):
+        self._handle = self._text.__enter__()
+        self._handle.write(self._header)
+        if self.binary:  # rows stream to an anonymous file: it vanishes on close, even after a crash
+            self._raw = tempfile.TemporaryFile(dir=self.path.resolve().parent)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.binary:
+                with self._raw:
+                    if exc[0] is None:
+                        self._finish_npy()
+        except BaseException:
+            self._text.__exit__(*sys.exc_info())
+            raise
+        return self._text.__exit__(*exc)
+
+    def _finish_npy(self):
+        """Write the .npy file (header, then the streamed rows) atomically."""
+        self._raw.seek(0)
+        with atomic_write(self.path, mode="wb") as out:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (self.count, self.dim)}
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(self._raw, out, 1 << 24)
+
+    def write(self, paths, labels, vectors):
+        """Append rows; vectors (B, D) float array, one row per path."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(paths):
+            raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
+        names = [f"{relative_to_file(p, self.path)}\t{label}" for p, label in zip(paths, labels)]
+        if self.binary:
+            self._raw.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+            self._handle.write("".join(f"{name}\n" for name in names))
+        else:
+            row = self._row
+            self._handle.write("".join(f"{name}\t{row % tuple(v)}\n" for name, v in zip(names, vectors.tolist())))
+        self.count += len(names)
+
+
+PARALLEL_PARSE_BYTES = 1 << 27  # text embedding files with more than this per process are parsed in parallel
+FAST_PARSE_BYTES = 1 << 28  # text embedding files this large use the compiled parser (fastparse): loading it takes ~1 s
+
+
+def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
+    """Read an embedding file (.txt or .npy + .paths.tsv), checking header, labels and dimensions.
+
+    A text file of FAST_PARSE_BYTES or more (or any size with fast=True) is parsed by the
+    compiled parser on every core when numba is installed (fast=False: never). Otherwise, or
+    when that parser meets a line it does not handle, numpy's C parser reads it: a large file
+    in `workers` processes (default: one per CPU core, at least PARALLEL_PARSE_BYTES each),
+    each taking a contiguous range of whole lines; bad lines are named by number.
+    """
+    path = Path(path).expanduser()
+    rerun = "rerun gen_embeddings.py"
+    if not path.is_file():
+        raise PipelineError(f"embedding file {path} does not exist; {rerun} first")
+    if path.suffix.lower() == ".npy":
+        return _read_npy_embeddings(path)
+    with open(path, "rb") as handle:
+        first = handle.readline()
+        begin, end = handle.tell(), os.fstat(handle.fileno()).st_size
+    header = parse_embedding_header(first.decode("utf-8", "replace"), path)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, max(1, (end - begin) // PARALLEL_PARSE_BYTES))
+    if fast is None:
+        fast = end - begin >= FAST_PARSE_BYTES
+    parts = None
+    if fast and fastparse.available():
+        parts = _parse_compiled(path, begin, end, header["dim"], chunk_bytes)
+    if parts is None and workers > 1:
+        parts = _parse_parallel(path, _line_ranges(path, begin, end, workers), header["dim"], chunk_bytes)
+    if parts is None:  # serial, or a worker met a bad line: this pass names it with its line number
+        parts = [_parse_range(path, begin, end, header["dim"], chunk_bytes, first_line=2)]
+    paths = [p for part in parts for p in part[0]]
+    labels = [x for part in parts for x in part[1]]
+    blocks = [part[2] for part in parts if len(part[2])]
+    if len(blocks) == 1:
+        vectors = blocks[0]
+    else:
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
+    folder = str(path.resolve().parent)
+    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+
+
+def _parse_compiled(path, begin, end, dim, chunk_bytes):
+    """[(paths, labels, vectors)] of bytes [begin, end) by fastparse, a block of whole lines at
+    a time (read into one reused buffer); None if a line is not handled there."""
+    paths, labels, buf, held = [], [], bytearray(chunk_bytes), 0  # buf[:held]: a line not yet parsed
+    rows = _GrowingRows(dim, end - begin)
+    with open(path, "rb") as handle:
+        handle.seek(begin)
+        left = end - begin
+        while left > 0:
+            if held == len(buf):  # a line longer than the buffer
+                buf.extend(bytearray(len(buf)))
+            with memoryview(buf) as view:
+                got = handle.readinto(view[held:held + min(len(buf) - held, left)])
+            left = left - got if got else 0
+            size = held + got
+            cut = buf.rfind(b"\n", 0, size) + 1 if left > 0 else size  # a line may run past the block
+            if left <= 0 and size and buf[size - 1] != 10:  # the last line has no newline
+                if size == len(buf):
+                    buf.append(10)
+                else:
+                    buf[size] = 10
+                cut = size = size + 1
+            if cut:
+                part = fastparse.parse_block(buf, cut, dim, lambda n: rows.take(n, cut))
+                if part is None:
+                    return None
+                paths += part[0]
+                labels += part[1]
+            buf[:size - cut] = buf[cut:size]
+            held = size - cut
+    return [(paths, labels, rows.filled())]
+
+
+class _GrowingRows:
+    """A float32 (rows, dim) array filled a block at a time, sized from the bytes per row seen so
+    far (grown by copying if that falls short), so no block list is concatenated at the end."""
+
+    def __init__(self, dim, total_bytes):
+        self.array, self.count, self.seen, self.total = np.empty((0, dim), np.float32), 0, 0, total_bytes
+
+    def take(self, n, block_bytes):
+        """The next n rows to fill, for a block of block_bytes bytes."""
+        self.seen += block_bytes
+        if self.count + n > len(self.array):
+            expected = int((self.count + n) * self.total / max(self.seen, 1) * 1.02) + 1
+            grown = np.empty((max(self.count + n, expected), self.array.shape[1]), np.float32)
+            grown[:self.count] = self.array[:self.count]
+            self.array = grown
+        self.count += n
+        return self.array[self.count - n:self.count]
+
+    def filled(self):
+        return self.array[:self.count]
+
+
+def _line_ranges(path, begin, end, pieces):
+    """Split bytes [begin, end) of a file into up to `pieces` ranges that start at line starts."""
+    cuts = [begin]
+    with open(path, "rb") as handle:
+        for i in range(1, pieces):
+            handle.seek(max(cuts[-1], begin + (end - begin) * i // pieces))
+            handle.readline()  # to the start of the next line
+            cuts.append(min(handle.tell(), end))
+    cuts.append(end)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _parse_parallel(path, ranges, dim, chunk_bytes):
+    """[(paths, labels, vectors)] of each range: the first parsed here, the rest in worker
+    processes at the same time. None if any range has a bad line (the caller re-reads serially)."""
+    import concurrent.futures
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with concurrent.futures.ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
+        futures = [pool.submit(_parse_range, path, a, b, dim, chunk_bytes) for a, b in ranges[1:]]
+        try:
+            parts = [_parse_range(path, *ranges[0], dim, chunk_bytes)]
+            parts += [future.result() for future in futures]
+        except PipelineError:
+            for future in futures:
+                future.cancel()
+            return None
+    return parts
+
+
+def _parse_range(path, begin, end, dim, chunk_bytes, first_line=None):
+    """(paths, labels, float32 (N, dim) vectors) of the lines in bytes [begin, end) of a text
+    embedding file. Error messages give line numbers when first_line (begin's line) is known."""
+    paths, labels, blocks = [], [], []
+    number = (first_line or 1) - 1
+    with open(path, "rb") as handle:
+        handle.seek(begin)
+        left = end - begin
+        while left > 0:
+            lines = handle.readlines(min(chunk_bytes, left))  # whole lines; may run one line past `end`
+            if not lines:
+                break
+            taken = 0
+            for count, line in enumerate(lines):
+                if taken >= left:
+                    lines = lines[:count]
+                    break
+                taken += len(line)
+            left -= taken
+            texts = []
+            for line in lines:
+                number += 1
+                where = number if first_line else None
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise PipelineError(f"{path} line {where} is not UTF-8 text; rerun gen_embeddings.py") from None
+                parts = _split_row(line.rstrip("\r\n"), 3, path, where)
+                paths.append(parts[0])
+                labels.append(parts[1])
+                texts.append(parts[2])
+            blocks.append(_parse_vectors(texts, dim, path, number - len(lines) + 1 if first_line else None))
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+    return paths, labels, vectors
+
+
+def _split_row(line, fields, path, number):
+    """Split a path<TAB>label[<TAB>vector] line, refusing a wrong shape or an empty label."""
+    parts = line.split("\t")
+    if len(parts) != fields or not parts[0]:
+        layout = "path<TAB>label<TAB>vector" if fields == 3 else "path<TAB>label"
+        raise PipelineError(f"{path} line {number} is not {layout}; rerun gen_embeddings.py")
+    if not parts[1]:
+        raise PipelineError(f"{path} line {number} has no label; rerun gen_embeddings.py")
+    return parts
+
+
+def _read_npy_embeddings(path):
+    """A .npy embedding file and its .paths.tsv."""
+    rerun = "rerun gen_embeddings.py"
+    names = paths_file_of(path)
+    if not names.is_file():
+        raise PipelineError(f"{names} (the paths and labels of {path}) does not exist; {rerun}")
+    with open(names, "r", encoding="utf-8", newline="\n") as handle:
+        header = parse_embedding_header(handle.readline(), names)
+        rows = handle.read().splitlines()
+    paths, labels = [], []
+    for number, line in enumerate(rows, start=2):
+        parts = _split_row(line, 2, names, number)
+        paths.append(parts[0])
+        labels.append(parts[1])
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise PipelineError(f"{path} is not a readable .npy file ({err}); {rerun}") from None
+    if vectors.dtype != np.float32 or vectors.shape != (len(paths), header["dim"]):
+        raise PipelineError(f"{path} holds a {vectors.dtype} array of shape {vectors.shape}, but {names} lists "
+                            f"{len(paths)} images of dim={header['dim']}; {rerun}")
+    folder = str(path.resolve().parent)
+    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+
+
+def _row_blocks(array, rows=4096):
+    """Row slices of an array (views), so a whole-array temporary is never made."""
+    return [array[s:s + rows] for s in range(0, len(array), rows)] or [array]
+
+
+def _checked(embeddings, path):
+    """Refuse non-finite values, naming the first bad row."""
+    finite = np.concatenate([np.isfinite(block).all(axis=1) for block in _row_blocks(embeddings.vectors)])
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise PipelineError(f"{path}: the vector of {embeddings.paths[row]} has a non-finite value; "
+                            f"rerun gen_embeddings.py")
+    return embeddings
+
+
+def _parse_vectors(texts, dim, path, first_line):
+    """Parse vector texts into (len(texts), dim) float32, naming the first bad line."""
+    for delimiter in (" ", None):  # single spaces as written (fast), then any whitespace (hand-edited files)
+        try:
+            values = np.loadtxt(texts, dtype=np.float32, delimiter=delimiter, ndmin=2, comments=None)  # C parser
+            if values.shape == (len(texts), dim):
+                return values
+        except ValueError:
+            pass
+    for offset, text in enumerate(texts):
+        tokens = text.split()
+        where = first_line + offset if first_line else None
+        if len(tokens) != dim:
+            raise PipelineError(f"{path} line {where} has {len(tokens)} values, the header says "
+                                f"dim={dim}; rerun gen_embeddings.py")
+        try:
+            np.array(tokens, dtype=np.float32)
+        except ValueError:
+            raise PipelineError(f"{path} line {where} has a value that is not a number; "
+                                f"rerun gen_embeddings.py") from None
+    raise AssertionError("unreachable: a block failed but no line did")

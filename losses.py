@@ -1,0 +1,136 @@
+"""The training losses, as small pure functions on embeddings (imports torch only).
+
+A miner looks at a batch's (B, B) distance matrix and its labels and returns the triplets to
+learn from as index tensors (a, p, n) into the batch (as pytorch-metric-learning's miners do);
+one triplet loss consumes them. Pre-sampled CSV batches need no miner: their rows are all
+queries, then all positives, then all negatives, so a, p, n = 0..B, B..2B, 2B..3B.
+
+    loss, stats = ranking_loss(embeddings, labels, "batch_all", margin=0.1, distance="euclidean")
+"""
+
+import torch
+import torch.nn.functional as F
+
+DISTANCES = ("euclidean", "squared")
+EPS = 1e-12  # inside the square root: a zero distance keeps a finite gradient
+
+
+# ----------------------------------------------------------------------------- distances
+
+def row_distances(x, y, distance):
+    """Distance between row i of x and row i of y: (T, D), (T, D) -> (T,)."""
+    d = (x - y).pow(2).sum(1)
+    return (d + EPS).sqrt() if distance == "euclidean" else d
+
+
+def distance_matrix(emb, distance):
+    """(B, B) distances between the rows of emb (B, D): squared L2 or Euclidean."""
+    sq = emb.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp(min=0)
+    return (d + EPS).sqrt() if distance == "euclidean" else d
+
+
+def pair_masks(labels):
+    """(positive pair mask, negative pair mask) of a batch's (B,) labels, each (B, B) bool."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+# ----------------------------------------------------------------------------- miners -> (a, p, n)
+
+def csv_triplets(rows, device):
+    """(a, p, n) of a CSV batch of `rows` = 3B images: 0..B, B..2B, 2B..3B."""
+    b = rows // 3
+    a = torch.arange(b, device=device)
+    return a, a + b, a + 2 * b
+
+
+def all_triplets(d, labels):
+    """Every valid (a, p, n) of the batch (Hermans et al.'s batch all)."""
+    pos, neg = pair_masks(labels)
+    return (pos[:, :, None] & neg[:, None, :]).nonzero(as_tuple=True)
+
+
+def hard_triplets(d, labels):
+    """Per anchor with a positive and a negative: its farthest positive, its nearest negative
+    (Hermans et al.'s batch hard)."""
+    pos, neg = pair_masks(labels)
+    hardest_pos = d.masked_fill(~pos, float("-inf")).max(1).indices
+    hardest_neg = d.masked_fill(~neg, float("inf")).min(1).indices
+    a = (pos.any(1) & neg.any(1)).nonzero().flatten()
+    return a, hardest_pos[a], hardest_neg[a]
+
+
+def semihard_triplets(d, labels):
+    """Per positive pair (a, p): the nearest negative farther than p (FaceNet's semi-hard);
+    where none is, the farthest negative nearer than it."""
+    pos, neg = pair_masks(labels)
+    a, p = pos.nonzero(as_tuple=True)
+    d_an = d[a]  # (pairs, B)
+    neg_a = neg[a]
+    outside = neg_a & (d_an > d[a, p][:, None])
+    semi = d_an.masked_fill(~outside, float("inf")).min(1).indices
+    inside = d_an.masked_fill(~neg_a, float("-inf")).max(1).indices
+    n = torch.where(outside.any(1), semi, inside)
+    ok = neg_a.any(1)
+    return a[ok], p[ok], n[ok]
+
+
+MINERS = {"batch_all": all_triplets, "batch_hard": hard_triplets, "batch_semihard": semihard_triplets}
+AVERAGE_OVER_ACTIVE = ("batch_all",)  # Hermans et al.'s BA!=0: batch all averages over the non-zero terms
+
+
+# ----------------------------------------------------------------------------- losses
+
+def triplet_loss(d_ap, d_an, margin, soft=False, over_active=False):
+    """(loss, active count) of triplets with distances d_ap, d_an (T,): the hinge
+    max(0, margin + d_ap - d_an), or softplus(d_ap - d_an) with soft; averaged over all T
+    triplets, or over the active ones (hinge > 0) with over_active. No triplet: a zero loss."""
+    per_triplet = F.softplus(d_ap - d_an) if soft else F.relu(margin + d_ap - d_an)
+    active = int((margin + d_ap - d_an > 0).sum())
+    if len(per_triplet) == 0:
+        return d_ap.sum() * 0, 0
+    if over_active and not soft:
+        return per_triplet.sum() / max(active, 1), active
+    return per_triplet.mean(), active
+
+
+def ranking_loss(emb, labels, mining, margin, distance, soft=False):
+    """(loss, stats) of one batch of embeddings (N, D): triplets mined by `mining` from the
+    labels (N,), or the CSV batch's own triplets when labels is None. stats: active and count
+    (triplets), d_pos and d_neg (mean positive and negative pair distance)."""
+    if labels is None:
+        a, p, n = csv_triplets(len(emb), emb.device)
+        d_ap, d_an = row_distances(emb[a], emb[p], distance), row_distances(emb[a], emb[n], distance)
+        loss, active = triplet_loss(d_ap, d_an, margin, soft)
+        d_pos, d_neg = d_ap.detach(), d_an.detach()
+    else:
+        d = distance_matrix(emb, distance)
+        a, p, n = MINERS[mining](d.detach(), labels)
+        loss, active = triplet_loss(d[a, p], d[a, n], margin, soft, mining in AVERAGE_OVER_ACTIVE)
+        pos, neg = pair_masks(labels)
+        d_pos, d_neg = d.detach()[pos], d.detach()[neg]
+    stats = {"active": active, "count": len(a),
+             "d_pos": float(d_pos.mean()) if len(d_pos) else float("nan"),
+             "d_neg": float(d_neg.mean()) if len(d_neg) else float("nan")}
+    return loss, stats
+
+
+def neighbour_kl(student, teacher, temperature):
+    """Mean over the batch's rows of KL(P_teacher(.|i) || P_student(.|i)): how far each image's
+    distribution over its batch neighbours has moved from the teacher's. P(j|i) is the softmax
+    over j != i of z_ij / temperature, z_ij the cosine similarity cos(x_i, x_j) standardised over
+    row i (zero mean, unit variance), so only the neighbours' order and relative spacing count,
+    not the scale of either space. Rows of both inputs are unit vectors; at least 3 rows."""
+    n = len(student)
+    eye = torch.eye(n, dtype=torch.bool, device=student.device)
+
+    def log_p(x):
+        sim = (x @ x.T).masked_fill(eye, 0)
+        mean = sim.sum(1, keepdim=True) / (n - 1)
+        var = (sim - mean).masked_fill(eye, 0).pow(2).sum(1, keepdim=True) / (n - 2)
+        z = (sim - mean) / (var + 1e-12).sqrt()
+        return F.log_softmax((z / temperature).masked_fill(eye, -1e4), dim=1)  # exp(-1e4) == 0: never oneself
+
+    return F.kl_div(log_p(student.float()), log_p(teacher.float()), log_target=True, reduction="batchmean")

@@ -1,0 +1,150 @@
+"""Scoring embeddings: pure functions of vectors and labels (imports torch and numpy only).
+
+Triplet accuracy, exact k-nearest-neighbour search in chunks (never a whole distance matrix in
+memory; exact ties broken by reference order), and the retrieval metrics of "A Metric Learning
+Reality Check" (Musgrave et al. 2020). D is the squared L2 distance throughout.
+
+    metrics = knn_scores(train, test, k=30)   # Embeddings-like objects: paths, labels, vectors, index_of
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+
+from common import PipelineError
+
+CHUNK_ELEMENTS = 1 << 25     # distance-matrix block size in floats (128 MB of float32)
+KNN_PRECISIONS = ("fp32", "bf16")  # fp32: exact search | bf16: bf16 products, fp32 sums
+
+
+def squared_distances(queries, refs, ref_sq=None):
+    """(Q, M) squared L2 distances between rows, via |q|^2 - 2 q.r + |r|^2 (clamped at 0)."""
+    if ref_sq is None:
+        ref_sq = (refs * refs).sum(1)
+    d = torch.addmm(ref_sq[None, :], queries, refs.T, beta=1, alpha=-2)
+    d += (queries * queries).sum(1, keepdim=True)
+    return d.clamp_(min=0)
+
+
+def triplet_accuracy(vectors, q, p, n, chunk=1024):
+    """Share of triplets (row indices q, p, n into vectors) with D(q,p) < D(q,n) strictly."""
+    vectors = torch.as_tensor(vectors, dtype=torch.float32)
+    q, p, n = (torch.as_tensor(np.asarray(a), dtype=torch.long) for a in (q, p, n))
+    if len(q) == 0:
+        return float("nan")
+    correct = 0
+    for s in range(0, len(q), chunk):
+        vq, vp, vn = vectors[q[s:s + chunk]], vectors[p[s:s + chunk]], vectors[n[s:s + chunk]]
+        correct += int(((vq - vp).pow(2).sum(1) < (vq - vn).pow(2).sum(1)).sum())
+    return correct / len(q)
+
+
+def _stable_topk(d, k):
+    """k smallest per row of d, ordered by (distance, column): exact ties by column order."""
+    extra = int(k < d.shape[1])  # one more: a (k+1)-th equal to the k-th means a tie at the cut
+    vals, idx = torch.topk(d, k + extra, dim=1, largest=False, sorted=True)
+    straddle = (vals[:, k] == vals[:, k - 1]).nonzero().flatten().tolist() if extra else []
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    for row in straddle:  # topk may have kept any of the tied columns: keep the first ones
+        cand = (d[row] <= vals[row, -1]).nonzero().flatten()  # column order
+        order = torch.sort(d[row, cand], stable=True).indices[:k]
+        idx[row], vals[row] = cand[order], d[row, cand[order]]
+    # within the kept k, order equal distances by column (only rows that have equal distances)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().flatten()
+    if len(tied):
+        order = torch.from_numpy(np.lexsort((idx[tied].numpy(), vals[tied].numpy())))
+        vals[tied], idx[tied] = torch.gather(vals[tied], 1, order), torch.gather(idx[tied], 1, order)
+    return vals, idx
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """fp32 matrix products inside: exact ('fp32') or with bf16 products ('bf16', oneDNN on CPU)."""
+    if precision not in KNN_PRECISIONS:
+        raise PipelineError(f"unknown kNN precision {precision!r}; choose fp32 or bf16")
+    settings = torch.backends.mkldnn.matmul
+    saved = settings.fp32_precision
+    settings.fp32_precision = "bf16" if precision == "bf16" else "ieee"
+    try:
+        yield
+    finally:
+        settings.fp32_precision = saved
+
+
+def knn(queries, refs, k, exclude=None, chunk_elements=CHUNK_ELEMENTS, precision="fp32"):
+    """k nearest references of each query by squared L2: (distances, indices), (Q, k).
+
+    Exact (brute force, fp32) unless precision='bf16'. Chunked over queries so at most
+    chunk_elements distances exist at once. exclude[i] is a reference row query i must not
+    retrieve (itself), or -1. Ties: lower row first.
+    """
+    queries = torch.as_tensor(queries, dtype=torch.float32)
+    refs = torch.as_tensor(refs, dtype=torch.float32)
+    k = min(k, len(refs) - (1 if exclude is not None and (np.asarray(exclude) >= 0).any() else 0))
+    if k < 1:
+        raise ValueError("need at least one reference to search")
+    ref_sq = (refs * refs).sum(1)
+    step = max(1, chunk_elements // max(1, len(refs)))
+    out_d = torch.empty(len(queries), k)
+    out_i = torch.empty(len(queries), k, dtype=torch.long)
+    with matmul_precision(precision):
+        for s in range(0, len(queries), step):
+            d = squared_distances(queries[s:s + step], refs, ref_sq)
+            if exclude is not None:
+                ex = torch.as_tensor(np.asarray(exclude[s:s + step]), dtype=torch.long)
+                rows = (ex >= 0).nonzero().flatten()
+                d[rows, ex[rows]] = float("inf")
+            out_d[s:s + step], out_i[s:s + step] = _stable_topk(d, k)
+    return out_d, out_i
+
+
+def retrieval_metrics(neighbor_labels, query_labels, r_counts, k):
+    """Retrieval metrics from ranked neighbour labels (Q, >= max(k, R)) as integer codes.
+
+    r_counts[i]: number of same-class references of query i (itself excluded). Queries
+    with R = 0 count as misses for score/precision and are left out of R-based metrics.
+    """
+    neighbor_labels = np.asarray(neighbor_labels)
+    query_labels = np.asarray(query_labels)
+    r_counts = np.asarray(r_counts)
+    rel = neighbor_labels == query_labels[:, None]  # (Q, L) same class?
+    k = min(k, rel.shape[1])
+    out = {
+        "k": int(k),
+        "score_at_k": float(rel[:, :k].any(1).mean()),
+        "precision_at_1": float(rel[:, 0].mean()),
+        "precision_at_k": float(rel[:, :k].mean()),
+    }
+    has = r_counts > 0
+    if has.any():
+        if rel.shape[1] < r_counts.max():
+            raise ValueError("need at least max(R) neighbours for R-based metrics")
+        ranks = np.arange(1, rel.shape[1] + 1)
+        within = ranks[None, :] <= r_counts[:, None]  # (Q, L) position < R
+        hits = rel & within
+        r = np.maximum(r_counts, 1)
+        out["r_precision"] = float((hits.sum(1) / r)[has].mean())
+        precision_at_i = np.cumsum(rel, axis=1) / ranks[None, :]
+        out["map_at_r"] = float(((precision_at_i * hits).sum(1) / r)[has].mean())
+    else:
+        out["r_precision"] = out["map_at_r"] = float("nan")
+    return out
+
+
+def knn_scores(train, test, k, precision="fp32"):
+    """All retrieval metrics of test (queries) against train (references): Embeddings objects."""
+    names = {label: code for code, label in enumerate(sorted(set(train.labels) | set(test.labels)))}
+    ref_codes = np.array([names[x] for x in train.labels])
+    query_codes = np.array([names[x] for x in test.labels])
+    exclude = np.array([train.index_of(p) for p in test.paths])
+    counts = np.bincount(ref_codes, minlength=len(names))
+    r_counts = counts[query_codes].copy()
+    has_self = exclude >= 0  # the query is itself a reference: it is not its own match
+    r_counts[has_self] -= ref_codes[exclude[has_self]] == query_codes[has_self]
+    depth = int(max(k, r_counts.max(initial=0)))
+    _, idx = knn(test.vectors, train.vectors, depth, exclude, precision=precision)
+    metrics = retrieval_metrics(ref_codes[idx.numpy()], query_codes, r_counts, k)
+    metrics["queries"] = len(test)
+    metrics["references"] = len(train)
+    return metrics

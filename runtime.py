@@ -1,0 +1,165 @@
+"""Running models: the device, bf16 autocast, the compile policy, frozen (compiled) inference,
+and the loop that embeds image files in batches.
+
+    device = resolve_device("auto")
+    model = prepare(model, device)
+    for vectors in embed_batches(model, paths, device, tta="flip"):   # (B, D) float32 on the CPU
+        ...
+"""
+
+import contextlib
+import os
+import shutil
+import sys
+
+import torch
+
+from common import NUM_WORKERS, PipelineError
+from deep_rank_net import PooledFeatures, l2n, unwrap
+from loaders import ImageList, Normalize, make_loader
+
+COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_MIN_WORK = 3000  # --compile auto: images (in 224-px equivalents) through frozen layers worth ~20 s of compiling
+TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
+TTA_CHOICES = tuple(TTA_PASSES)
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def resolve_device(name):
+    """Turn --device into a torch.device: 'auto' picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PipelineError(f"--device {name!r} is not a device ({err}); use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu or auto")
+    return device
+
+
+def prepare(model, device):
+    """Move a model to its device in channels_last (faster convolutions with oneDNN / cuDNN)."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if enabled and bf16_supported(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bf16_supported(device):
+    """Whether bf16 autocast is worth turning on for this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def compiler_available(device):
+    """Whether torch.compile can generate code here: a C++ compiler (CPU) or Triton (CUDA)."""
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return False
+        return has_triton()
+    return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
+
+
+def want_compile(mode, images, image_size, device):
+    """--compile: 'on', 'off', or 'auto' (when enough work passes through the frozen layers to
+    repay ~20 s of compiling, and a compiler is available)."""
+    if mode not in COMPILE_CHOICES:
+        raise PipelineError(f"unknown --compile {mode!r}; choose {', '.join(COMPILE_CHOICES)}")
+    if mode != "auto":
+        return mode == "on"
+    return images * (image_size / 224) ** 2 >= COMPILE_MIN_WORK and compiler_available(device)
+
+
+class FrozenRunner:
+    """Run a module with fixed weights (eval mode, no autograd), compiled if asked.
+
+    Compiled, torch.compile's inductor freezes the weights as constants: BatchNorm folds into
+    the convolutions, weights are packed once for oneDNN, and element-wise ops fuse (ResNet-101,
+    224 px, bf16: see the README's speed table). Batches are zero-padded to batch_size rows (rows
+    are independent in eval mode) so one graph serves every batch. If compiling fails (no
+    compiler, unsupported op) a one-line warning follows and the module runs eagerly.
+    """
+
+    def __init__(self, module, batch_size, compile=False):
+        self.module, self.batch_size = module, int(batch_size)
+        if compile:  # forget graphs of earlier runners: torch.compile stops compiling after a few per function
+            torch._dynamo.reset()
+        self._compiled = torch.compile(module, dynamic=False) if compile else None
+        self._tried = False
+
+    @property
+    def compiled(self):
+        return self._compiled is not None
+
+    def __call__(self, x):
+        self.module.eval()  # its layers are all frozen; containers may have been flipped by model.train()
+        with torch.no_grad():
+            if self._compiled is None:
+                return self.module(x)
+            n, size = len(x), self.batch_size
+            if n > size:
+                return torch.cat([self(x[i:i + size]) for i in range(0, n, size)])
+            if n < size:
+                pad = x.new_zeros((size - n,) + tuple(x.shape[1:]))
+                x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
+            try:
+                import torch._inductor.config as inductor_config  # freezing must be on while it compiles:
+                with inductor_config.patch(freezing=True):       # options={"freezing": True} is not enough
+                    out = self._compiled(x)
+            except Exception as err:  # noqa: BLE001 - any compile failure: fall back, once
+                if self._tried:
+                    raise
+                print(f"warning: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                      f"running uncompiled (pass --compile off to skip the attempt)", file=sys.stderr)
+                self._compiled = None
+                return self.module(x[:n])
+            self._tried = True
+            return out[:n]
+
+
+# ----------------------------------------------------------------------------- embedding image files
+
+@torch.inference_mode()
+def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, amp=True, progress=None,
+                  layer="embedding", compile=False, tta="none"):
+    """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
+
+    model must already be on device, in eval mode. layer: 'embedding' (DeepRank's output) or
+    'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
+    compile: run the network compiled with its weights frozen (see FrozenRunner).
+    tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
+    (two forward passes per image).
+    """
+    if tta not in TTA_CHOICES:
+        raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA_CHOICES)}")
+    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
+    normalize = Normalize(device)
+    network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
+    forward = FrozenRunner(network, batch_size, compile)
+    for batch in loader:
+        batch = normalize(batch)
+        with autocast(device, amp):
+            out = forward(batch).float()
+            if tta == "flip":
+                out = l2n(out + forward(batch.flip(3)).float())
+        out = out.cpu()
+        if progress is not None:
+            progress.update(len(out))
+        yield out

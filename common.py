@@ -24,6 +24,8 @@ MODEL = "deepranknet.model"                     # train_net.py's final checkpoin
 TRAIN_EMBEDDINGS = "train_embedding.txt"        # gen_embeddings.py's outputs, eval.py's inputs
 TEST_EMBEDDINGS = "test_embedding.txt"
 NUM_WORKERS = 2                                 # image-loading worker processes
+ON_BAD_IMAGE = "error"                          # an image that cannot be decoded: error | skip
+BAD_IMAGE_POLICIES = ("error", "skip")
 # ----------------------------------------------------------------
 
 
@@ -32,15 +34,47 @@ class PipelineError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run a stage's main(); a PipelineError becomes one 'error:' line and exit status 1."""
+    """Run a stage's main(); a PipelineError, or an OSError the stage did not foresee (a full
+    disk, a folder turned read-only mid-run), becomes one 'error:' line and exit status 1."""
     try:
         return main(argv) or 0
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; free space or fix the permissions, then rerun", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def first_line(err, limit=160):
+    """The first non-empty line of an exception's message (or its type), for one-line errors."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+# ----------------------------------------------------------------------------- flag value types
+
+def _number(kind, low, inclusive):
+    """An argparse type: kind(text) that must be > low (>= low when inclusive)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, not {text}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 0, inclusive=False)      # 1, 2, ...
+non_negative_int = _number(int, 0, inclusive=True)   # 0, 1, ...
+positive_float = _number(float, 0.0, inclusive=False)
+non_negative_float = _number(float, 0.0, inclusive=True)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -71,8 +105,16 @@ def device_flag():
 
 def workers_flag():
     """--num_workers: image-loading processes."""
-    return _parent("--num_workers", type=int, default=NUM_WORKERS,
+    return _parent("--num_workers", type=non_negative_int, default=NUM_WORKERS,
                    help="image-loading worker processes; 0 loads in the main process (default: %(default)s)")
+
+
+def bad_image_flag():
+    """--on_bad_image: what an image that cannot be decoded does."""
+    return _parent("--on_bad_image", default=ON_BAD_IMAGE, choices=BAD_IMAGE_POLICIES,
+                   help="an image file that cannot be decoded (truncated, empty, not an image, too large): error "
+                        "stops with its name; skip leaves it out and lists it in <output>_bad_images.txt "
+                        "(default: %(default)s)")
 
 
 def print_args(stage, args, stream=None):
@@ -98,22 +140,64 @@ def relative_to_file(path, file_path):
 
 
 def check_output_path(path):
-    """Refuse an output path whose folder does not exist, before any work is done."""
+    """Refuse an output path whose folder does not exist or cannot be written, before any work
+    is done (a file is created and removed there: permissions alone do not tell, for root or on
+    a read-only file system)."""
     folder = Path(path).expanduser().resolve().parent
     if not folder.is_dir():
         raise PipelineError(f"cannot write {path}: folder {folder} does not exist; create it or pick another path")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise PipelineError(f"cannot write {path}: folder {folder} is not writable ({err.strerror}); "
+                            f"pick another output folder") from None
     return Path(path).expanduser()
+
+
+def _temp_prefix(path):
+    """Hidden temp files of an output: .<name>.<pid>.<random>.tmp beside it."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _remove_stale_temps(path):
+    """Delete temp files of path left by a process that no longer runs (killed mid-write)."""
+    folder, stem = path.resolve().parent, f".{path.name}."
+    for entry in os.scandir(folder):
+        name = entry.name
+        if not (name.startswith(stem) and name.endswith(".tmp")):
+            continue
+        pid = name[len(stem):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: does the process exist?
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _umask():
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", encoding="utf-8", newline=None):
     """Open a temp file beside path; rename it over path only if the block succeeds.
 
-    Readers never see a half-written output, and a failure leaves no partial file.
+    Readers never see a half-written output, and a failure leaves no partial file. The file gets
+    the permissions of any new file (0666 less the umask). Temp files of earlier runs that were
+    killed mid-write are removed.
     """
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.resolve().parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
         if "b" in mode:
             handle = os.fdopen(fd, mode)
         else:

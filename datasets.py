@@ -38,19 +38,34 @@ def is_image(name):
 
 
 def _walk_images(folder):
-    """All image files below folder, as sorted absolute path strings (os.scandir, no stat)."""
-    found = []
+    """All image files below folder, as sorted absolute path strings (os.scandir; a stat only for
+    folders, so a symbolic link back up the tree is walked once, not forever)."""
+    found, seen = [], set()
     stack = [folder]
     while stack:
         current = stack.pop()
+        info = os.stat(current)
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
         with os.scandir(current) as entries:
             for entry in entries:
                 if entry.is_dir():
                     stack.append(entry.path)
                 elif is_image(entry.name):
-                    found.append(entry.path)
+                    found.append(_checked_name(entry.path))
     found.sort()
     return found
+
+
+def _checked_name(path):
+    """A listed file's path, refused when it cannot be written into the pipeline's UTF-8 files."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PipelineError(f"{path.encode('utf-8', 'surrogateescape')!r}: the file name is not valid UTF-8; "
+                            f"rename it") from None
+    return path
 
 
 def split_root(data, split):
@@ -91,6 +106,14 @@ def list_split(data, split):
     return paths, labels
 
 
+def need_classes(labels, root, count=2):
+    """Refuse a split with fewer than `count` classes, naming its folder."""
+    found = sorted(set(labels))
+    if len(found) < count:
+        raise PipelineError(f"{root} has {len(found)} class folder(s) with images ({', '.join(found)}); "
+                            f"triplets need at least {count} classes: check --data")
+
+
 def read_wnids(data):
     """The class ids listed in <data>/wnids.txt, in file order."""
     path = Path(data) / "wnids.txt"
@@ -117,6 +140,11 @@ def read_triplet_csv(path):
                             f"query,positive,negative; rerun triplet_sampler.py")
     if len(frame) == 0:
         raise PipelineError(f"{path} has no triplets; rerun triplet_sampler.py")
+    empty = (frame[list(TRIPLET_COLUMNS)] == "").any(axis=1).to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise PipelineError(f"{path} line {_line_of_row(path, row)} has an empty field or fewer than 3 columns; "
+                            f"a row is query,positive,negative; rerun triplet_sampler.py")
     folder = str(path.resolve().parent)
     cache = {}
 
@@ -128,33 +156,56 @@ def read_triplet_csv(path):
     return tuple(np.array([resolve(p) for p in frame[c].tolist()], dtype=object) for c in TRIPLET_COLUMNS)
 
 
+def _line_of_row(path, row):
+    """The line number (from 1, the header) of data row `row` of a CSV, blank lines skipped as pandas does."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        seen = -1
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                if seen == row:
+                    return number
+                seen += 1
+    return row + 2
+
+
 def unique_in_order(*arrays):
     """The distinct values of several arrays, in order of first appearance."""
     return list(dict.fromkeys(v for array in arrays for v in array))
 
 
-def check_images_exist(paths, source, limit=10):
-    """Fail with up to `limit` missing paths listed, before any training or embedding starts."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        shown = ", ".join(missing[:limit])
-        more = f" (and {len(missing) - limit} more)" if len(missing) > limit else ""
-        raise PipelineError(f"{len(missing)} image(s) named by {source} do not exist: {shown}{more}; "
-                            f"fix --data or rerun triplet_sampler.py")
+def check_images_exist(paths, source, limit=10, empty_ok=False):
+    """Fail with up to `limit` missing (or, unless empty_ok, empty) image files listed, before any
+    training or embedding starts: one stat per file, no decoding."""
+    missing, empty = [], []
+    for path in paths:
+        try:
+            if os.stat(path).st_size == 0:
+                empty.append(path)
+        except OSError:
+            missing.append(path)
+    for found, what, fix in ((missing, "do not exist", "fix --data or rerun triplet_sampler.py"),
+                             ([] if empty_ok else empty, "are empty files",
+                              "replace them, or pass --on_bad_image skip to leave them out")):
+        if found:
+            shown = ", ".join(found[:limit])
+            more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+            raise PipelineError(f"{len(found)} image(s) named by {source} {what}: {shown}{more}; {fix}")
 
 
 def write_triplet_csv(path, paths, triplets):
-    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder."""
+    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder (quoted
+    where they hold a comma, a quote or a newline), atomically."""
     relative = np.array([relative_to_file(p, path) for p in paths], dtype=object)
-    if any(("," in p or '"' in p or "\n" in p) for p in relative):
-        raise PipelineError("an image path contains a comma, quote or newline; rename it for a CSV")
-    rows = relative[triplets]  # (T, 3) of str
+    frame = pd.DataFrame(relative[triplets], columns=list(TRIPLET_COLUMNS))
     with atomic_write(path, newline="") as handle:
-        handle.write(",".join(TRIPLET_COLUMNS) + "\n")
-        chunk = 100_000
-        for start in range(0, len(rows), chunk):
-            block = rows[start:start + chunk]
-            handle.write("".join(f"{q},{p},{n}\n" for q, p, n in block.tolist()))
+        frame.to_csv(handle, index=False, lineterminator="\n")
+
+
+def readable_triplets(columns, embedded):
+    """(the triplets whose three images are all in `embedded` (a dict or set of paths), how many
+    were left out): a triplet naming a skipped image cannot be scored."""
+    keep = np.array([q in embedded and p in embedded and n in embedded for q, p, n in zip(*columns)], dtype=bool)
+    return tuple(column[keep] for column in columns), int((~keep).sum())
 
 
 def triplet_rows(columns, row_of, source, missing_fix):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import PipelineError, atomic_write
+from common import PipelineError, atomic_write, first_line
 
 # ---------------------------------------------------------------- hyperparameters
 BACKBONE = "resnet101"   # torchvision ResNet (resnet18/34/50/101/152) or efficientnet_lite0
@@ -36,6 +36,7 @@ CONV_DIM = 4096          # backbone features are projected to this size
 IMAGE_SIZE = 224         # input side in pixels; branch sizes follow from it
 TRAINABLE = "conv5"      # conv5: last backbone stage + head + branches (original's best); all; head
 BRANCH_FILTERS = 96      # 8x8 filters per sub-sampling branch (the paper's 96)
+MIN_IMAGE_SIZE = 16      # smallest input side accepted (every backbone and branch still has a 1 x 1 map)
 BRANCH_INIT = 0.1        # the branches' columns of the embedding layer start at this share of the
                          # default init: each unit-norm part would otherwise count equally, so the
                          # two raw-pixel branches would outweigh the backbone 2:1 in a fresh model
@@ -58,15 +59,16 @@ def conv_out(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def check_image_size(image_size):
+    """Refuse an input side below MIN_IMAGE_SIZE, with the limit in the message."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise PipelineError(f"--image_size {image_size} is too small for the network; use >= {MIN_IMAGE_SIZE}")
+
+
 def branch_dims(image_size, filters=BRANCH_FILTERS):
     """Flattened size of each sub-sampling branch for a square input of image_size pixels."""
-    dims = []
-    for conv, pool in BRANCHES:
-        side = conv_out(conv_out(image_size, *conv), *pool)
-        if side < 1:
-            raise PipelineError(f"--image_size {image_size} is too small for the sub-sampling branches; use >= 16")
-        dims.append(filters * side * side)
-    return dims
+    check_image_size(image_size)
+    return [filters * conv_out(conv_out(image_size, *conv), *pool) ** 2 for conv, pool in BRANCHES]
 
 
 def l2n(x):
@@ -223,7 +225,7 @@ def _load_backbone_file(net, path, name):
     if not path.is_file():
         raise PipelineError(f"--weights {path}: no such file; pass a local {name} state_dict, "
                             f"'imagenet' or 'none'")
-    state = _torch_load(path)
+    state = _torch_load(path, "--weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -257,6 +259,8 @@ class DeepRank(nn.Module):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise PipelineError(f"unknown trainable layers {trainable!r}; choose {', '.join(TRAINABLE_CHOICES)}")
+        if int(embed_dim) < 1 or int(conv_dim) < 1:
+            raise PipelineError(f"embed_dim {embed_dim} and conv_dim {conv_dim} must be at least 1")
         # model_args: plain data that rebuilds this architecture (weights come from the checkpoint)
         self.model_args = dict(backbone=backbone, embed_dim=int(embed_dim), conv_dim=int(conv_dim),
                                image_size=int(image_size), trainable=trainable,
@@ -364,16 +368,28 @@ def save_checkpoint(path, model, optimizer=None, epoch=0, config=None, metrics=N
         torch.save(ckpt, handle)
 
 
-def _torch_load(path):
-    """torch.load with weights_only=True; a pickled object becomes a one-line explanation."""
+def _torch_load(path, what="file"):
+    """torch.load with weights_only=True, checked: an empty, truncated or foreign file, or one that
+    holds pickled Python objects, becomes a one-line explanation naming it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise PipelineError(f"cannot read {what} {path} ({err.strerror})") from None
+    if not head:
+        raise PipelineError(f"{what} {path} is an empty file; rerun the stage that wrote it")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "another format"
+        raise PipelineError(f"{what} {path} is not a torch file (it starts as {kind}: {head!r}); "
+                            f"pass a file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise PipelineError(f"{path} holds pickled Python objects (such as a whole pickled module, the original "
+        raise PipelineError(f"{what} {path} holds pickled Python objects (such as a whole pickled module, the original "
                             f"project's format), which this pipeline refuses to unpickle because loading "
                             f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise PipelineError(f"{path} is not a readable torch file ({str(err).splitlines()[0][:120]}); "
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise PipelineError(f"{what} {path} is truncated or damaged ({first_line(err, 120)}); "
                             f"rerun the stage that wrote it") from None
 
 
@@ -382,10 +398,12 @@ def load_checkpoint(path):
     path = Path(path).expanduser()
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist; run train_net.py first or pass --model")
-    ckpt = _torch_load(path)
+    ckpt = _torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise PipelineError(f"{path} is not a DeepRank checkpoint (no 'model' / 'model_args'); "
-                            f"rerun train_net.py")
+        bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        kind = "a bare state_dict (tensors by layer name)" if bare else f"a torch file holding a {type(ckpt).__name__}"
+        raise PipelineError(f"{path} is {kind}, not a DeepRank checkpoint (no 'model' / 'model_args'); pass a "
+                            f"checkpoint written by train_net.py")
     return ckpt
 
 

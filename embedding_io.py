@@ -56,6 +56,8 @@ def embedding_header(dim, normalized, model):
 def parse_embedding_header(line, path):
     """Parse and check the header line; returns dict(dim, normalized, model)."""
     rerun = "rerun gen_embeddings.py to write it"
+    if not line.strip():
+        raise PipelineError(f"{path} is empty (no header line); {rerun}")
     if not line.startswith(EMBEDDING_MAGIC + " "):
         raise PipelineError(f"{path} line 1 is not a deep-ranking embeddings v1 header; {rerun}")
     fields = {}
@@ -75,6 +77,16 @@ def parse_embedding_header(line, path):
     if dim < 1:
         raise PipelineError(f"{path} line 1 has dim={dim}; {rerun}")
     return {"dim": dim, "normalized": bool(normalized), "model": fields.get("model", "")}
+
+
+def check_names(paths, labels):
+    """Refuse a path or label that the format cannot hold (a tab or a line break in it), before
+    anything is embedded."""
+    for path, label in zip(paths, labels):
+        for kind, text in (("image path", path), ("label", label)):
+            if "\t" in text or "\n" in text or "\r" in text:
+                raise PipelineError(f"the {kind} {text!r} holds a tab or a line break, which an embedding file "
+                                    f"cannot hold; rename it")
 
 
 def paths_file_of(npy_path):
@@ -351,12 +363,20 @@ def _row_blocks(array, rows=4096):
 
 
 def _checked(embeddings, path):
-    """Refuse non-finite values, naming the first bad row."""
+    """Refuse non-finite values, naming the first bad row, and a path listed twice (it would count
+    twice in every metric), naming both lines."""
     finite = np.concatenate([np.isfinite(block).all(axis=1) for block in _row_blocks(embeddings.vectors)])
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise PipelineError(f"{path}: the vector of {embeddings.paths[row]} has a non-finite value; "
                             f"rerun gen_embeddings.py")
+    index = {}
+    for row, image in enumerate(embeddings.paths):
+        first = index.setdefault(image, row)
+        if first != row:  # lines count from the header (line 1)
+            raise PipelineError(f"{path} lists {image} twice (lines {first + 2} and {row + 2}); "
+                                f"rerun gen_embeddings.py")
+    embeddings._index = index
     return embeddings
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from common import (TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, atomic_write,
-                    check_output_path, print_args, run_cli, seed_flag)
+                    check_output_path, non_negative_int, positive_int, print_args, run_cli, seed_flag)
 from datasets import read_triplet_csv, triplet_rows
 from embedding_io import read_embeddings
 from loaders import load_rgb
@@ -122,9 +122,10 @@ def build_parser():
                         help=f"train triplet CSV for train_triplet_accuracy (default: {TRAIN_TRIPLETS} if present)")
     parser.add_argument("--test_triplets", default=None,
                         help=f"test triplet CSV for test_triplet_accuracy (default: {VAL_TRIPLETS} if present)")
-    parser.add_argument("--k", type=int, default=K, help="neighbours for score/precision at k (default: %(default)s)")
+    parser.add_argument("--k", type=positive_int, default=K,
+                        help="neighbours for score/precision at k (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the metrics here (fractions in [0, 1])")
-    parser.add_argument("--show", type=int, default=SHOW, help="save N query grids (default: %(default)s)")
+    parser.add_argument("--show", type=non_negative_int, default=SHOW, help="save N query grids (default: %(default)s)")
     parser.add_argument("--show_dir", default=SHOW_DIR, help="folder for --show PNGs (default: %(default)s)")
     parser.add_argument("--knn_precision", default=KNN_PRECISION, choices=KNN_PRECISIONS,
                         help="fp32: exact kNN; bf16: bf16 products with fp32 sums, faster on CPUs with AMX, "
@@ -148,10 +149,14 @@ def score_triplets(train, test, args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.k < 1:
-        raise PipelineError("--k must be at least 1")
     if args.json:
         check_output_path(args.json)
+    if args.show:  # the grids' folder, made and checked before any scoring
+        try:
+            Path(args.show_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(f"cannot create --show_dir {args.show_dir} ({err.strerror}); pick another") from None
+        check_output_path(Path(args.show_dir) / "query.png")
     print_args("eval.py", args)
 
     train = read_embeddings(args.train_embeddings)
@@ -163,6 +168,9 @@ def main(argv=None):
         raise PipelineError("an embedding file has no rows; rerun gen_embeddings.py")
     metrics = score_triplets(train, test, args)
     metrics.update(knn_scores(train, test, args.k, args.knn_precision))
+    if metrics["k"] < args.k:
+        print(f"warning: --k {args.k} is more than the {metrics['k']} train images a query can retrieve; "
+              f"scoring at k = {metrics['k']}", file=sys.stderr)
     metrics["knn_precision"] = args.knn_precision
     metrics["train_embeddings"] = str(args.train_embeddings)
     metrics["test_embeddings"] = str(args.test_embeddings)

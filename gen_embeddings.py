@@ -16,15 +16,19 @@ import concurrent.futures
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
-                    check_output_path, data_flag, device_flag, print_args, run_cli, workers_flag)
-from datasets import check_images_exist, class_of, list_split, read_triplet_csv, triplet_rows, unique_in_order
+                    bad_image_flag, check_output_path, data_flag, device_flag, positive_int, print_args, run_cli,
+                    workers_flag)
+from datasets import (check_images_exist, class_of, list_split, read_triplet_csv, readable_triplets, triplet_rows,
+                      unique_in_order)
 from deep_rank_net import load_model
-from embedding_io import EmbeddingWriter
+from embedding_io import EmbeddingWriter, check_names
+from loaders import BadImages
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, embed_batches, prepare, resolve_device,
                      want_compile)
@@ -38,7 +42,7 @@ TTA = "none"                    # test-time augmentation: none | flip (image + m
 def build_parser():
     """gen_embeddings.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(default=None), device_flag(),
-                                                                   workers_flag()],
+                                                                   workers_flag(), bad_image_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--model", default=MODEL, help="checkpoint from train_net.py (default: %(default)s)")
@@ -48,7 +52,7 @@ def build_parser():
       help="with --data: embed every image of train/, val/ or both instead of the CSVs' (default: %(default)s)")
     a("--train_out", default=TRAIN_EMBEDDINGS, help="train embedding file (default: %(default)s)")
     a("--test_out", default=TEST_EMBEDDINGS, help="test embedding file (default: %(default)s)")
-    a("--batch_size", type=int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
     a("--layer", default="embedding", choices=("embedding", "backbone"),
       help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
            "(a baseline) (default: %(default)s)")
@@ -75,18 +79,20 @@ def plan_outputs(args):
         for csv, out in ((args.train_triplets, args.train_out), (args.test_triplets, args.test_out)):
             columns = read_triplet_csv(csv)
             paths = unique_in_order(*columns)
-            check_images_exist(paths, csv)
+            check_images_exist(paths, csv, empty_ok=args.on_bad_image == "skip")
             plans.append((out, paths, columns))
     return plans
 
 
-def embed_to_files(model, plans, device, args, header_model):
+def embed_to_files(model, plans, device, args, header_model, bad_images):
     """Embed the union of all plans' images once; stream each row to every file that lists it.
 
-    Returns (vectors memmap (N, D) in union order, {path: row}) for the triplet scores.
+    Returns (vectors memmap (N, D), {path: row of vectors}) of the images embedded, for the
+    triplet scores, and the files' row counts. Unreadable images go to bad_images.
     """
     union = unique_in_order(*(paths for _, paths, _ in plans))
-    row = {path: i for i, path in enumerate(union)}
+    check_names(union, [class_of(p) for p in union])
+    row = {}
     dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
     members = [set(paths) for _, paths, _ in plans]
     folder = os.path.dirname(os.path.abspath(plans[0][0]))
@@ -113,11 +119,12 @@ def embed_to_files(model, plans, device, args, header_model):
         # the GIL); at most two batches wait, so memory stays flat
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = collections.deque()
-            for batch in embed_batches(model, union, device, args.batch_size, args.num_workers, not args.no_amp,
-                                       bar, args.layer, compile, args.tta):
-                batch = batch.numpy()
+            for batch, rows in embed_batches(model, union, device, args.batch_size, args.num_workers,
+                                             not args.no_amp, bar, args.layer, compile, args.tta, bad_images):
+                batch, paths = batch.numpy(), [union[i] for i in rows]
                 vectors[start:start + len(batch)] = batch
-                pending.append(pool.submit(write_rows, union[start:start + len(batch)], batch))
+                row.update((path, start + i) for i, path in enumerate(paths))
+                pending.append(pool.submit(write_rows, paths, batch))
                 start += len(batch)
                 while len(pending) > 2:
                     pending.popleft().result()
@@ -130,31 +137,38 @@ def embed_to_files(model, plans, device, args, header_model):
         raise
     for writer in writers:
         writer.__exit__(None, None, None)
-    return vectors, row
+    return vectors, row, [writer.count for writer in writers]
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise PipelineError("--batch_size must be at least 1")
     for out in (args.train_out, args.test_out):
         check_output_path(out)
+    both = args.data is None or args.split == "both"
+    if both and os.path.abspath(args.train_out) == os.path.abspath(args.test_out):
+        raise PipelineError(f"--train_out and --test_out are the same file ({args.train_out}); give them two names")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model)
     plans = plan_outputs(args)
     print_args("gen_embeddings.py", args)
     model = prepare(model, device)
+    first = Path(plans[0][0])
+    bad_images = BadImages(args.on_bad_image, first.with_name(f"{first.stem}_bad_images.txt"))
 
     source = (os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
               + (f" tta={args.tta}" if args.tta != "none" else ""))
-    vectors, row = embed_to_files(model, plans, device, args, source)
-    for (out, paths, columns), name in zip(plans, ("train", "test")):
-        print(f"wrote {len(paths)} embeddings to {out}")
+    vectors, row, counts = embed_to_files(model, plans, device, args, source, bad_images)
+    for (out, paths, columns), name, count in zip(plans, ("train", "test"), counts):
+        print(f"wrote {count} embeddings to {out}")
         if columns is not None:
+            columns, dropped = readable_triplets(columns, row)
             index = triplet_rows(columns, row, out, "was not embedded")
             accuracy = triplet_accuracy(vectors, *index)
+            left_out = f" ({dropped} naming a skipped image left out)" if dropped else ""
             print(f"{name} triplets ranked correctly (similarity precision): {100 * accuracy:.2f}% "
-                  f"of {len(index[0])}")
+                  f"of {len(index[0])}{left_out}")
+    if bad_images.write_report():
+        print(f"warning: {bad_images.summary()}", file=sys.stderr)
     return 0
 
 

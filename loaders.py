@@ -3,36 +3,78 @@ batch sampler of online mining, train-time augmentation, the DataLoader settings
 normalisation that runs on the device after batching.
 
 Workers decode and resize to uint8 (3, S, S) tensors; Normalize turns a batch into floats on
-the device, so workers ship bytes, not floats, and one decode path serves every stage.
-Every training batch is (images (N, 3, S, S) uint8, labels (N,) or None): labels for P x K
-batches, None for triplet-CSV batches, whose rows are all queries, then all positives, then
-all negatives.
+the device, so workers ship bytes, not floats, and one decode path (load_rgb) serves every
+stage. A file that cannot be decoded never raises inside a worker: the Dataset returns an
+Unreadable marker, the collate functions below set it aside, and the main process applies
+--on_bad_image (BadImages). Every batch is (images, labels, unreadable):
+  image_batch     (images (N, 3, S, S) uint8, row of each image in the batch, [Unreadable])
+  labelled_batch  (images (N, 3, S, S) uint8, labels (N,), [Unreadable])   P x K batches
+  triplet_batch   (images (3B, 3, S, S) uint8, None, [Unreadable])         triplet CSV rows:
+                  all queries, then all positives, then all negatives; a row with an
+                  unreadable image is left out
 
-    loader = make_loader(ImageList(paths, 224), batch_size=64, num_workers=2, device=device)
+    loader = make_loader(ImageList(paths, 224), 64, num_workers=2, device=device, collate_fn=image_batch)
 """
+
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from common import PipelineError
+from common import BAD_IMAGE_POLICIES, PipelineError, atomic_write, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("none", "flip", "standard")
+MAX_PIXELS = 89_478_485  # larger images are refused, not decoded (Pillow's own warning level: ~256 MB as RGB)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def load_rgb(path):
-    """Open an image file as RGB (TinyImageNet has grayscale images)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Any image file as an upright RGB PIL image: the EXIF orientation applied; grayscale, 16-bit,
+    palette, CMYK and RGBA converted (alpha dropped). A file that cannot be decoded (missing,
+    empty, truncated, not an image, more than MAX_PIXELS pixels) raises PipelineError naming it."""
+    try:
+        return _decode(path)
+    except Exception as err:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, EOFError, ...
+        raise PipelineError(f"cannot read image {path} ({first_line(err)}); replace or remove it") from None
+
+
+def _decode(path):
+    """load_rgb without the error translation: raises whatever the decoder raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own guard: an error too
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ValueError(f"{image.width} x {image.height} pixels, more than {MAX_PIXELS:,}: "
+                                 f"refused as a possible decompression bomb")
+            if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: rotate / mirror upright
+                image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+
+
+def _to_rgb(image):
+    """An opened PIL image in RGB; 16-bit values scaled to 8 bits, not clipped."""
+    if image.mode in _SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode != "I" or values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency, converted as Pillow advises
+    return image.convert("RGB")
+
+
+class Unreadable(NamedTuple):
+    """An image file that could not be decoded, and why."""
+    path: str
+    reason: str
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Image paths -> uint8 (3, S, S) tensors, resized in the worker.
-
-    `augment` is an optional callable on the PIL image (train-only augmentation).
-    """
+    """Image paths -> uint8 (3, S, S) tensors, resized in the worker; an Unreadable for a file
+    that cannot be decoded. `augment` is an optional callable on the PIL image (training)."""
 
     def __init__(self, paths, image_size, augment=None):
         self.paths = list(paths)
@@ -46,11 +88,12 @@ class ImageList(torch.utils.data.Dataset):
         return self.load(self.paths[index])
 
     def load(self, path):
-        """One image file -> (3, S, S) uint8 tensor (augmented when the list has augment)."""
+        """One image file -> (3, S, S) uint8 tensor (augmented when the list has augment), or an
+        Unreadable."""
         try:
-            image = load_rgb(path)
-        except (OSError, ValueError) as err:
-            raise PipelineError(f"cannot read image {path} ({err}); replace or remove it") from None
+            image = _decode(path)
+        except Exception as err:  # noqa: BLE001 - any decoder failure: the main process applies --on_bad_image
+            return Unreadable(str(path), first_line(err))
         if self.augment is not None:
             image = self.augment(image)
         size = (self.image_size, self.image_size)
@@ -61,7 +104,7 @@ class ImageList(torch.utils.data.Dataset):
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    """Image i -> ((3, S, S) uint8, class code); batches collate to (images, labels)."""
+    """Image i -> ((3, S, S) uint8 or Unreadable, class code); batch with labelled_batch."""
 
     def __init__(self, paths, codes, image_size, augment=None):
         self.images = ImageList(paths, image_size, augment)
@@ -75,8 +118,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 class TripletImages(torch.utils.data.Dataset):
-    """Row i of a triplet CSV -> (3, 3, S, S) uint8: query, positive, negative.
-    Batch them with collate_fn=triplet_batch."""
+    """Row i of a triplet CSV -> (3, 3, S, S) uint8: query, positive, negative; or the first of
+    them that is Unreadable. Batch them with triplet_batch."""
 
     def __init__(self, q, p, n, image_size, augment=None):
         self.images = ImageList([], image_size, augment)
@@ -86,13 +129,80 @@ class TripletImages(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        return torch.stack([self.images.load(path) for path in self.rows[index]])
+        images = [self.images.load(path) for path in self.rows[index]]
+        bad = [image for image in images if isinstance(image, Unreadable)]
+        return bad[0] if bad else torch.stack(images)
+
+
+def _split_unreadable(items, image_of=lambda item: item):
+    """(rows of the readable items, the Unreadable markers) of a batch's items."""
+    keep, bad = [], []
+    for row, item in enumerate(items):
+        image = image_of(item)
+        if isinstance(image, Unreadable):
+            bad.append(image)
+        else:
+            keep.append(row)
+    return keep, bad
+
+
+def _collate(items):
+    """default_collate (which builds the batch in shared memory inside a worker), or None when empty."""
+    return torch.utils.data.default_collate(items) if items else None
+
+
+def image_batch(items):
+    """Images -> (uint8 (N, 3, S, S) of the readable ones or None, their rows in the batch, [Unreadable])."""
+    keep, bad = _split_unreadable(items)
+    return _collate([items[row] for row in keep]), keep, bad
+
+
+def labelled_batch(items):
+    """(image, code) pairs -> (uint8 (N, 3, S, S) or None, labels (N,), [Unreadable])."""
+    keep, bad = _split_unreadable(items, lambda item: item[0])
+    images, labels = _collate([items[row] for row in keep]) or (None, None)
+    return images, labels, bad
 
 
 def triplet_batch(items):
-    """B triplets -> (images (3B, 3, S, S): B queries | B positives | B negatives, labels None)."""
-    batch = torch.stack(items)  # (B, 3, 3, S, S)
-    return batch.transpose(0, 1).reshape(3 * len(items), *batch.shape[2:]), None
+    """B triplets -> (images (3B, 3, S, S): B queries | B positives | B negatives, None, [Unreadable])."""
+    keep, bad = _split_unreadable(items)
+    if not keep:
+        return None, None, bad
+    batch = _collate([items[row] for row in keep])  # (B, 3, 3, S, S)
+    return batch.transpose(0, 1).reshape(3 * len(keep), *batch.shape[2:]), None, bad
+
+
+class BadImages:
+    """--on_bad_image: 'error' stops at the first unreadable image with one line naming it;
+    'skip' leaves such images out, counts them, and lists them (path<TAB>reason) in `report`."""
+
+    def __init__(self, policy, report):
+        if policy not in BAD_IMAGE_POLICIES:
+            raise PipelineError(f"unknown --on_bad_image {policy!r}; choose {', '.join(BAD_IMAGE_POLICIES)}")
+        self.policy, self.report, self.found = policy, report, {}
+
+    def add(self, unreadable):
+        """Record a batch's unreadable images; in 'error' mode, stop at the first."""
+        for item in unreadable:
+            if self.policy == "error":
+                raise PipelineError(f"cannot read image {item.path} ({item.reason}); replace or remove it, or "
+                                    f"pass --on_bad_image skip to leave such files out")
+            self.found.setdefault(item.path, item.reason)
+
+    def write_report(self):
+        """Write the report file (atomically) if any image was skipped; returns its path or None."""
+        if not self.found:
+            return None
+        with atomic_write(self.report) as handle:
+            handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.found.items())))
+        return self.report
+
+    def summary(self):
+        """One line for the printout, or '' when nothing was skipped."""
+        if not self.found:
+            return ""
+        return f"skipped {len(self.found)} unreadable image(s), listed in {self.report}"
 
 
 class PKBatchSampler(torch.utils.data.Sampler):

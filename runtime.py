@@ -16,7 +16,7 @@ import torch
 
 from common import NUM_WORKERS, PipelineError
 from deep_rank_net import PooledFeatures, l2n, unwrap
-from loaders import ImageList, Normalize, make_loader
+from loaders import BadImages, ImageList, Normalize, image_batch, make_loader
 
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -138,28 +138,35 @@ class FrozenRunner:
 
 @torch.inference_mode()
 def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, amp=True, progress=None,
-                  layer="embedding", compile=False, tta="none"):
-    """Yield (B, D) float32 CPU embeddings of the images at paths, in order, each image once.
+                  layer="embedding", compile=False, tta="none", bad_images=None):
+    """Yield (vectors, rows): (G, D) float32 CPU embeddings of a batch's readable images and their
+    indices into paths, in order, each image once.
 
     model must already be on device, in eval mode. layer: 'embedding' (DeepRank's output) or
     'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
     compile: run the network compiled with its weights frozen (see FrozenRunner).
     tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
-    (two forward passes per image).
+    (two forward passes per image). bad_images: the loaders.BadImages that decides about images
+    that cannot be decoded (default: stop at the first).
     """
     if tta not in TTA_CHOICES:
         raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA_CHOICES)}")
-    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device)
+    bad_images = bad_images or BadImages("error", None)
+    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device,
+                         collate_fn=image_batch)
     normalize = Normalize(device)
     network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
     forward = FrozenRunner(network, batch_size, compile)
-    for batch in loader:
-        batch = normalize(batch)
-        with autocast(device, amp):
-            out = forward(batch).float()
-            if tta == "flip":
-                out = l2n(out + forward(batch.flip(3)).float())
-        out = out.cpu()
+    start = 0
+    for images, kept, unreadable in loader:
+        bad_images.add(unreadable)
+        if images is not None:
+            batch = normalize(images)
+            with autocast(device, amp):
+                out = forward(batch).float()
+                if tta == "flip":
+                    out = l2n(out + forward(batch.flip(3)).float())
+            yield out.cpu(), [start + row for row in kept]
         if progress is not None:
-            progress.update(len(out))
-        yield out
+            progress.update(len(kept) + len(unreadable))
+        start += len(kept) + len(unreadable)

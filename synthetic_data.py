@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PipelineError, print_args, run_cli
+from common import PipelineError, non_negative_int, positive_int, print_args, run_cli
 
 # ---------------------------------------------------------------- hyperparameters
 CLASSES = 6            # number of classes (at most len(SHAPES) * len(TEXTURES))
@@ -159,14 +159,15 @@ def generate(out, classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_clas
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="synthetic-tiny-imagenet", help="folder to create (default: %(default)s)")
-    parser.add_argument("--classes", type=int, default=CLASSES, help="number of classes (default: %(default)s)")
-    parser.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS,
+    parser.add_argument("--classes", type=positive_int, default=CLASSES,
+                        help="number of classes (default: %(default)s)")
+    parser.add_argument("--train_per_class", type=positive_int, default=TRAIN_PER_CLASS,
                         help="train images per class (default: %(default)s)")
-    parser.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS,
+    parser.add_argument("--val_per_class", type=positive_int, default=VAL_PER_CLASS,
                         help="val images per class (default: %(default)s)")
-    parser.add_argument("--test_images", type=int, default=TEST_IMAGES,
+    parser.add_argument("--test_images", type=non_negative_int, default=TEST_IMAGES,
                         help="unlabelled test images (default: %(default)s)")
-    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE, help="pixels (default: %(default)s)")
+    parser.add_argument("--image_size", type=positive_int, default=IMAGE_SIZE, help="pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
     print_args("synthetic_data.py", args)

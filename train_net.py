@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (MODEL, TRAIN_TRIPLETS, PipelineError, check_output_path, data_flag, device_flag, print_args,
+from common import (MODEL, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag, check_output_path, data_flag,
+                    device_flag, non_negative_float, non_negative_int, positive_float, positive_int, print_args,
                     run_cli, seed_flag, workers_flag)
-from datasets import check_images_exist, list_split, read_triplet_csv, triplet_rows, unique_in_order
+from datasets import check_images_exist, list_split, read_triplet_csv, readable_triplets, triplet_rows, unique_in_order
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
-                           PooledFeatures, build_backbone, load_checkpoint, model_from_checkpoint, save_checkpoint,
-                           trainable_parameters)
-from loaders import (AUGMENTS, LabelledImages, Normalize, PKBatchSampler, TripletImages, make_augment, make_loader,
-                     triplet_batch)
+                           PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
+                           save_checkpoint, trainable_parameters)
+from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PKBatchSampler, TripletImages, labelled_batch,
+                     make_augment, make_loader, triplet_batch)
 from losses import DISTANCES, MINERS, neighbour_kl, ranking_loss
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches, prepare,
@@ -65,25 +66,28 @@ SCHEDULES = ("constant", "cosine")
 def build_parser():
     """train_net.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(), seed_flag(), device_flag(),
-                                                                   workers_flag()],
+                                                                   workers_flag(), bad_image_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--epochs", type=int, default=EPOCHS, help="epochs (default: %(default)s)")
+    a("--epochs", type=non_negative_int, default=EPOCHS,
+      help="epochs; 0 writes the untrained model (default: %(default)s)")
     a("--optim", default=OPTIM, choices=OPTIMS, help="optimiser (default: %(default)s)")
-    a("--batch_size", type=int, default=BATCH_SIZE, help="triplets per step (default: %(default)s)")
-    a("--lr", type=float, default=LEARNING_RATE, help="learning rate (default: %(default)s)")
-    a("--weight_decay", type=float, default=WEIGHT_DECAY, help="L2 weight decay (default: %(default)s)")
-    a("--head_lr_mult", type=float, default=HEAD_LR_MULT,
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="triplets per step (default: %(default)s)")
+    a("--lr", type=positive_float, default=LEARNING_RATE, help="learning rate (default: %(default)s)")
+    a("--weight_decay", type=non_negative_float, default=WEIGHT_DECAY,
+      help="L2 weight decay (default: %(default)s)")
+    a("--head_lr_mult", type=positive_float, default=HEAD_LR_MULT,
       help="learning-rate multiplier of the new layers (projection, branches, embedding) (default: %(default)s)")
     a("--schedule", default=SCHEDULE, choices=SCHEDULES, help="LR schedule (default: %(default)s)")
-    a("--warmup_epochs", type=float, default=WARMUP_EPOCHS, help="linear LR warm-up (default: %(default)s)")
-    a("--margin", type=float, default=MARGIN, help="hinge margin (default: %(default)s)")
+    a("--warmup_epochs", type=non_negative_float, default=WARMUP_EPOCHS,
+      help="linear LR warm-up (default: %(default)s)")
+    a("--margin", type=non_negative_float, default=MARGIN, help="hinge margin (default: %(default)s)")
     a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
     a("--weights", default=WEIGHTS, help="imagenet | none | PATH to a backbone state_dict (default: %(default)s)")
     a("--trainable", default=TRAINABLE, choices=TRAINABLE_CHOICES, help="layers to train (default: %(default)s)")
-    a("--image_size", type=int, default=IMAGE_SIZE, help="input side in pixels (default: %(default)s)")
-    a("--embed_dim", type=int, default=EMBED_DIM, help="embedding size (default: %(default)s)")
+    a("--image_size", type=positive_int, default=IMAGE_SIZE, help="input side in pixels (default: %(default)s)")
+    a("--embed_dim", type=positive_int, default=EMBED_DIM, help="embedding size (default: %(default)s)")
     a("--augment", default=AUGMENT, choices=AUGMENTS, help="train-only augmentation (default: %(default)s)")
     a("--triplets", default=TRAIN_TRIPLETS, help="training triplet CSV (default: %(default)s)")
     a("--val_triplets", default=None, help="validation triplet CSV: report its accuracy each epoch")
@@ -93,32 +97,32 @@ def build_parser():
     a("--mining", default=MINING, choices=("none",) + tuple(MINERS),
       help="none: triplets from --triplets (original); else mine triplets online inside P x K batches "
            "drawn from --data's train split (default: %(default)s)")
-    a("--classes_per_batch", type=int, default=CLASSES_PER_BATCH, help="P, online mining (default: %(default)s)")
-    a("--images_per_class", type=int, default=IMAGES_PER_CLASS, help="K, online mining (default: %(default)s)")
+    a("--classes_per_batch", type=positive_int, default=CLASSES_PER_BATCH,
+      help="P, online mining (default: %(default)s)")
+    a("--images_per_class", type=positive_int, default=IMAGES_PER_CLASS, help="K, online mining (default: %(default)s)")
     a("--soft_margin", action="store_true", default=SOFT_MARGIN,
       help="soft-margin loss softplus(d_ap - d_an) instead of the hinge")
-    a("--distill", type=float, default=DISTILL,
+    a("--distill", type=non_negative_float, default=DISTILL,
       help="weight of a second loss that keeps each image's batch neighbours as the pretrained backbone (a frozen "
            "copy of --weights) ranks them, against overfitting the classes (0: off) (default: %(default)s)")
-    a("--distill_temperature", type=float, default=DISTILL_TEMPERATURE,
+    a("--distill_temperature", type=positive_float, default=DISTILL_TEMPERATURE,
       help="temperature of --distill's neighbour distributions over standardised cosine similarities "
            "(default: %(default)s)")
-    a("--keep_last", type=int, default=0, help="keep only the last N temp_net<epoch>.model files (0: all)")
-    a("--max_steps", type=int, default=0, help="stop each epoch after this many steps (0: all; for smoke tests)")
+    a("--keep_last", type=non_negative_int, default=0, help="keep only the last N temp_net<epoch>.model files (0: all)")
+    a("--max_steps", type=non_negative_int, default=0,
+      help="stop each epoch after this many steps (0: all; for smoke tests)")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
       help="torch.compile the frozen backbone layers with their weights frozen; auto: when the run is long "
            "enough to repay compiling (default: %(default)s)")
-    a("--max_minutes", type=float, default=0,
+    a("--max_minutes", type=non_negative_float, default=0,
       help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
     return parser
 
 
 def check_flags(args):
-    """Refuse flag values no run can use, before anything is read or written."""
-    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
-        raise PipelineError("--epochs must be >= 0 (0 writes the initial model), --batch_size >= 1 and --lr > 0")
-    if args.distill < 0 or args.distill_temperature <= 0:
-        raise PipelineError("--distill must be >= 0 and --distill_temperature > 0")
+    """Refuse flag combinations no run can use, before anything is read or written (argparse
+    already refused values out of range)."""
+    check_image_size(args.image_size)
     if args.distill and args.weights == "none":
         raise PipelineError("--distill keeps the pretrained backbone's neighbourhoods: it needs --weights imagenet "
                             "or PATH, not none")
@@ -151,7 +155,7 @@ class TrainingData:
         self.sampler = None
         if args.mining == "none":
             q, p, n = read_triplet_csv(args.triplets)
-            check_images_exist(unique_in_order(q, p, n), args.triplets)
+            check_images_exist(unique_in_order(q, p, n), args.triplets, empty_ok=args.on_bad_image == "skip")
             self.dataset, self.images_per_batch = TripletImages(q, p, n, image_size, augment), 3 * args.batch_size
             steps = math.ceil(len(self.dataset) / args.batch_size)
             self.description = f"{len(self.dataset)} triplets"
@@ -174,7 +178,7 @@ class TrainingData:
                                generator=generator, collate_fn=triplet_batch)
         self.sampler.set_epoch(epoch)
         return make_loader(self.dataset, None, self.num_workers, device, batch_sampler=self.sampler,
-                           generator=generator)
+                           generator=generator, collate_fn=labelled_batch)
 
 
 def parameter_groups(model, lr, head_lr_mult=1.0):
@@ -272,9 +276,9 @@ class Network:
             features = self.tail(self.trunk(images) if self.trunk is not None else images)
             return self.model.head(features, images).float()
 
-    def batch_loss(self, batch):
-        """(loss, stats) of one batch: the ranking loss, plus --distill's neighbourhood term."""
-        images, labels = batch
+    def batch_loss(self, images, labels):
+        """(loss, stats) of one batch (uint8 images, labels or None): the ranking loss, plus
+        --distill's neighbourhood term."""
         images = self.normalize(images)
         emb = self.embed(images)
         a = self.args
@@ -335,25 +339,29 @@ def collapsed(row):
     return max(row["mean_pos_distance"], row["mean_neg_distance"]) < 1e-3
 
 
-def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good, total_epochs):
+def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good, total_epochs, bad_images):
     """Train one epoch of at most `steps` steps; (EpochStats, stopped for the time budget).
-    A non-finite loss stops the run, naming the last good checkpoint."""
+    A non-finite loss stops the run, naming the last good checkpoint; unreadable images go to
+    bad_images (which stops the run or leaves them out of their batch)."""
     stats = EpochStats()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="step", dynamic_ncols=True,
                leave=False, disable=None)
     out_of_time = False
-    for step, batch in enumerate(bar):
+    for step, (images, labels, unreadable) in enumerate(bar):
         if step >= steps:
             break
+        bad_images.add(unreadable)
+        if images is None:  # every image of the batch was unreadable (and skipped)
+            continue
         schedule.set_lr(epoch * steps + step)
-        loss, batch_stats = network.batch_loss(batch)
+        loss, batch_stats = network.batch_loss(images, labels)
         if not torch.isfinite(loss):
             raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; training "
                                 f"stopped, last good checkpoint: {last_good or 'none'}; lower --lr or use --no_amp")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stats.add(loss.item(), batch_stats, len(batch[0]))
+        stats.add(loss.item(), batch_stats, len(images))
         bar.set_postfix(stats.postfix())
         if schedule.out_of_time():
             out_of_time = True
@@ -362,25 +370,43 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
     return stats, out_of_time
 
 
-def evaluate_triplets(model, csv_path, device, args):
-    """Share of a CSV's triplets ranked correctly, embedding each distinct image once."""
+def evaluate_triplets(model, csv_path, device, args, bad_images):
+    """Share of a CSV's triplets ranked correctly, embedding each distinct image once (triplets
+    naming a skipped image left out)."""
     columns = read_triplet_csv(csv_path)
     paths = unique_in_order(*columns)
-    row = {path: i for i, path in enumerate(paths)}
     model.eval()
-    vectors = torch.cat(list(embed_batches(model, paths, device, max(args.batch_size * 3, 64),
-                                           args.num_workers, not args.no_amp)))
+    parts = list(embed_batches(model, paths, device, max(args.batch_size * 3, 64), args.num_workers,
+                               not args.no_amp, bad_images=bad_images))
     model.train()
+    vectors = torch.cat([vectors for vectors, _ in parts]) if parts else torch.zeros(0, 1)
+    row = {paths[i]: r for r, i in enumerate(i for _, rows in parts for i in rows)}
+    columns, _ = readable_triplets(columns, row)
     return triplet_accuracy(vectors, *triplet_rows(columns, row, csv_path, "was not embedded"))
 
 
-def report_epoch(row, total_epochs):
-    """The epoch's summary line, and a warning when the embedding has collapsed."""
+def earlier_log(path, start_epoch):
+    """The log rows a resumed run keeps: those of the epochs its checkpoint had finished."""
+    if start_epoch == 0 or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # not a log line (edited by hand, or another program's): left out
+            continue
+    return [row for row in rows if isinstance(row, dict) and row.get("epoch", 0) <= start_epoch]
+
+
+def report_epoch(row, total_epochs, skipped=""):
+    """The epoch's summary line; warnings when the embedding has collapsed, or images were skipped."""
     val = f", val triplet accuracy {100 * row['val_triplet_accuracy']:.2f}%" if "val_triplet_accuracy" in row else ""
     val += f", distill KL {row['distill_kl']:.4f}" if "distill_kl" in row else ""
     print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active triplets "
           f"{100 * row['active_share']:.1f}%, d(a,p) {row['mean_pos_distance']:.3f}, "
           f"d(a,n) {row['mean_neg_distance']:.3f}{val}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s")
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
     if collapsed(row):
         print("warning: the embedding has collapsed (all distances near zero); lower --lr, raise --margin, "
               "or use --mining batch_semihard / --soft_margin", file=sys.stderr)
@@ -401,7 +427,8 @@ def main(argv=None):
     model, start_epoch = build_model(args, ckpt)
     data = TrainingData(args, model.image_size)
     if args.val_triplets:
-        check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets)
+        check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets,
+                           empty_ok=args.on_bad_image == "skip")
     model = prepare(model, device)
     optimizer = build_optimizer(model, args, ckpt)
 
@@ -412,26 +439,27 @@ def main(argv=None):
     network = Network(model, args, device, data.images_per_batch,
                       images_per_run=data.images_per_batch * steps * (args.epochs - start_epoch))
     config, metrics, last_good = dict(vars(args)), {}, args.resume
-    if start_epoch == 0:
-        log_path.unlink(missing_ok=True)
+    log = earlier_log(log_path, start_epoch)
+    bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt")
     schedule = Schedule(optimizer, args, steps, start_epoch)
 
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader = data.loader(epoch, device)
         stats, out_of_time = train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good,
-                                             args.epochs)
+                                             args.epochs, bad_images)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])
         if args.val_triplets:
-            metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args)
+            metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args, bad_images)
         temp = folder / f"temp_net{epoch + 1}.model"
         save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
         last_good = str(temp)
         if args.keep_last and epoch + 1 - args.keep_last >= 1:
             (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(json.dumps(metrics) + "\n")
-        report_epoch(metrics, args.epochs)
+        log.append(metrics)
+        with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
+            handle.write("".join(json.dumps(row) + "\n" for row in log))
+        report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary())
         if out_of_time:
             print(f"stopping: --max_minutes {args.max_minutes} reached")
             break

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from common import (TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, check_output_path, data_flag, print_args, run_cli,
-                    seed_flag)
-from datasets import list_split, write_triplet_csv
+from common import (TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, check_output_path, data_flag, positive_int,
+                    print_args, run_cli, seed_flag)
+from datasets import list_split, need_classes, split_root, write_triplet_csv
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image
@@ -105,9 +105,9 @@ def main(argv=None):
     parser.add_argument("--training", type=int, choices=(0, 1), default=1,
                         help="1: sample train/ into training_triplet_sample.csv; 0: val/ into "
                              "val_triplet_sample.csv (default: %(default)s)")
-    parser.add_argument("--num_pos_images", type=int, default=NUM_POS_IMAGES,
+    parser.add_argument("--num_pos_images", type=positive_int, default=NUM_POS_IMAGES,
                         help="positives per query image (default: %(default)s)")
-    parser.add_argument("--num_neg_images", type=int, default=NUM_NEG_IMAGES,
+    parser.add_argument("--num_neg_images", type=positive_int, default=NUM_NEG_IMAGES,
                         help="negatives per (query, positive) pair (default: %(default)s)")
     parser.add_argument("--out", default=None,
                         help=f"output CSV (default: {TRAIN_TRIPLETS} or {VAL_TRIPLETS} by --training)")
@@ -119,6 +119,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     paths, labels = list_split(args.data, split)
+    need_classes(labels, split_root(args.data, split))
     triplets, short = sample_triplets(labels, args.num_pos_images, args.num_neg_images, args.seed)
     for name, count in sorted(short.items()):
         print(f"warning: class {name} has too few images for {args.num_pos_images} positives per query; "

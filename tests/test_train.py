@@ -13,6 +13,7 @@ from common import PipelineError
 from conftest import FAST as SMALL
 from conftest import read_log
 from deep_rank_net import DeepRank, load_model, save_checkpoint
+from loaders import BadImages
 from runtime import compiler_available, resolve_device
 
 FAST = SMALL + ["--batch_size", "16"]
@@ -144,21 +145,24 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
         def __init__(self, poison):
             self.calls, self.poison = 0, poison
 
-        def batch_loss(self, batch):
+        def batch_loss(self, images, labels):
             self.calls += 1
             loss = weight.pow(2).sum()
             return (loss * math.nan if self.calls > self.poison else loss), dict(stats)
 
-    batches = [(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), None)] * 5
+    batches = [(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), None, [])] * 5
+    bad_images = BadImages("error", None)
     schedule = train_net.Schedule(optimizer, flags, steps_per_epoch=4, start_epoch=0)
-    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, schedule, 0, 4, None, 1)
+    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, schedule, 0, 4, None, 1,
+                                                   bad_images)
     row = epoch.row(1, optimizer.param_groups[0]["lr"])
     assert not out_of_time and row["steps"] == 4 and row["active_share"] == 0.5 and row["loss"] < 2
     assert float(weight.detach()[0]) == pytest.approx(0.8 ** 4)  # four SGD steps on w . w at lr 0.1
     with pytest.raises(PipelineError, match="step 3; training stopped, last good checkpoint: temp_net7.model"):
-        train_net.train_one_epoch(Network(2), optimizer, batches, schedule, 0, 4, "temp_net7.model", 1)
+        train_net.train_one_epoch(Network(2), optimizer, batches, schedule, 0, 4, "temp_net7.model", 1, bad_images)
     budget = train_net.Schedule(optimizer, SimpleNamespace(**{**vars(flags), "max_minutes": 1e-9}), 4, 0)
-    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, budget, 0, 4, None, 1)
+    epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, budget, 0, 4, None, 1,
+                                                   bad_images)
     assert out_of_time and epoch.row(1, 0.1)["steps"] == 1
 
 

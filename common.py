@@ -133,10 +133,19 @@ def resolve_in(path, folder):
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(folder, path))
 
 
-def relative_to_file(path, file_path):
-    """Inverse of resolve_in: how a file at file_path refers to path (relative, '/' separated)."""
-    folder = os.path.dirname(os.path.abspath(file_path))
-    return os.path.relpath(os.path.abspath(path), folder).replace(os.sep, "/")
+class RelativeTo:
+    """Inverse of resolve_in for many paths: how a file at file_path refers to each path (relative,
+    '/' separated), with one os.path.relpath per folder rather than per path."""
+
+    def __init__(self, file_path):
+        self.folder, self.folders = os.path.dirname(os.path.abspath(file_path)), {}
+
+    def __call__(self, path):
+        parent, name = os.path.split(os.path.abspath(path))
+        rel = self.folders.get(parent)
+        if rel is None:
+            rel = self.folders[parent] = os.path.relpath(parent, self.folder).replace(os.sep, "/")
+        return name if rel == "." else f"{rel}/{name}"
 
 
 def check_output_path(path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import PipelineError, atomic_write, relative_to_file, resolve_in
+from common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 TRIPLET_COLUMNS = ("query", "positive", "negative")
@@ -193,12 +193,20 @@ def check_images_exist(paths, source, limit=10, empty_ok=False):
 
 
 def write_triplet_csv(path, paths, triplets):
-    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder (quoted
-    where they hold a comma, a quote or a newline), atomically."""
-    relative = np.array([relative_to_file(p, path) for p in paths], dtype=object)
-    frame = pd.DataFrame(relative[triplets], columns=list(TRIPLET_COLUMNS))
+    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder,
+    atomically. The bytes are pandas' (a path holding a comma, a quote or a line break is quoted);
+    when no path needs quoting they are joined directly, which is several times faster."""
+    relative_to = RelativeTo(path)
+    relative = np.array([relative_to(p) for p in paths], dtype=object)
+    rows = relative[triplets]  # (T, 3) of str
+    joined = "\0".join(relative)
     with atomic_write(path, newline="") as handle:
-        frame.to_csv(handle, index=False, lineterminator="\n")
+        if any(c in joined for c in ',"\r\n'):
+            pd.DataFrame(rows, columns=list(TRIPLET_COLUMNS)).to_csv(handle, index=False, lineterminator="\n")
+            return
+        handle.write(",".join(TRIPLET_COLUMNS) + "\n")
+        for start in range(0, len(rows), 100_000):
+            handle.write("".join(f"{q},{p},{n}\n" for q, p, n in rows[start:start + 100_000].tolist()))
 
 
 def readable_triplets(columns, embedded):

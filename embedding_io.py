@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import fastparse
-from common import PipelineError, atomic_write, relative_to_file, resolve_in
+from common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 EMBEDDING_MAGIC = "# deep-ranking embeddings v1"
 
@@ -109,6 +109,7 @@ class EmbeddingWriter:
         self.binary = self.path.suffix.lower() == ".npy"
         self._header = embedding_header(dim, normalized, model)
         self._text = atomic_write(paths_file_of(self.path) if self.binary else self.path)
+        self._relative = RelativeTo(self.path)
         self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
         self.count = 0
 
@@ -143,7 +144,7 @@ class EmbeddingWriter:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(paths):
             raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
-        names = [f"{relative_to_file(p, self.path)}\t{label}" for p, label in zip(paths, labels)]
+        names = [f"{self._relative(p)}\t{label}" for p, label in zip(paths, labels)]
         if self.binary:
             self._raw.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
             self._handle.write("".join(f"{name}\n" for name in names))

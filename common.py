@@ -20,6 +20,9 @@ from pathlib import Path
 DATA = "tiny-imagenet-200"                     # dataset root (TinyImageNet layout)
 TRAIN_TRIPLETS = "training_triplet_sample.csv"  # triplet_sampler.py --training 1
 VAL_TRIPLETS = "val_triplet_sample.csv"         # triplet_sampler.py --training 0
+# triplet_sampler.py --kind pairs / triples: training_pair_sample.csv, val_triple_sample.csv, ...
+SAMPLE_FILES = {(kind, training): f"{'training' if training else 'val'}_{kind[:-1]}_sample.csv"
+                for kind in ("triplets", "pairs", "triples") for training in (0, 1)}
 MODEL = "deepranknet.model"                     # train_net.py's final checkpoint
 TRAIN_EMBEDDINGS = "train_embedding.txt"        # gen_embeddings.py's outputs, eval.py's inputs
 TEST_EMBEDDINGS = "test_embedding.txt"

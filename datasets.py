@@ -16,6 +16,9 @@ from common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 TRIPLET_COLUMNS = ("query", "positive", "negative")
+PAIR_COLUMNS = ("image1", "image2")          # + "same": 1 when both show one class
+TRIPLE_COLUMNS = ("image1", "image2", "image3")  # + "label": 1 when at least two share a class
+FLAG_COLUMN = {"pairs": "same", "triples": "label"}
 
 
 # ----------------------------------------------------------------------------- dataset layout
@@ -126,25 +129,62 @@ def read_wnids(data):
 
 def read_triplet_csv(path):
     """Read a triplet CSV as three arrays of absolute paths (query, positive, negative)."""
+    return read_image_csv(path, TRIPLET_COLUMNS)
+
+
+def read_pair_csv(path):
+    """(image1, image2 arrays of absolute paths, same (N,) int 0/1) of a pair CSV."""
+    *images, flags = read_image_csv(path, PAIR_COLUMNS, FLAG_COLUMN["pairs"])
+    return images[0], images[1], flags
+
+
+def read_triple_csv(path):
+    """(image1, image2, image3 arrays of absolute paths, label (N,) int 0/1) of a triple CSV."""
+    *images, flags = read_image_csv(path, TRIPLE_COLUMNS, FLAG_COLUMN["triples"])
+    return images[0], images[1], images[2], flags
+
+
+def csv_kind(path):
+    """'triplets', 'pairs' or 'triples', from a CSV's header; a clear error for anything else."""
+    try:
+        header = set(pd.read_csv(path, nrows=0, dtype=str).columns)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path} is not a readable CSV ({str(err).splitlines()[0]})") from None
+    for kind, columns in (("triplets", TRIPLET_COLUMNS), ("pairs", PAIR_COLUMNS + ("same",)),
+                          ("triples", TRIPLE_COLUMNS + ("label",))):
+        if set(columns) <= header:
+            return kind
+    raise PipelineError(f"{path} is not a triplet, pair or triple CSV (its header: {', '.join(sorted(header))}); "
+                        f"write one with triplet_sampler.py --kind triplets|pairs|triples")
+
+
+def read_image_csv(path, columns, flag=None):
+    """Arrays of absolute paths, one per image column, (and the 0/1 flag column as ints) of a CSV
+    written by triplet_sampler.py; paths are relative to the CSV's folder."""
     path = Path(path).expanduser()
+    kind = {TRIPLET_COLUMNS: "triplet", PAIR_COLUMNS: "pair", TRIPLE_COLUMNS: "triple"}.get(tuple(columns), "image")
+    fix = f"rerun triplet_sampler.py{'' if kind == 'triplet' else f' --kind {kind}s'}"
     if not path.is_file():
-        raise PipelineError(f"triplet file {path} does not exist; run triplet_sampler.py first")
+        raise PipelineError(f"{kind} file {path} does not exist; run triplet_sampler.py first")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{path} is not a readable CSV ({str(err).splitlines()[0]}); "
-                            f"rerun triplet_sampler.py") from None
-    missing = [c for c in TRIPLET_COLUMNS if c not in frame.columns]
+        raise PipelineError(f"{path} is not a readable CSV ({str(err).splitlines()[0]}); {fix}") from None
+    wanted = list(columns) + ([flag] if flag else [])
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise PipelineError(f"{path} lacks the column(s) {', '.join(missing)}: a triplet CSV has the header "
-                            f"query,positive,negative; rerun triplet_sampler.py")
+        raise PipelineError(f"{path} lacks the column(s) {', '.join(missing)}: a {kind} CSV has the header "
+                            f"{','.join(wanted)}; {fix}")
     if len(frame) == 0:
-        raise PipelineError(f"{path} has no triplets; rerun triplet_sampler.py")
-    empty = (frame[list(TRIPLET_COLUMNS)] == "").any(axis=1).to_numpy()
+        raise PipelineError(f"{path} has no rows; {fix}")
+    empty = (frame[wanted] == "").any(axis=1).to_numpy()
+    if flag:
+        empty = empty | ~frame[flag].isin(["0", "1"]).to_numpy()
     if empty.any():
         row = int(np.flatnonzero(empty)[0])
-        raise PipelineError(f"{path} line {_line_of_row(path, row)} has an empty field or fewer than 3 columns; "
-                            f"a row is query,positive,negative; rerun triplet_sampler.py")
+        raise PipelineError(f"{path} line {_line_of_row(path, row)} has an empty field or fewer than {len(wanted)} "
+                            f"columns{' or a ' + flag + ' other than 0/1' if flag else ''}; a row is "
+                            f"{','.join(wanted)}; {fix}")
     folder = str(path.resolve().parent)
     cache = {}
 
@@ -153,7 +193,8 @@ def read_triplet_csv(path):
             cache[p] = resolve_in(p, folder)
         return cache[p]
 
-    return tuple(np.array([resolve(p) for p in frame[c].tolist()], dtype=object) for c in TRIPLET_COLUMNS)
+    arrays = tuple(np.array([resolve(p) for p in frame[c].tolist()], dtype=object) for c in columns)
+    return arrays + ((frame[flag].astype(np.int64).to_numpy(),) if flag else ())
 
 
 def _line_of_row(path, row):
@@ -193,20 +234,29 @@ def check_images_exist(paths, source, limit=10, empty_ok=False):
 
 
 def write_triplet_csv(path, paths, triplets):
-    """Write triplets of indices into paths as CSV rows, paths relative to the CSV's folder,
-    atomically. The bytes are pandas' (a path holding a comma, a quote or a line break is quoted);
-    when no path needs quoting they are joined directly, which is several times faster."""
+    """Write triplets of indices into paths as query,positive,negative rows (see write_image_csv)."""
+    write_image_csv(path, TRIPLET_COLUMNS, paths, triplets)
+
+
+def write_image_csv(path, columns, paths, rows, flag=None):
+    """Write rows of indices into paths (R, len(columns)) as CSV rows of image paths relative to
+    the CSV's folder, plus an optional (name, (R,) 0/1 values) column, atomically. The bytes are
+    pandas' (a path holding a comma, a quote or a line break is quoted); when no path needs
+    quoting they are joined directly, which is several times faster."""
     relative_to = RelativeTo(path)
     relative = np.array([relative_to(p) for p in paths], dtype=object)
-    rows = relative[triplets]  # (T, 3) of str
+    table = relative[rows]  # (R, k) of str
+    header = list(columns) + ([flag[0]] if flag else [])
+    if flag:
+        table = np.concatenate([table, np.asarray(flag[1]).astype(str).astype(object)[:, None]], axis=1)
     joined = "\0".join(relative)
     with atomic_write(path, newline="") as handle:
         if any(c in joined for c in ',"\r\n'):
-            pd.DataFrame(rows, columns=list(TRIPLET_COLUMNS)).to_csv(handle, index=False, lineterminator="\n")
+            pd.DataFrame(table, columns=header).to_csv(handle, index=False, lineterminator="\n")
             return
-        handle.write(",".join(TRIPLET_COLUMNS) + "\n")
-        for start in range(0, len(rows), 100_000):
-            handle.write("".join(f"{q},{p},{n}\n" for q, p, n in rows[start:start + 100_000].tolist()))
+        handle.write(",".join(header) + "\n")
+        for start in range(0, len(table), 100_000):
+            handle.write("".join(",".join(row) + "\n" for row in table[start:start + 100_000].tolist()))
 
 
 def readable_triplets(columns, embedded):

@@ -25,10 +25,11 @@ import torch
 
 from common import (TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, atomic_write,
                     check_output_path, non_negative_int, positive_int, print_args, run_cli, seed_flag)
-from datasets import read_triplet_csv, triplet_rows
+from datasets import csv_kind, read_pair_csv, read_triple_csv, read_triplet_csv, triplet_rows
 from embedding_io import read_embeddings
 from loaders import load_rgb
-from metrics import KNN_PRECISIONS, knn_scores, squared_distances, triplet_accuracy
+from metrics import (KNN_PRECISIONS, best_threshold, decision_metrics, knn_scores, pair_scores, roc_auc,
+                     squared_distances, triple_scores, triplet_accuracy)
 
 # ---------------------------------------------------------------- hyperparameters
 K = 30                       # neighbours for score_at_k / precision_at_k (the original's top-30)
@@ -40,6 +41,8 @@ KNN_PRECISION = "fp32"       # fp32: exact search | bf16: bf16 products, fp32 su
 
 METRIC_KEYS = ("train_triplet_accuracy", "test_triplet_accuracy", "score_at_k", "precision_at_1",
                "precision_at_k", "r_precision", "map_at_r")
+DECISION_KEYS = ("pair_accuracy", "pair_precision", "pair_recall", "pair_f1", "pair_roc_auc", "pair_threshold",
+                 "triple_accuracy", "triple_precision", "triple_recall", "triple_f1", "triple_threshold")
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -97,8 +100,10 @@ def show_queries(train, test, count, folder, seed=0):
 def format_metrics(metrics):
     """The printout: one metric per line, shares as percentages."""
     lines = []
-    for key in METRIC_KEYS:
-        if key in metrics and metrics[key] is not None:
+    for key in METRIC_KEYS + DECISION_KEYS:
+        if key.endswith("_threshold") and metrics.get(key) is not None:
+            lines.append(f"{key:<24} {metrics[key]:.6g} (squared L2)")
+        elif key in metrics and metrics[key] is not None:
             name = key.replace("_at_k", f"_at_{metrics['k']}") if key.endswith("_at_k") else key
             value = metrics[key]
             lines.append(f"{name:<24} {'n/a' if value != value else f'{100 * value:6.2f}%'}")
@@ -127,6 +132,17 @@ def build_parser():
     parser.add_argument("--json", default=None, help="also write the metrics here (fractions in [0, 1])")
     parser.add_argument("--show", type=non_negative_int, default=SHOW, help="save N query grids (default: %(default)s)")
     parser.add_argument("--show_dir", default=SHOW_DIR, help="folder for --show PNGs (default: %(default)s)")
+    parser.add_argument("--pairs", default=None,
+                        help="pair CSV (image1,image2,same) to decide: same class when the distance is below the "
+                             "threshold; its images are looked up in the embedding files")
+    parser.add_argument("--triples", default=None,
+                        help="triple CSV (image1,image2,image3,label) to decide: at least two of one class when "
+                             "the smallest of the three distances is below the threshold")
+    parser.add_argument("--calibrate", nargs="+", default=[], metavar="CSV",
+                        help="pair and / or triple CSVs, never the scored ones, on which each kind's threshold is "
+                             "chosen to maximise accuracy")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="a given squared-L2 threshold for --pairs and --triples instead of --calibrate")
     parser.add_argument("--knn_precision", default=KNN_PRECISION, choices=KNN_PRECISIONS,
                         help="fp32: exact kNN; bf16: bf16 products with fp32 sums, faster on CPUs with AMX, "
                              "near-ties may swap (default: %(default)s)")
@@ -144,6 +160,62 @@ def score_triplets(train, test, args):
                                    "the embedding file lacks; rerun gen_embeddings.py with this CSV")
             metrics[key] = triplet_accuracy(emb.vectors, q, p, n)
             metrics[key.replace("accuracy", "count")] = len(q)
+    return metrics
+
+
+READERS = {"pairs": (read_pair_csv, pair_scores), "triples": (read_triple_csv, triple_scores)}
+
+
+def decision_scores(csv, kind, train, test):
+    """(distance scores, 1/0 labels) of a pair or triple CSV, each image looked up by path in the
+    test embeddings, then the train ones."""
+    read, score = READERS[kind]
+    *columns, labels = read(csv)
+    vectors = []
+    for column in columns:
+        rows = []
+        for path in column:
+            row = test.index_of(path)
+            rows.append(test.vectors[row] if row >= 0 else _train_vector(train, path, csv))
+        vectors.append(np.stack(rows))
+    return score(*vectors), labels
+
+
+def _train_vector(train, path, csv):
+    row = train.index_of(path)
+    if row < 0:
+        raise PipelineError(f"{csv} names {path}, which neither embedding file holds; rerun gen_embeddings.py on "
+                            f"the split it comes from")
+    return train.vectors[row]
+
+
+def score_decisions(train, test, args):
+    """pair_* / triple_* metrics of --pairs / --triples, each with a threshold given or calibrated
+    on its own kind of --calibrate CSV (never on the scored CSV)."""
+    metrics = {}
+    calibration = {}
+    for csv in args.calibrate:
+        calibration.setdefault(csv_kind(csv), csv)
+    for kind, csv in (("pairs", args.pairs), ("triples", args.triples)):
+        if csv is None:
+            continue
+        prefix = kind[:-1]
+        if args.threshold is not None:
+            threshold = args.threshold
+        elif kind in calibration:
+            if os.path.abspath(calibration[kind]) == os.path.abspath(csv):
+                raise PipelineError(f"--calibrate {csv} is the CSV being scored; calibrate on another "
+                                    f"(e.g. the train split's {kind})")
+            threshold = best_threshold(*decision_scores(calibration[kind], kind, train, test))
+            metrics[f"{prefix}_calibrated_on"] = str(calibration[kind])
+        else:
+            raise PipelineError(f"--{kind} needs a threshold: --calibrate a {kind} CSV (not {csv}) or --threshold T")
+        scores, labels = decision_scores(csv, kind, train, test)
+        metrics.update({f"{prefix}_{key}": value for key, value in decision_metrics(scores, labels, threshold).items()})
+        if kind == "pairs":
+            metrics["pair_roc_auc"] = roc_auc(scores, labels)
+        metrics[f"{prefix}_threshold"] = threshold
+        metrics[f"{prefix}_count"] = len(labels)
     return metrics
 
 
@@ -167,6 +239,7 @@ def main(argv=None):
     if len(train) == 0 or len(test) == 0:
         raise PipelineError("an embedding file has no rows; rerun gen_embeddings.py")
     metrics = score_triplets(train, test, args)
+    metrics.update(score_decisions(train, test, args))
     metrics.update(knn_scores(train, test, args.k, args.knn_precision))
     if metrics["k"] < args.k:
         print(f"warning: --k {args.k} is more than the {metrics['k']} train images a query can retrieve; "

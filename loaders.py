@@ -12,6 +12,8 @@ Unreadable marker, the collate functions below set it aside, and the main proces
   triplet_batch   (images (3B, 3, S, S) uint8, None, [Unreadable])         triplet CSV rows:
                   all queries, then all positives, then all negatives; a row with an
                   unreadable image is left out
+  pair_batch      (images (2B, 3, S, S) uint8, same (B,), [Unreadable])    pair CSV rows:
+                  all first images, then all second images
 
     loader = make_loader(ImageList(paths, 224), 64, num_workers=2, device=device, collate_fn=image_batch)
 """
@@ -134,6 +136,24 @@ class TripletImages(torch.utils.data.Dataset):
         return bad[0] if bad else torch.stack(images)
 
 
+class PairImages(torch.utils.data.Dataset):
+    """Row i of a pair CSV -> ((2, 3, S, S) uint8: both images, same 1/0); or the first of them
+    that is Unreadable. Batch them with pair_batch."""
+
+    def __init__(self, first, second, same, image_size, augment=None):
+        self.images = ImageList([], image_size, augment)
+        self.rows = list(zip(first, second))
+        self.same = [int(x) for x in same]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        images = [self.images.load(path) for path in self.rows[index]]
+        bad = [image for image in images if isinstance(image, Unreadable)]
+        return (bad[0] if bad else torch.stack(images)), self.same[index]
+
+
 def _split_unreadable(items, image_of=lambda item: item):
     """(rows of the readable items, the Unreadable markers) of a batch's items."""
     keep, bad = [], []
@@ -171,6 +191,15 @@ def triplet_batch(items):
         return None, None, bad
     batch = _collate([items[row] for row in keep])  # (B, 3, 3, S, S)
     return batch.transpose(0, 1).reshape(3 * len(keep), *batch.shape[2:]), None, bad
+
+
+def pair_batch(items):
+    """B pairs -> (images (2B, 3, S, S): B first images | B second images, same (B,), [Unreadable])."""
+    keep, bad = _split_unreadable(items, lambda item: item[0])
+    if not keep:
+        return None, None, bad
+    batch, same = _collate([items[row] for row in keep])  # (B, 2, 3, S, S), (B,)
+    return batch.transpose(0, 1).reshape(2 * len(keep), *batch.shape[2:]), same, bad
 
 
 class BadImages:

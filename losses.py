@@ -6,6 +6,8 @@ one triplet loss consumes them. Pre-sampled CSV batches need no miner: their row
 queries, then all positives, then all negatives, so a, p, n = 0..B, B..2B, 2B..3B.
 
     loss, stats = ranking_loss(embeddings, labels, "batch_all", margin=0.1, distance="euclidean")
+
+The contrastive loss (pair_loss) takes pairs: a pair CSV's, or every pair of a P x K batch.
 """
 
 import torch
@@ -115,6 +117,35 @@ def ranking_loss(emb, labels, mining, margin, distance, soft=False):
              "d_pos": float(d_pos.mean()) if len(d_pos) else float("nan"),
              "d_neg": float(d_neg.mean()) if len(d_neg) else float("nan")}
     return loss, stats
+
+
+def contrastive_loss(d, same, margin):
+    """(loss, active count) of pairs at Euclidean distances d (P,) with same (P,) 1/0: the mean of
+    same * d^2 + (1 - same) * max(0, margin - d)^2 (Hadsell, Chopra & LeCun 2006)."""
+    same = same.to(d.dtype)
+    per_pair = same * d.pow(2) + (1 - same) * F.relu(margin - d).pow(2)
+    if len(per_pair) == 0:
+        return d.sum() * 0, 0
+    return per_pair.mean(), int((per_pair > 0).sum())
+
+
+def pair_loss(emb, labels, same, margin):
+    """(loss, stats) of one batch of embeddings (N, D) for the contrastive loss: the CSV batch's
+    own pairs when labels is None (rows 0..B the first images, B..2B the second, `same` (B,)
+    their flags), else every pair i < j of the batch, same-class or not by labels (N,)."""
+    if labels is None:
+        b = len(emb) // 2
+        d = row_distances(emb[:b], emb[b:], "euclidean")
+        same = same.to(emb.device)
+    else:
+        i, j = torch.triu_indices(len(emb), len(emb), offset=1, device=emb.device)
+        d = distance_matrix(emb, "euclidean")[i, j]
+        same = labels[i] == labels[j]
+    loss, active = contrastive_loss(d, same, margin)
+    pos, neg = d.detach()[same.bool()], d.detach()[~same.bool()]
+    return loss, {"active": active, "count": len(d),
+                  "d_pos": float(pos.mean()) if len(pos) else float("nan"),
+                  "d_neg": float(neg.mean()) if len(neg) else float("nan")}
 
 
 def neighbour_kl(student, teacher, temperature):

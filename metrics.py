@@ -148,3 +148,62 @@ def knn_scores(train, test, k, precision="fp32"):
     metrics["queries"] = len(test)
     metrics["references"] = len(train)
     return metrics
+
+
+# ----------------------------------------------------------------------------- same / different decisions
+# A pair (or triple) is called positive when its distance score is below a threshold: for a pair
+# the squared L2 distance, for a triple the smallest of its three pairwise distances ("at least
+# two of the three are of one class").
+
+def best_threshold(scores, labels):
+    """The threshold T maximising the accuracy of 'positive when score < T' on (scores, 1/0
+    labels): the midpoint of the gap where the accuracy peaks (the first such gap on ties)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order]
+    # accuracy when the first i scores (i = 0..n) are called positive: positives among them + negatives after
+    correct = np.concatenate([[0], np.cumsum(y)]) + np.concatenate([[(~y).sum()], (~y).sum() - np.cumsum(~y)])
+    cuts = np.concatenate([[True], s[1:] > s[:-1], [True]])  # a cut only between distinct scores
+    i = int(np.argmax(np.where(cuts, correct, -1)))
+    if i == 0:
+        return float(s[0])
+    if i == len(s):
+        return float(np.nextafter(s[-1], np.inf))
+    return float((s[i - 1] + s[i]) / 2)
+
+
+def decision_metrics(scores, labels, threshold):
+    """accuracy, precision, recall, f1 of 'positive when score < threshold' (shares in [0, 1])."""
+    predicted = np.asarray(scores) < threshold
+    labels = np.asarray(labels).astype(bool)
+    tp = int((predicted & labels).sum())
+    precision = tp / max(int(predicted.sum()), 1)
+    recall = tp / max(int(labels.sum()), 1)
+    return {"accuracy": float((predicted == labels).mean()), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve of 'lower score means positive': the chance that a random positive
+    scores below a random negative, ties counting half (Mann-Whitney, average ranks)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return float("nan")
+    # rank 1 = the highest score (the most 'negative'); a tie group shares its average rank
+    _, inverse, counts = np.unique(-scores, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # average rank of each tie group
+    ranks = (first + (counts + 1) / 2)[inverse]
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def pair_scores(vectors_a, vectors_b):
+    """Squared L2 distance of each row pair: (N, D), (N, D) -> (N,)."""
+    a, b = np.asarray(vectors_a, dtype=np.float64), np.asarray(vectors_b, dtype=np.float64)
+    return ((a - b) ** 2).sum(1)
+
+
+def triple_scores(vectors_a, vectors_b, vectors_c):
+    """The smallest of the three pairwise squared L2 distances of each row triple: (N,)."""
+    return np.minimum.reduce([pair_scores(vectors_a, vectors_b), pair_scores(vectors_a, vectors_c),
+                              pair_scores(vectors_b, vectors_c)])

@@ -1,4 +1,4 @@
-"""Stage 2: train DeepRank with the triplet hinge loss.
+"""Stage 2: train DeepRank with the triplet hinge loss (or, with --loss contrastive, on pairs).
 
 Reads a triplet CSV (query,positive,negative) from triplet_sampler.py (--mining none, the
 original's way), or with --mining batch_hard|batch_semihard|batch_all the train split of
@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (MODEL, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag, check_output_path, data_flag,
-                    device_flag, non_negative_float, non_negative_int, positive_float, positive_int, print_args,
-                    run_cli, seed_flag, workers_flag)
-from datasets import check_images_exist, list_split, read_triplet_csv, readable_triplets, triplet_rows, unique_in_order
+from common import (MODEL, SAMPLE_FILES, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag,
+                    check_output_path, data_flag, device_flag, non_negative_float, non_negative_int, positive_float,
+                    positive_int, print_args, run_cli, seed_flag, workers_flag)
+from datasets import (check_images_exist, list_split, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
+                      unique_in_order)
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
                            PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
                            save_checkpoint, trainable_parameters)
-from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PKBatchSampler, TripletImages, labelled_batch,
-                     make_augment, make_loader, triplet_batch)
-from losses import DISTANCES, MINERS, neighbour_kl, ranking_loss
+from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler, TripletImages,
+                     labelled_batch, make_augment, make_loader, pair_batch, triplet_batch)
+from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches, prepare,
                      resolve_device, want_compile)
@@ -47,7 +48,8 @@ WEIGHT_DECAY = 0.0         # L2 weight regularisation (the paper's); 0 as the or
 HEAD_LR_MULT = 1.0         # LR multiplier of the new layers over the pretrained backbone's
 SCHEDULE = "constant"      # constant | cosine (after WARMUP_EPOCHS of linear warm-up)
 WARMUP_EPOCHS = 0.0        # linear warm-up length, in epochs (fractions allowed)
-MARGIN = 1.0               # hinge margin (the original's F.triplet_margin_loss default)
+LOSS = "triplet"           # triplet (the paper's) | contrastive (pairs)
+MARGIN = 1.0               # loss margin (the original's F.triplet_margin_loss default)
 DISTANCE = "euclidean"     # euclidean (the original's) | squared (the paper's) inside the loss
 WEIGHTS = "imagenet"       # imagenet | none | PATH to a local backbone state_dict
 AUGMENT = "flip"           # none | flip (the original's) | standard (crop + flip + colour)
@@ -60,6 +62,7 @@ DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distribution
 # ----------------------------------------------------------------
 
 OPTIMS = ("sgd", "adam", "rms")
+LOSSES = ("triplet", "contrastive")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -81,7 +84,10 @@ def build_parser():
     a("--schedule", default=SCHEDULE, choices=SCHEDULES, help="LR schedule (default: %(default)s)")
     a("--warmup_epochs", type=non_negative_float, default=WARMUP_EPOCHS,
       help="linear LR warm-up (default: %(default)s)")
-    a("--margin", type=non_negative_float, default=MARGIN, help="hinge margin (default: %(default)s)")
+    a("--loss", default=LOSS, choices=LOSSES,
+      help="triplet: max(0, margin + D(q,p) - D(q,n)); contrastive: same * d^2 + (1 - same) * "
+           "max(0, margin - d)^2 on pairs (Hadsell, Chopra & LeCun 2006) (default: %(default)s)")
+    a("--margin", type=non_negative_float, default=MARGIN, help="loss margin (default: %(default)s)")
     a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
     a("--weights", default=WEIGHTS, help="imagenet | none | PATH to a backbone state_dict (default: %(default)s)")
@@ -90,6 +96,8 @@ def build_parser():
     a("--embed_dim", type=positive_int, default=EMBED_DIM, help="embedding size (default: %(default)s)")
     a("--augment", default=AUGMENT, choices=AUGMENTS, help="train-only augmentation (default: %(default)s)")
     a("--triplets", default=TRAIN_TRIPLETS, help="training triplet CSV (default: %(default)s)")
+    a("--pairs", default=SAMPLE_FILES["pairs", 1],
+      help="training pair CSV of --loss contrastive with --mining none (default: %(default)s)")
     a("--val_triplets", default=None, help="validation triplet CSV: report its accuracy each epoch")
     a("--out", default=MODEL, help="final checkpoint; temp_net<epoch>.model go beside it (default: %(default)s)")
     a("--resume", default=None, help="continue from this checkpoint (same seed: same result)")
@@ -123,6 +131,12 @@ def check_flags(args):
     """Refuse flag combinations no run can use, before anything is read or written (argparse
     already refused values out of range)."""
     check_image_size(args.image_size)
+    if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
+        raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
+                            f"P x K batch (--mining batch_all), not --mining {args.mining}")
+    if args.loss == "contrastive" and (args.soft_margin or args.distance != DISTANCE):
+        raise PipelineError("--soft_margin and --distance belong to the triplet loss; the contrastive loss uses "
+                            "the Euclidean distance and --margin")
     if args.distill and args.weights == "none":
         raise PipelineError("--distill keeps the pretrained backbone's neighbourhoods: it needs --weights imagenet "
                             "or PATH, not none")
@@ -147,16 +161,26 @@ def build_model(args, ckpt):
 
 
 class TrainingData:
-    """The batches of one run: triplet-CSV rows (--mining none) or P x K batches of the train split.
-    Either way a batch is (uint8 images (N, 3, S, S), labels (N,) or None), see loaders.py."""
+    """The batches of one run: triplet-CSV rows, pair-CSV rows (--loss contrastive), or P x K
+    batches of the train split (--mining). A batch is (uint8 images (N, 3, S, S), labels (N,),
+    same (N / 2,) or None, [Unreadable]), see loaders.py."""
 
     def __init__(self, args, image_size):
         augment = make_augment(args.augment, image_size)
-        self.sampler = None
-        if args.mining == "none":
+        self.sampler, self.collate = None, labelled_batch
+        empty_ok = args.on_bad_image == "skip"
+        if args.mining == "none" and args.loss == "contrastive":
+            first, second, same = read_pair_csv(args.pairs)
+            check_images_exist(unique_in_order(first, second), args.pairs, empty_ok=empty_ok)
+            self.dataset = PairImages(first, second, same, image_size, augment)
+            self.images_per_batch, self.collate = 2 * args.batch_size, pair_batch
+            steps = math.ceil(len(self.dataset) / args.batch_size)
+            self.description = f"{len(self.dataset)} pairs"
+        elif args.mining == "none":
             q, p, n = read_triplet_csv(args.triplets)
-            check_images_exist(unique_in_order(q, p, n), args.triplets, empty_ok=args.on_bad_image == "skip")
+            check_images_exist(unique_in_order(q, p, n), args.triplets, empty_ok=empty_ok)
             self.dataset, self.images_per_batch = TripletImages(q, p, n, image_size, augment), 3 * args.batch_size
+            self.collate = triplet_batch
             steps = math.ceil(len(self.dataset) / args.batch_size)
             self.description = f"{len(self.dataset)} triplets"
         else:
@@ -175,10 +199,10 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         if self.sampler is None:
             return make_loader(self.dataset, self.batch_size, self.num_workers, device, shuffle=True,
-                               generator=generator, collate_fn=triplet_batch)
+                               generator=generator, collate_fn=self.collate)
         self.sampler.set_epoch(epoch)
         return make_loader(self.dataset, None, self.num_workers, device, batch_sampler=self.sampler,
-                           generator=generator, collate_fn=labelled_batch)
+                           generator=generator, collate_fn=self.collate)
 
 
 def parameter_groups(model, lr, head_lr_mult=1.0):
@@ -277,13 +301,18 @@ class Network:
             return self.model.head(features, images).float()
 
     def batch_loss(self, images, labels):
-        """(loss, stats) of one batch (uint8 images, labels or None): the ranking loss, plus
-        --distill's neighbourhood term."""
+        """(loss, stats) of one batch (uint8 images; class labels, pair flags or None): the triplet
+        or contrastive loss, plus --distill's neighbourhood term."""
         images = self.normalize(images)
         emb = self.embed(images)
         a = self.args
-        loss, stats = ranking_loss(emb, None if labels is None else labels.to(self.device), a.mining, a.margin,
-                                   a.distance, a.soft_margin)
+        if a.loss == "contrastive" and a.mining == "none":  # labels: the pair CSV's same flags
+            loss, stats = pair_loss(emb, None, labels, a.margin)
+        elif a.loss == "contrastive":
+            loss, stats = pair_loss(emb, labels.to(self.device), None, a.margin)
+        else:
+            loss, stats = ranking_loss(emb, None if labels is None else labels.to(self.device), a.mining, a.margin,
+                                       a.distance, a.soft_margin)
         if self.teacher is not None:
             with autocast(self.device, self.amp):
                 target = self.teacher(images)
@@ -398,11 +427,11 @@ def earlier_log(path, start_epoch):
     return [row for row in rows if isinstance(row, dict) and row.get("epoch", 0) <= start_epoch]
 
 
-def report_epoch(row, total_epochs, skipped=""):
+def report_epoch(row, total_epochs, skipped="", unit="triplets"):
     """The epoch's summary line; warnings when the embedding has collapsed, or images were skipped."""
     val = f", val triplet accuracy {100 * row['val_triplet_accuracy']:.2f}%" if "val_triplet_accuracy" in row else ""
     val += f", distill KL {row['distill_kl']:.4f}" if "distill_kl" in row else ""
-    print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active triplets "
+    print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active {unit} "
           f"{100 * row['active_share']:.1f}%, d(a,p) {row['mean_pos_distance']:.3f}, "
           f"d(a,n) {row['mean_neg_distance']:.3f}{val}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s")
     if skipped:
@@ -459,7 +488,8 @@ def main(argv=None):
         log.append(metrics)
         with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
             handle.write("".join(json.dumps(row) + "\n" for row in log))
-        report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary())
+        report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(),
+                     "pairs" if args.loss == "contrastive" else "triplets")
         if out_of_time:
             print(f"stopping: --max_minutes {args.max_minutes} reached")
             break

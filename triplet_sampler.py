@@ -1,4 +1,4 @@
-"""Stage 1: sample (query, positive, negative) triplets from a dataset split.
+"""Stage 1: sample (query, positive, negative) triplets, or pairs, or triples, from a dataset split.
 
 Reads <data>/train/ (--training 1) or <data>/val/ (--training 0, after
 transform_validation.py); writes a CSV with header query,positive,negative. For every
@@ -6,6 +6,11 @@ image of every class (the query) it draws NUM_POS_IMAGES distinct positives of t
 class (never the query itself) and, for each positive, NUM_NEG_IMAGES distinct negatives
 from the other classes, as the original project did, vectorised with numpy (no loop per
 triplet, no quadratic search). Paths in the CSV are relative to the CSV's own folder.
+
+--kind pairs writes image1,image2,same (same: 1 when both show one class): --count pairs, half
+of each kind, no self-pairs, no pair twice, every image drawn as the first of a pair once per
+round. --kind triples writes image1,image2,image3,label (label: 1 when at least two share a
+class): half positive (two of one class, a third of any other), half three distinct classes.
 
     python triplet_sampler.py --training 1 --num_pos_images 1 --num_neg_images 1
 """
@@ -16,13 +21,15 @@ import time
 
 import numpy as np
 
-from common import (TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, check_output_path, data_flag, positive_int,
-                    print_args, run_cli, seed_flag)
-from datasets import list_split, need_classes, split_root, write_triplet_csv
+from common import (SAMPLE_FILES, PipelineError, check_output_path, data_flag, positive_int, print_args, run_cli,
+                    seed_flag)
+from datasets import (FLAG_COLUMN, PAIR_COLUMNS, TRIPLE_COLUMNS, list_split, need_classes, split_root,
+                      write_image_csv, write_triplet_csv)
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image
 NUM_NEG_IMAGES = 1   # negatives per (query, positive) pair
+KIND = "triplets"    # triplets | pairs | triples
 # ----------------------------------------------------------------
 
 
@@ -99,34 +106,167 @@ def sample_triplets(labels, num_pos, num_neg, seed=0):
     return triplets, short
 
 
-def main(argv=None):
+
+def _codes(labels):
+    """(class names, codes, starts, sizes) of labels grouped by class (list_split's order)."""
+    names, codes = np.unique(np.asarray(labels), return_inverse=True)
+    if not np.array_equal(np.argsort(codes, kind="stable"), np.arange(len(codes))):
+        raise ValueError("labels must be grouped by class (sorted)")
+    return (names, codes) + class_ranges(codes)
+
+
+def _same_class_partner(rng, first, codes, starts, sizes):
+    """A uniform random other image of each first image's class (classes of >= 2 images)."""
+    cls = codes[first]
+    offset = rng.integers(0, sizes[cls] - 1)
+    offset += offset >= first - starts[cls]  # skip the image itself
+    return starts[cls] + offset
+
+
+def _other_class_image(rng, cls_a, starts, sizes, total, cls_b=None):
+    """A uniform random image of a class other than cls_a (and cls_b when given)."""
+    blocks = [cls_a] if cls_b is None else [cls_a, cls_b]
+    left = total - sum(sizes[c] for c in blocks)
+    pick = rng.integers(0, left)
+    if cls_b is not None:  # jump over the two blocks in order of their starts
+        low = np.where(starts[cls_a] <= starts[cls_b], cls_a, cls_b)
+        high = np.where(starts[cls_a] <= starts[cls_b], cls_b, cls_a)
+        pick += (pick >= starts[low]) * sizes[low]
+        pick += (pick >= starts[high]) * sizes[high]
+        return pick
+    return pick + (pick >= starts[cls_a]) * sizes[cls_a]
+
+
+def _collect(rng, wanted, draw_round, what, max_idle=20):
+    """Rows from repeated rounds of draw_round(rng) -> (R, k) index rows, keeping the first
+    occurrence of each unordered row, until `wanted` rows are found."""
+    found, rows, idle = set(), [], 0
+    while len(rows) < wanted:
+        before = len(rows)
+        for row in draw_round(rng).tolist():
+            key = tuple(sorted(row))
+            if key not in found:
+                found.add(key)
+                rows.append(row)
+                if len(rows) == wanted:
+                    break
+        idle = idle + 1 if len(rows) == before else 0
+        if idle >= max_idle:
+            raise PipelineError(f"found only {len(rows)} distinct {what} of the {wanted} wanted; lower --count")
+    return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+
+
+def sample_pairs(labels, count, seed=0):
+    """(pairs (count, 2) int64, same (count,) 0/1): half same-class, half different-class pairs,
+    no self-pairs, no pair twice (in either order), every image drawn as the first of a pair once
+    per round, rows shuffled."""
+    _, codes, starts, sizes = _codes(labels)
+    total, same_wanted = len(codes), count // 2
+    if len(sizes) < 2 or sizes.max() < 2:
+        raise PipelineError("pairs need at least two classes and a class with two images")
+    if same_wanted > int((sizes * (sizes - 1) // 2).sum()):
+        raise PipelineError(f"--count {count} asks for {same_wanted} same-class pairs; the split has fewer; "
+                            f"lower --count")
+    eligible = np.flatnonzero(sizes[codes] >= 2)
+
+    def same_round(rng):
+        first = rng.permutation(eligible)
+        return np.stack([first, _same_class_partner(rng, first, codes, starts, sizes)], axis=1)
+
+    def different_round(rng):
+        first = rng.permutation(total)
+        return np.stack([first, _other_class_image(rng, codes[first], starts, sizes, total)], axis=1)
+
+    rng = np.random.default_rng(seed)
+    same = _collect(rng, same_wanted, same_round, "same-class pairs")
+    different = _collect(rng, count - same_wanted, different_round, "different-class pairs")
+    pairs = np.concatenate([same, different])
+    flags = np.concatenate([np.ones(len(same), np.int64), np.zeros(len(different), np.int64)])
+    order = rng.permutation(len(pairs))
+    return pairs[order], flags[order]
+
+
+def sample_triples(labels, count, seed=0):
+    """(triples (count, 3) int64, label (count,) 0/1): half positive (two images of one class and
+    a third image of any other), half negative (three distinct classes); no triple twice; the
+    order inside each triple shuffled, rows shuffled."""
+    _, codes, starts, sizes = _codes(labels)
+    total = len(codes)
+    if len(sizes) < 3 or sizes.max() < 2:
+        raise PipelineError("triples need at least three classes and a class with two images")
+    eligible = np.flatnonzero(sizes[codes] >= 2)
+
+    def positive_round(rng):
+        first = rng.permutation(eligible)
+        second = _same_class_partner(rng, first, codes, starts, sizes)
+        third = rng.integers(0, total - 2, size=len(first))  # any image but those two
+        low, high = np.minimum(first, second), np.maximum(first, second)
+        third += third >= low
+        third += third >= high
+        return np.stack([first, second, third], axis=1)
+
+    def negative_round(rng):
+        first = rng.permutation(total)
+        second = _other_class_image(rng, codes[first], starts, sizes, total)
+        third = _other_class_image(rng, codes[first], starts, sizes, total, codes[second])
+        return np.stack([first, second, third], axis=1)
+
+    rng = np.random.default_rng(seed)
+    positive = _collect(rng, count // 2, positive_round, "positive triples")
+    negative = _collect(rng, count - count // 2, negative_round, "negative triples")
+    triples = rng.permuted(np.concatenate([positive, negative]), axis=1)
+    flags = np.concatenate([np.ones(len(positive), np.int64), np.zeros(len(negative), np.int64)])
+    order = rng.permutation(len(triples))
+    return triples[order], flags[order]
+
+def build_parser():
+    """triplet_sampler.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(), seed_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training", type=int, choices=(0, 1), default=1,
-                        help="1: sample train/ into training_triplet_sample.csv; 0: val/ into "
-                             "val_triplet_sample.csv (default: %(default)s)")
-    parser.add_argument("--num_pos_images", type=positive_int, default=NUM_POS_IMAGES,
-                        help="positives per query image (default: %(default)s)")
-    parser.add_argument("--num_neg_images", type=positive_int, default=NUM_NEG_IMAGES,
-                        help="negatives per (query, positive) pair (default: %(default)s)")
+                        help="1: sample train/ into training_<kind>_sample.csv; 0: val/ into "
+                             "val_<kind>_sample.csv (default: %(default)s)")
+    parser.add_argument("--kind", default=KIND, choices=("triplets", "pairs", "triples"),
+                        help="what to sample (default: %(default)s)")
+    parser.add_argument("--num_pos_images", type=positive_int, default=None,
+                        help=f"triplets: positives per query image (default: {NUM_POS_IMAGES})")
+    parser.add_argument("--num_neg_images", type=positive_int, default=None,
+                        help=f"triplets: negatives per (query, positive) pair (default: {NUM_NEG_IMAGES})")
+    parser.add_argument("--count", type=positive_int, default=None,
+                        help="pairs and triples: how many, half of each label (default: one per image of the split)")
     parser.add_argument("--out", default=None,
-                        help=f"output CSV (default: {TRAIN_TRIPLETS} or {VAL_TRIPLETS} by --training)")
-    args = parser.parse_args(argv)
+                        help="output CSV (default: training_<kind>_sample.csv or val_<kind>_sample.csv by --training, "
+                             "<kind> triplet, pair or triple)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.kind == "triplets" and args.count is not None:
+        raise PipelineError("--count is for --kind pairs and triples; triplets take --num_pos_images and "
+                            "--num_neg_images")
+    if args.kind != "triplets" and (args.num_pos_images or args.num_neg_images):
+        raise PipelineError(f"--num_pos_images / --num_neg_images are for triplets; --kind {args.kind} takes --count")
     print_args("triplet_sampler.py", args)
-    out = args.out or (TRAIN_TRIPLETS if args.training else VAL_TRIPLETS)
+    out = args.out or SAMPLE_FILES[args.kind, args.training]
     check_output_path(out)
     split = "train" if args.training else "val"
 
     start = time.perf_counter()
     paths, labels = list_split(args.data, split)
-    need_classes(labels, split_root(args.data, split))
-    triplets, short = sample_triplets(labels, args.num_pos_images, args.num_neg_images, args.seed)
-    for name, count in sorted(short.items()):
-        print(f"warning: class {name} has too few images for {args.num_pos_images} positives per query; "
-              f"using {count}", file=sys.stderr)
-    write_triplet_csv(out, paths, triplets)
-    classes = len(set(labels))
-    print(f"wrote {len(triplets)} triplets from {len(paths)} {split} images in {classes} classes "
+    need_classes(labels, split_root(args.data, split), count=3 if args.kind == "triples" else 2)
+    if args.kind == "triplets":
+        num_pos, num_neg = args.num_pos_images or NUM_POS_IMAGES, args.num_neg_images or NUM_NEG_IMAGES
+        rows, short = sample_triplets(labels, num_pos, num_neg, args.seed)
+        for name, count in sorted(short.items()):
+            print(f"warning: class {name} has too few images for {num_pos} positives per query; "
+                  f"using {count}", file=sys.stderr)
+        write_triplet_csv(out, paths, rows)
+    else:
+        sample, columns = (sample_pairs, PAIR_COLUMNS) if args.kind == "pairs" else (sample_triples, TRIPLE_COLUMNS)
+        rows, flags = sample(labels, args.count or len(paths), args.seed)
+        write_image_csv(out, columns, paths, rows, (FLAG_COLUMN[args.kind], flags))
+    print(f"wrote {len(rows)} {args.kind} from {len(paths)} {split} images in {len(set(labels))} classes "
           f"to {out} ({time.perf_counter() - start:.2f} s)")
     return 0
 

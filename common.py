@@ -95,6 +95,33 @@ def data_flag(default=DATA):
     return _parent("--data", default=default, help="dataset root in TinyImageNet layout (default: %(default)s)")
 
 
+def dataset_flags(data_default=DATA):
+    """--data and how to read it: the layout, the split of layouts without split folders, and a
+    label CSV's columns and selection."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("dataset")
+    a = group.add_argument
+    a("--data", default=data_default,
+      help="dataset: a TinyImageNet root, an ImageFolder tree (ROOT/train|val|test/<class>/*, or ROOT/<class>/*), "
+           "or a CSV of image paths and labels (default: %(default)s)")
+    a("--layout", default=None, choices=("tinyimagenet", "imagefolder", "csv"),
+      help="force the layout instead of detecting it from --data")
+    a("--val_fraction", type=float, default=0.2,
+      help="layouts without split folders or a split column: the share of each class held out as val "
+           "(default: %(default)s)")
+    a("--split_seed", type=non_negative_int, default=0,
+      help="the seed of that split (apart from --seed, so training seeds never move images between splits) "
+           "(default: %(default)s)")
+    a("--path_column", default="filename", help="label CSV: the image path column (default: %(default)s)")
+    a("--label_column", default="label", help="label CSV: the label column (default: %(default)s)")
+    a("--image_root", default=None, help="label CSV: the folder its paths are relative to (default: the CSV's)")
+    a("--top_classes", type=non_negative_int, default=0,
+      help="label CSV: keep the N most frequent labels (0: all); the selection is written beside the output as "
+           "<output stem>_selection.csv, reusable as --data")
+    a("--per_class", type=non_negative_int, default=0, help="label CSV: keep K images of each label (0: all)")
+    return parser
+
+
 def seed_flag():
     """--seed: same seed, same output."""
     return _parent("--seed", type=int, default=0, help="random seed; same seed, same output (default: %(default)s)")

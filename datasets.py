@@ -1,12 +1,16 @@
-"""Datasets as files: the TinyImageNet layout (splits, classes, image listing) and the triplet
-CSVs between stages (read, write, and their paths as rows of an embedding array). torch-free,
-so the data stages start fast; the torch Datasets that load the images are in loaders.py.
+"""Datasets as files: the three layouts --data may point at (TinyImageNet, an ImageFolder tree,
+a CSV of image paths and labels), read into the same (paths, labels) per split, and the CSVs
+between stages (triplets, pairs, triples: read, written, and their paths as rows of an
+embedding array). torch-free, so the data stages start fast; the torch Datasets that load the
+images are in loaders.py.
 
-    from datasets import list_split, read_triplet_csv, write_triplet_csv
+    dataset = Dataset.from_args(args)            # --data, --layout, --val_fraction, ...
+    paths, labels = dataset.split("train")       # sorted by label, then path
 """
 
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,9 @@ import pandas as pd
 from common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+LAYOUTS = ("tinyimagenet", "imagefolder", "csv")
+SPLITS = ("train", "val", "test")
+SELECTION_COLUMNS = ("filename", "label", "split")
 TRIPLET_COLUMNS = ("query", "positive", "negative")
 PAIR_COLUMNS = ("image1", "image2")          # + "same": 1 when both show one class
 TRIPLE_COLUMNS = ("image1", "image2", "image3")  # + "label": 1 when at least two share a class
@@ -123,6 +130,166 @@ def read_wnids(data):
     if not path.is_file():
         raise PipelineError(f"{path} is missing; --data must be a TinyImageNet-layout root with wnids.txt")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def detect_layout(data):
+    """The layout --data points at: a .csv file, a TinyImageNet root (wnids.txt or
+    val/val_annotations.txt), or an ImageFolder tree; a clear error for anything else."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise PipelineError(f"dataset {path} does not exist; pass --data DIR or --data LABELS.csv "
+                            f"(run synthetic_data.py to generate a small one)")
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return "csv"
+    if not path.is_dir():
+        raise PipelineError(f"--data {data} is neither a folder nor a .csv file; pass a dataset root or a label CSV "
+                            f"(run synthetic_data.py to generate a small one)")
+    if (path / "wnids.txt").is_file() or (path / "val" / "val_annotations.txt").is_file():
+        return "tinyimagenet"
+    if any(entry.is_dir() for entry in os.scandir(path)):
+        return "imagefolder"
+    raise PipelineError(f"--data {data} has no class folders, no wnids.txt and is no CSV: it is none of the layouts "
+                        f"{', '.join(LAYOUTS)}")
+
+
+def split_by_fraction(paths, labels, val_fraction, seed):
+    """{'train': [...], 'val': [...]} indices of a per-class split: in each class, a share
+    val_fraction (at least one image when the class has two) goes to val, drawn by (seed, class)."""
+    chosen = {"train": [], "val": []}
+    by_class = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    for label, members in by_class.items():
+        members = sorted(members, key=lambda i: paths[i])
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+        order = rng.permutation(len(members))
+        count = int(round(val_fraction * len(members)))
+        count = max(count, 1) if len(members) >= 2 and val_fraction > 0 else count
+        chosen["val"] += [members[i] for i in order[:count]]
+        chosen["train"] += [members[i] for i in order[count:]]
+    return chosen
+
+
+class Dataset:
+    """A dataset of any layout as (paths, labels) per split ('train', 'val', 'test'), each sorted
+    by label, then path (the order the samplers need). Build it with Dataset.from_args(args)."""
+
+    def __init__(self, data, layout=None, val_fraction=0.2, split_seed=0, path_column="filename",
+                 label_column="label", image_root=None, top_classes=0, per_class=0):
+        if not 0 <= val_fraction < 1:
+            raise PipelineError(f"--val_fraction {val_fraction} must be in [0, 1)")
+        self.data, self.layout = Path(data).expanduser(), layout or detect_layout(data)
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.columns, self.image_root = (path_column, label_column), image_root
+        self.top_classes, self.per_class = top_classes, per_class
+        self._splits = None
+
+    @classmethod
+    def from_args(cls, args):
+        """The dataset the common.dataset_flags() describe."""
+        return cls(args.data, args.layout, args.val_fraction, args.split_seed, args.path_column, args.label_column,
+                   args.image_root, args.top_classes, args.per_class)
+
+    def root(self, split):
+        """Where a split's images live (for messages)."""
+        return self.data if self.layout == "csv" or not (self.data / split).is_dir() else self.data / split
+
+    def split(self, name):
+        """(paths, labels) of one split, sorted by label then path; an error when it is empty."""
+        if self.layout == "tinyimagenet" or (self.layout == "imagefolder" and (self.data / "train").is_dir()):
+            return list_split(self.data, name)
+        if self._splits is None:
+            self._splits = self._read_csv() if self.layout == "csv" else self._read_flat_folder()
+        paths, labels = self._splits.get(name, ([], []))
+        if not paths:
+            raise PipelineError(f"{self.data} has no {name} images (layout {self.layout}, --val_fraction "
+                                f"{self.val_fraction}); check --data")
+        return paths, labels
+
+    def _read_flat_folder(self):
+        """ROOT/<class>/... without split folders: split per class by --val_fraction."""
+        class_dirs = sorted(entry.name for entry in os.scandir(self.data) if entry.is_dir())
+        paths, labels = [], []
+        for name in class_dirs:
+            images = _walk_images(os.path.join(self.data, name))
+            paths += images
+            labels += [name] * len(images)
+        if not paths:
+            raise PipelineError(f"no images found under {self.data}/<class>/; check --data")
+        return self._grouped(paths, labels, split_by_fraction(paths, labels, self.val_fraction, self.split_seed))
+
+    def _read_csv(self):
+        """A label CSV: path and label columns, a split column if present, else --val_fraction."""
+        path_column, label_column = self.columns
+        try:
+            frame = pd.read_csv(self.data, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise PipelineError(f"{self.data} is not a readable CSV ({str(err).splitlines()[0]})") from None
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{self.data} has no column {', '.join(missing)} (its columns: "
+                                f"{', '.join(frame.columns)}); pass --path_column / --label_column")
+        empty = (frame[list(self.columns)] == "").any(axis=1).to_numpy()
+        if empty.any():
+            line = _line_of_row(self.data, int(np.flatnonzero(empty)[0]))
+            raise PipelineError(f"{self.data} line {line} has an empty {path_column} or {label_column}")
+        folder = str(Path(self.image_root).expanduser().resolve() if self.image_root else self.data.resolve().parent)
+        paths = [resolve_in(p, folder) for p in frame[path_column].tolist()]
+        labels = frame[label_column].tolist()
+        keep = self._selected(paths, labels)
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        frame = frame.iloc[keep]
+        if "split" in frame.columns:
+            column = frame["split"].str.strip().str.lower().tolist()
+            bad = sorted(set(column) - set(SPLITS))
+            if bad:
+                raise PipelineError(f"{self.data}'s split column holds {', '.join(map(repr, bad[:3]))}; use "
+                                    f"train, val or test")
+            chosen = {name: [i for i, value in enumerate(column) if value == name] for name in SPLITS}
+        else:
+            chosen = split_by_fraction(paths, labels, self.val_fraction, self.split_seed)
+        return self._grouped(paths, labels, chosen)
+
+    def _selected(self, paths, labels):
+        """Indices kept by --top_classes N (the N most frequent labels) and --per_class K (the
+        first K images of each, in path order); all when neither is given."""
+        keep = list(range(len(paths)))
+        if self.top_classes:
+            counts = pd.Series(labels).value_counts()
+            top = sorted(counts.index, key=lambda label: (-counts[label], label))[:self.top_classes]
+            top = set(top)
+            keep = [i for i in keep if labels[i] in top]
+        if self.per_class:
+            taken, limited = {}, []
+            for i in sorted(keep, key=lambda i: (labels[i], paths[i])):
+                if taken.get(labels[i], 0) < self.per_class:
+                    taken[labels[i]] = taken.get(labels[i], 0) + 1
+                    limited.append(i)
+            keep = sorted(limited)
+        return keep
+
+    @staticmethod
+    def _grouped(paths, labels, chosen):
+        """{split: (paths, labels)} sorted by label, then path."""
+        out = {}
+        for name, indices in chosen.items():
+            rows = sorted(((labels[i], paths[i]) for i in indices))
+            out[name] = ([_checked_name(p) for _, p in rows], [label for label, _ in rows])
+        return out
+
+    def write_selection(self, path):
+        """Write the images this dataset uses (after --top_classes / --per_class) with their split
+        as a CSV that --data can take again; returns its path, or None when nothing was selected."""
+        if self.layout != "csv" or not (self.top_classes or self.per_class):
+            return None
+        relative_to = RelativeTo(path)
+        rows = [(relative_to(p), label, name) for name in SPLITS if name in self._splits
+                for p, label in zip(*self._splits[name])]
+        with atomic_write(path, newline="") as handle:
+            pd.DataFrame(rows, columns=list(SELECTION_COLUMNS)).to_csv(handle, index=False, lineterminator="\n")
+        return path
 
 
 # ----------------------------------------------------------------------------- triplet CSVs

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from common import PipelineError, atomic_write, first_line
 
 # ---------------------------------------------------------------- hyperparameters
-BACKBONE = "resnet101"   # torchvision ResNet (resnet18/34/50/101/152) or efficientnet_lite0
+BACKBONE = "resnet101"   # see BACKBONES: torchvision families, efficientnet_lite0, small_cnn
 EMBED_DIM = 4096         # final embedding size (the paper's and original's 4096)
 CONV_DIM = 4096          # backbone features are projected to this size
 IMAGE_SIZE = 224         # input side in pixels; branch sizes follow from it
@@ -42,8 +42,11 @@ BRANCH_INIT = 0.1        # the branches' columns of the embedding layer start at
                          # two raw-pixel branches would outweigh the backbone 2:1 in a fresh model
 # ----------------------------------------------------------------
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-BACKBONES = RESNETS + ("efficientnet_lite0",)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d")
+STAGED = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s",
+          "mobilenet_v3_small", "mobilenet_v3_large", "convnext_tiny")  # torchvision: features + avgpool + classifier
+BACKBONES = RESNETS + STAGED + ("efficientnet_lite0", "small_cnn")
+PROBE_SIZE = 128  # input side of the one forward that finds where a staged network reaches its last resolution
 TRAINABLE_CHOICES = ("conv5", "all", "head")
 CHECKPOINT_VERSION = 1
 
@@ -141,28 +144,34 @@ class _LitePart(nn.Module):
         return x
 
 
+def _torchvision_net(name, weights):
+    """A torchvision model by name: weights 'none', 'imagenet' (torchvision's weights API; needs
+    internet or its cache) or a path to a local state_dict of that model."""
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            return builder(weights=enum)
+        except Exception as err:  # urllib / ssl / http errors all mean the same to the user
+            raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
+                                f"--weights PATH, or pass --weights none") from None
+    net = builder(weights=None)
+    if weights != "none":
+        _load_backbone_file(net, weights, name)
+    return net
+
+
 class _ResNets:
-    """torchvision ResNets. features: the network with fc replaced by Identity, (B, F) pooled."""
+    """torchvision ResNets (and wide / ResNeXt ones). features: the network with fc replaced by
+    Identity, (B, F) pooled."""
 
     @staticmethod
     def build(name, weights, image_size):
-        """(features, F): weights 'none', 'imagenet' (torchvision's weights API; needs internet or
-        its cache) or a path to a local state_dict of the torchvision model."""
-        import torchvision
-
-        builder = getattr(torchvision.models, name)
-        if weights == "imagenet":
-            enum = torchvision.models.get_model_weights(name).DEFAULT
-            try:
-                net = builder(weights=enum)
-            except Exception as err:  # urllib / ssl / http errors all mean the same to the user
-                raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
-                                    f"--weights PATH, or pass --weights none") from None
-        else:
-            net = builder(weights=None)
-            if weights != "none":
-                _load_backbone_file(net, weights, name)
+        """(features, F)."""
+        net = _torchvision_net(name, weights)
         feature_dim = net.fc.in_features
         net.fc = nn.Identity()  # (B, F) pooled features
         return net, feature_dim
@@ -209,7 +218,82 @@ class _EfficientNetLite:
         return f.part(0, first, True, False), f.part(first, blocks, False, True)
 
 
-FAMILIES = {**{name: _ResNets for name in RESNETS}, "efficientnet_lite0": _EfficientNetLite}
+class _StagedFeatures(nn.Module):
+    """Pooled features of a network made of `features` (a Sequential of stages), average pooling
+    and a classifier: the classifier's linear layers are dropped (ConvNeXt keeps its LayerNorm).
+    (B, 3, S, S) -> (B, F)."""
+
+    def __init__(self, features, avgpool, norm=None):
+        super().__init__()
+        self.features, self.avgpool, self.norm = features, avgpool, norm or nn.Identity()
+        self._first_of_last = None
+
+    def forward(self, x):
+        return self.norm(self.avgpool(self.features(x))).flatten(1)
+
+    def first_of_last_stage(self):
+        """Index of the first stage at the network's last (lowest) resolution, found by one forward
+        of a PROBE_SIZE image: the stage that produces that resolution and all after it play the
+        part of ResNet's conv5_x."""
+        if self._first_of_last is None:
+            was, sizes = self.training, []
+            self.eval()
+            with torch.no_grad():
+                x = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE)
+                for stage in self.features:
+                    x = stage(x)
+                    sizes.append(x.shape[-1])
+            self.train(was)
+            self._first_of_last = sizes.index(sizes[-1])
+        return self._first_of_last
+
+
+class _Staged:
+    """torchvision EfficientNet, EfficientNet-V2, MobileNet-V3 and ConvNeXt, and small_cnn."""
+
+    @staticmethod
+    def build(name, weights, image_size):
+        """(features, F)."""
+        if name == "small_cnn":
+            return _small_cnn(weights), SMALL_CNN_CHANNELS[-1]
+        net = _torchvision_net(name, weights)
+        linear = next(m for m in net.classifier if isinstance(m, nn.Linear))
+        norm = net.classifier[0] if name.startswith("convnext") else None
+        return _StagedFeatures(net.features, net.avgpool, norm), linear.in_features
+
+    @staticmethod
+    def last_stage(f):
+        """Every stage at the network's last resolution, and the norm after the pooling (ConvNeXt)."""
+        return nn.ModuleList(list(f.features[f.first_of_last_stage():]) + [f.norm])
+
+    @staticmethod
+    def split(f):
+        """(trunk, tail) at the last stage: tail(trunk(x)) == f(x)."""
+        first = f.first_of_last_stage()
+        return f.features[:first], nn.Sequential(f.features[first:], f.avgpool, f.norm, nn.Flatten(1))
+
+
+SMALL_CNN_CHANNELS = (32, 64, 128, 256)
+
+
+def _small_cnn(weights):
+    """small_cnn: four conv-BN-ReLU-maxpool stages from scratch (32, 64, 128, 256 channels), for tiny
+    images and fast tests; weights 'none' or a path to a state_dict of its features."""
+    if weights == "imagenet":
+        raise PipelineError("--backbone small_cnn has no pretrained weights; pass --weights none (or a PATH)")
+    stages, channels = [], 3
+    for width in SMALL_CNN_CHANNELS:
+        stages.append(nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+        channels = width
+    features = _StagedFeatures(nn.Sequential(*stages), nn.AdaptiveAvgPool2d(1))
+    if weights != "none":
+        _load_backbone_file(features, weights, "small_cnn")
+    return features
+
+
+FAMILIES = {**{name: _ResNets for name in RESNETS}, **{name: _Staged for name in STAGED + ("small_cnn",)},
+            "efficientnet_lite0": _EfficientNetLite}
 
 
 def build_backbone(name, weights="none", image_size=IMAGE_SIZE):
@@ -252,19 +336,21 @@ def state_dict_mismatch(module, state):
 # ----------------------------------------------------------------------------- model
 
 class DeepRank(nn.Module):
-    """Multi-scale ranking network: backbone + two sub-sampling branches -> unit-norm embedding."""
+    """Multi-scale ranking network: backbone + two sub-sampling branches (branches=False drops
+    them, an ablation) -> unit-norm embedding."""
 
     def __init__(self, backbone=BACKBONE, embed_dim=EMBED_DIM, conv_dim=CONV_DIM, image_size=IMAGE_SIZE,
-                 trainable=TRAINABLE, branch_filters=BRANCH_FILTERS, weights="none"):
+                 trainable=TRAINABLE, branch_filters=BRANCH_FILTERS, weights="none", branches=True):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise PipelineError(f"unknown trainable layers {trainable!r}; choose {', '.join(TRAINABLE_CHOICES)}")
         if int(embed_dim) < 1 or int(conv_dim) < 1:
             raise PipelineError(f"embed_dim {embed_dim} and conv_dim {conv_dim} must be at least 1")
+        check_image_size(image_size)
         # model_args: plain data that rebuilds this architecture (weights come from the checkpoint)
         self.model_args = dict(backbone=backbone, embed_dim=int(embed_dim), conv_dim=int(conv_dim),
                                image_size=int(image_size), trainable=trainable,
-                               branch_filters=int(branch_filters))
+                               branch_filters=int(branch_filters), branches=bool(branches))
         self.image_size = int(image_size)
         self._family = FAMILIES.get(backbone)
         self.features, feature_dim = build_backbone(backbone, weights, image_size)
@@ -272,9 +358,9 @@ class DeepRank(nn.Module):
         # so it stays for old checkpoints to load strictly
         self._last_stage = self._family.last_stage(self.features)
         self.conv_fc = nn.Linear(feature_dim, conv_dim)
-        dims = branch_dims(image_size, branch_filters)
+        dims = branch_dims(image_size, branch_filters) if branches else []
         self.branches = nn.ModuleList()
-        for (conv, pool) in BRANCHES:
+        for (conv, pool) in BRANCHES if branches else ():
             self.branches.append(nn.Sequential(
                 nn.Conv2d(3, branch_filters, kernel_size=conv[0], stride=conv[1], padding=conv[2]),
                 nn.MaxPool2d(kernel_size=pool[0], stride=pool[1], padding=pool[2])))

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
-                    bad_image_flag, check_output_path, data_flag, device_flag, positive_int, print_args, run_cli,
+                    bad_image_flag, check_output_path, dataset_flags, device_flag, positive_int, print_args, run_cli,
                     workers_flag)
-from datasets import (check_images_exist, class_of, list_split, read_triplet_csv, readable_triplets, triplet_rows,
+from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from deep_rank_net import load_model
 from embedding_io import EmbeddingWriter, check_names
@@ -41,7 +41,7 @@ TTA = "none"                    # test-time augmentation: none | flip (image + m
 
 def build_parser():
     """gen_embeddings.py's flags; constants above are their defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(default=None), device_flag(),
+    parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(data_default=None), device_flag(),
                                                                    workers_flag(), bad_image_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
@@ -67,31 +67,36 @@ def build_parser():
 
 
 def plan_outputs(args):
-    """[(output file, [image paths], triplet columns or None)] for the files to write."""
-    plans = []
+    """([(output file, [image paths], triplet columns or None)] for the files to write, {path:
+    label} from --data (None: labels are the class folders), the Dataset or None)."""
+    plans, labels = [], None
     if args.data:
         splits = {"train": [("train", args.train_out)], "val": [("val", args.test_out)],
                   "both": [("train", args.train_out), ("val", args.test_out)]}[args.split]
+        dataset, labels = Dataset.from_args(args), {}
         for split, out in splits:
-            paths, _ = list_split(args.data, split)
+            paths, split_labels = dataset.split(split)
+            labels.update(zip(paths, split_labels))
             plans.append((out, paths, None))
+        return plans, labels, dataset
     else:
         for csv, out in ((args.train_triplets, args.train_out), (args.test_triplets, args.test_out)):
             columns = read_triplet_csv(csv)
             paths = unique_in_order(*columns)
             check_images_exist(paths, csv, empty_ok=args.on_bad_image == "skip")
             plans.append((out, paths, columns))
-    return plans
+    return plans, labels, None
 
 
-def embed_to_files(model, plans, device, args, header_model, bad_images):
+def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None):
     """Embed the union of all plans' images once; stream each row to every file that lists it.
 
     Returns (vectors memmap (N, D), {path: row of vectors}) of the images embedded, for the
     triplet scores, and the files' row counts. Unreadable images go to bad_images.
     """
     union = unique_in_order(*(paths for _, paths, _ in plans))
-    check_names(union, [class_of(p) for p in union])
+    label_of = label_of or {p: class_of(p) for p in union}
+    check_names(union, [label_of[p] for p in union])
     row = {}
     dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
     members = [set(paths) for _, paths, _ in plans]
@@ -105,7 +110,7 @@ def embed_to_files(model, plans, device, args, header_model, bad_images):
         writer.__enter__()
 
     def write_rows(paths, batch):
-        labels = [class_of(p) for p in paths]
+        labels = [label_of[p] for p in paths]
         for writer, member in zip(writers, members):
             keep = [i for i, p in enumerate(paths) if p in member]
             if keep:
@@ -149,7 +154,7 @@ def main(argv=None):
         raise PipelineError(f"--train_out and --test_out are the same file ({args.train_out}); give them two names")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model)
-    plans = plan_outputs(args)
+    plans, label_of, dataset = plan_outputs(args)
     print_args("gen_embeddings.py", args)
     model = prepare(model, device)
     first = Path(plans[0][0])
@@ -157,7 +162,9 @@ def main(argv=None):
 
     source = (os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
               + (f" tta={args.tta}" if args.tta != "none" else ""))
-    vectors, row, counts = embed_to_files(model, plans, device, args, source, bad_images)
+    vectors, row, counts = embed_to_files(model, plans, device, args, source, bad_images, label_of)
+    if dataset is not None and dataset.write_selection(first.with_name(f"{first.stem}_selection.csv")):
+        print(f"wrote the --top_classes / --per_class selection to {first.with_name(f'{first.stem}_selection.csv')}")
     for (out, paths, columns), name, count in zip(plans, ("train", "test"), counts):
         print(f"wrote {count} embeddings to {out}")
         if columns is not None:

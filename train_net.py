@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from common import (MODEL, SAMPLE_FILES, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag,
-                    check_output_path, data_flag, device_flag, non_negative_float, non_negative_int, positive_float,
+                    check_output_path, dataset_flags, device_flag, non_negative_float, non_negative_int, positive_float,
                     positive_int, print_args, run_cli, seed_flag, workers_flag)
-from datasets import (check_images_exist, list_split, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
+from datasets import (Dataset, check_images_exist, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
                            PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
@@ -68,7 +68,7 @@ SCHEDULES = ("constant", "cosine")
 
 def build_parser():
     """train_net.py's flags; constants above are their defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(), seed_flag(), device_flag(),
+    parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(), seed_flag(), device_flag(),
                                                                    workers_flag(), bad_image_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
@@ -91,7 +91,11 @@ def build_parser():
     a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
     a("--weights", default=WEIGHTS, help="imagenet | none | PATH to a backbone state_dict (default: %(default)s)")
-    a("--trainable", default=TRAINABLE, choices=TRAINABLE_CHOICES, help="layers to train (default: %(default)s)")
+    a("--trainable", default=TRAINABLE, choices=TRAINABLE_CHOICES,
+      help="layers to train: conv5 = the last stage and everything after it (ResNet's conv5_x; for other backbones "
+           "every layer at the network's lowest resolution, for efficientnet_lite0 its last two stages), all, or "
+           "head (default: %(default)s)")
+    a("--no_branches", action="store_true", help="drop the two sub-sampling branches (an ablation)")
     a("--image_size", type=positive_int, default=IMAGE_SIZE, help="input side in pixels (default: %(default)s)")
     a("--embed_dim", type=positive_int, default=EMBED_DIM, help="embedding size (default: %(default)s)")
     a("--augment", default=AUGMENT, choices=AUGMENTS, help="train-only augmentation (default: %(default)s)")
@@ -156,7 +160,7 @@ def build_model(args, ckpt):
         return model, start_epoch
     torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
     model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
-                     trainable=args.trainable, weights=args.weights)
+                     trainable=args.trainable, weights=args.weights, branches=not args.no_branches)
     return model, 0
 
 
@@ -167,7 +171,7 @@ class TrainingData:
 
     def __init__(self, args, image_size):
         augment = make_augment(args.augment, image_size)
-        self.sampler, self.collate = None, labelled_batch
+        self.sampler, self.collate, self.source = None, labelled_batch, None
         empty_ok = args.on_bad_image == "skip"
         if args.mining == "none" and args.loss == "contrastive":
             first, second, same = read_pair_csv(args.pairs)
@@ -184,7 +188,8 @@ class TrainingData:
             steps = math.ceil(len(self.dataset) / args.batch_size)
             self.description = f"{len(self.dataset)} triplets"
         else:
-            paths, labels = list_split(args.data, "train")
+            self.source = Dataset.from_args(args)
+            paths, labels = self.source.split("train")
             codes = np.unique(np.asarray(labels), return_inverse=True)[1]
             self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
             self.dataset = LabelledImages(paths, codes, image_size, augment)
@@ -469,6 +474,8 @@ def main(argv=None):
                       images_per_run=data.images_per_batch * steps * (args.epochs - start_epoch))
     config, metrics, last_good = dict(vars(args)), {}, args.resume
     log = earlier_log(log_path, start_epoch)
+    if data.source is not None and data.source.write_selection(folder / f"{out.stem}_selection.csv"):
+        print(f"wrote the --top_classes / --per_class selection to {folder / f'{out.stem}_selection.csv'}")
     bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt")
     schedule = Schedule(optimizer, args, steps, start_epoch)
 

@@ -18,13 +18,14 @@ class): half positive (two of one class, a third of any other), half three disti
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from common import (SAMPLE_FILES, PipelineError, check_output_path, data_flag, positive_int, print_args, run_cli,
-                    seed_flag)
-from datasets import (FLAG_COLUMN, PAIR_COLUMNS, TRIPLE_COLUMNS, list_split, need_classes, split_root,
-                      write_image_csv, write_triplet_csv)
+from common import (SAMPLE_FILES, PipelineError, check_output_path, dataset_flags, positive_int, print_args,
+                    run_cli, seed_flag)
+from datasets import (FLAG_COLUMN, PAIR_COLUMNS, TRIPLE_COLUMNS, Dataset, need_classes, write_image_csv,
+                      write_triplet_csv)
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image
@@ -221,7 +222,7 @@ def sample_triples(labels, count, seed=0):
 
 def build_parser():
     """triplet_sampler.py's flags; constants above are their defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[data_flag(), seed_flag()],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(), seed_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training", type=int, choices=(0, 1), default=1,
                         help="1: sample train/ into training_<kind>_sample.csv; 0: val/ into "
@@ -253,8 +254,9 @@ def main(argv=None):
     split = "train" if args.training else "val"
 
     start = time.perf_counter()
-    paths, labels = list_split(args.data, split)
-    need_classes(labels, split_root(args.data, split), count=3 if args.kind == "triples" else 2)
+    dataset = Dataset.from_args(args)
+    paths, labels = dataset.split(split)
+    need_classes(labels, dataset.root(split), count=3 if args.kind == "triples" else 2)
     if args.kind == "triplets":
         num_pos, num_neg = args.num_pos_images or NUM_POS_IMAGES, args.num_neg_images or NUM_NEG_IMAGES
         rows, short = sample_triplets(labels, num_pos, num_neg, args.seed)
@@ -268,6 +270,9 @@ def main(argv=None):
         write_image_csv(out, columns, paths, rows, (FLAG_COLUMN[args.kind], flags))
     print(f"wrote {len(rows)} {args.kind} from {len(paths)} {split} images in {len(set(labels))} classes "
           f"to {out} ({time.perf_counter() - start:.2f} s)")
+    selection = dataset.write_selection(Path(out).with_name(f"{Path(out).stem}_selection.csv"))
+    if selection:
+        print(f"wrote the --top_classes / --per_class selection to {selection} (reuse it as --data)")
     return 0
 
 

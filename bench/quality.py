@@ -16,7 +16,14 @@ All three embed with flip test-time augmentation (gen_embeddings.py --tta flip) 
 scored on the same val triplet CSV (N = M = 1) and the same kNN metrics.
 Prints one JSON line with the three metric sets side by side (stage logs go to stderr).
 
+--task pairs|triples asks the other two questions instead, on --data of any layout: "same
+class?" for val pairs, "at least two of one class?" for val triples (half of each label), each
+threshold calibrated on one half of the val pairs / triples and scored on the other. The models:
+untrained, recommended (triplet-trained) and contrastive (the recommended recipe with
+--loss contrastive: every pair of each P x K batch).
+
     python bench/quality.py --data ../shared/data/tiny-imagenet-mini --minutes 30
+    python bench/quality.py --data mini-imagefolder --task pairs --minutes 30
 """
 
 import argparse
@@ -31,11 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
 import eval as evaluation  # noqa: E402
 import gen_embeddings  # noqa: E402
 import train_net  # noqa: E402
 import transform_validation  # noqa: E402
 import triplet_sampler  # noqa: E402
+from datasets import detect_layout  # noqa: E402
 
 # ---------------------------------------------------------------- the recommended recipe
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image_size", "160"]
@@ -44,6 +54,9 @@ RECOMMENDED = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_p
                "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "all",
                "--margin", "0.1", "--embed_dim", "512"]
 EMBED = ["--tta", "flip"]  # every model (baselines too) embeds each image and its mirror image
+CONTRASTIVE = ["--loss", "contrastive", "--margin", "1.0"]  # over RECOMMENDED: every pair of each P x K batch
+DECISION_KEYS = ("pair_accuracy", "pair_roc_auc", "pair_f1", "pair_threshold", "triple_accuracy", "triple_f1",
+                 "triple_threshold")
 ORIGINAL = ["--mining", "none", "--optim", "sgd", "--lr", "0.001", "--batch_size", "25", "--margin", "1.0",
             "--augment", "flip", "--trainable", "conv5", "--embed_dim", "4096"]
 # ----------------------------------------------------------------
@@ -72,9 +85,69 @@ def score(work, name, model, csvs, layer="embedding", embed_flags=EMBED):
     return {key: metrics[key] for key in evaluation.METRIC_KEYS + ("k",)}
 
 
+def decision_csvs(work, data, kind, seed):
+    """(calibration half, scored half) of a balanced val pair or triple CSV (one row per val image)."""
+    full = work / f"val_{kind}.csv"
+    stage(triplet_sampler.main, ["--data", str(data), "--kind", kind, "--training", "0", "--out", str(full),
+                                 "--seed", str(seed)])
+    frame = pd.read_csv(full, dtype=str, keep_default_na=False)
+    flag = "same" if kind == "pairs" else "label"
+    halves = []
+    for part in (0, 1):  # alternate rows of each label: both halves stay balanced
+        rows = pd.concat([group.iloc[part::2] for _, group in frame.groupby(flag)])
+        path = work / f"val_{kind}_{'calibrate' if part == 0 else 'score'}.csv"
+        rows.to_csv(path, index=False)
+        halves.append(path)
+    return halves
+
+
+def score_decisions(work, name, model, data, csvs, layer="embedding"):
+    """Embed every train and val image, then decide the scored pairs and triples with thresholds
+    calibrated on the other halves."""
+    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
+    stage(gen_embeddings.main, ["--model", str(model), "--data", str(data), "--train_out", str(train_out),
+                                "--test_out", str(test_out), "--layer", layer, "--batch_size", "128", *EMBED])
+    metrics_path = work / f"{name}_metrics.json"
+    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out),
+                            "--pairs", str(csvs["pairs"][1]), "--triples", str(csvs["triples"][1]), "--calibrate",
+                            str(csvs["pairs"][0]), str(csvs["triples"][0]), "--json", str(metrics_path)])
+    metrics = json.loads(metrics_path.read_text())
+    return {key: metrics[key] for key in DECISION_KEYS + ("precision_at_1", "map_at_r")}
+
+
+def main_decisions(args, work, data, prep_s):
+    """--task pairs / triples: untrained, triplet-trained and contrastive-trained models side by side."""
+    csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
+    common = BACKBONE + ["--data", str(data), "--seed", str(args.seed)]
+    result = {"data": str(args.data), "task": args.task, "minutes": args.minutes, "backbone": " ".join(BACKBONE),
+              "recommended_flags": " ".join(RECOMMENDED), "contrastive_flags": " ".join(RECOMMENDED + CONTRASTIVE)}
+    untrained = work / "untrained.model"
+    start = time.perf_counter()
+    stage(train_net.main, common + RECOMMENDED + ["--epochs", "0", "--out", str(untrained)])
+    result["untrained"] = score_decisions(work, "untrained", untrained, data, csvs, layer="backbone")
+    scoring_s = time.perf_counter() - start
+    train_minutes = max(1.0, (args.minutes * 60 - prep_s - 1.2 * scoring_s) / 60)
+    result["train_minutes"] = None if args.epochs else round(train_minutes, 2)
+    for name, flags in (("recommended", RECOMMENDED + args.flags.split()),
+                        ("contrastive", RECOMMENDED + CONTRASTIVE + args.flags.split())):
+        (work / name).mkdir(exist_ok=True)
+        model = work / name / "deepranknet.model"
+        budget = (["--epochs", str(args.epochs)] if args.epochs else
+                  ["--epochs", "1000", "--max_minutes", f"{train_minutes:.3f}"])
+        start = time.perf_counter()
+        stage(train_net.main, common + flags + budget + ["--keep_last", "1", "--out", str(model)])
+        result[f"{name}_train_seconds"] = round(time.perf_counter() - start, 1)
+        result[name] = score_decisions(work, name, model, data, csvs)
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="TinyImageNet-layout directory (read only)")
+    parser.add_argument("--data", required=True, help="dataset (TinyImageNet-layout directory, copied; or with "
+                                                          "--task pairs / triples any layout, read in place)")
+    parser.add_argument("--task", default="triplets", choices=("triplets", "pairs", "triples"),
+                        help="triplets: the ranking benchmark; pairs / triples: both decision tasks (the same run)")
     parser.add_argument("--minutes", type=float, default=30, help="training budget per trained recipe")
     parser.add_argument("--epochs", type=int, default=0,
                         help="train each recipe this many epochs instead of --minutes (a fixed amount of work, "
@@ -90,9 +163,13 @@ def main(argv=None):
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         data = work / "data"
+        if args.task != "triplets" and detect_layout(args.data) != "tinyimagenet":
+            return main_decisions(args, work, Path(args.data).resolve(), time.perf_counter() - begin)
         if not data.exists():
             shutil.copytree(args.data, data)
             stage(transform_validation.main, ["--data", str(data)])
+        if args.task != "triplets":
+            return main_decisions(args, work, data, time.perf_counter() - begin)
         csvs = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
         for training, csv in zip((1, 0), csvs):
             stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",

@@ -256,3 +256,33 @@ def test_flip_tta_is_mirror_invariant(tmp_path):
     assert torch.allclose(flip, deep_rank_net.l2n(plain + plain.flip(0)), atol=1e-5)
     with pytest.raises(PipelineError, match="--tta"):
         list(runtime.embed_batches(model, paths, cpu, num_workers=0, tta="rotate"))
+
+
+@pytest.mark.parametrize("backbone", [b for b in deep_rank_net.BACKBONES if b not in ("efficientnet_lite0",)])
+def test_every_backbone_builds_runs_and_splits_at_its_last_stage(backbone):
+    """One forward at 64 px; conv5 trains exactly the last stage; trunk then tail equals the backbone."""
+    torch.manual_seed(0)
+    model = DeepRank(backbone=backbone, image_size=64, embed_dim=8, conv_dim=16, trainable="conv5").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        trunk, tail = model.frozen_split()
+        assert torch.allclose(tail(trunk(x)), model.features(x), atol=1e-5)
+    assert out.shape == (2, 8) and torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+    trained = {id(p) for p in model.features.parameters() if p.requires_grad}
+    frozen = {id(p) for p in trunk.parameters()}
+    assert trained and frozen and not trained & frozen
+    assert trained | frozen == {id(p) for p in model.features.parameters()}
+
+
+def test_no_branches_ablation_and_small_cnn_round_trip(tmp_path):
+    model = small(backbone="small_cnn", branches=False)
+    assert len(model.branches) == 0 and model.embedding.in_features == model.conv_fc.out_features
+    path = tmp_path / "m.model"
+    save_checkpoint(path, model)
+    loaded, _ = load_model(path)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(model.eval()(x), loaded(x), atol=1e-6)
+    with pytest.raises(PipelineError, match="small_cnn has no pretrained weights"):
+        small(backbone="small_cnn", weights="imagenet")

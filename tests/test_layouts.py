@@ -1,0 +1,131 @@
+"""--data in every layout: TinyImageNet, an ImageFolder tree (with or without split folders) and a
+label CSV (with or without a split column, --top_classes / --per_class selections) read into the
+same (paths, labels) per split, and used by the stages."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import gen_embeddings
+import train_net
+import triplet_sampler
+from common import PipelineError
+from conftest import FAST
+from datasets import Dataset, detect_layout, list_split
+from deep_rank_net import DeepRank, save_checkpoint
+from embedding_io import read_embeddings
+
+
+def as_imagefolder(prepared, root, splits=True):
+    """The prepared synthetic TinyImageNet tree as an ImageFolder export: ROOT/<split>/<class>/*.JPEG
+    (or ROOT/<class>/*.JPEG with splits=False, train and val pooled)."""
+    for split in ("train", "val"):
+        for path, label in zip(*list_split(prepared, split)):
+            folder = root / split / label if splits else root / label
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, folder / f"{split}_{Path(path).name}")
+    return root
+
+
+def as_label_csv(prepared, root, split_column=True, names=None):
+    """The prepared tree as images in one folder and a label CSV (labels renamed by `names`)."""
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for split in ("train", "val"):
+        for path, label in zip(*list_split(prepared, split)):
+            name = f"{split}_{Path(path).name}"
+            shutil.copy(path, root / "img" / name)
+            rows.append({"filename": f"img/{name}", "label": (names or {}).get(label, label), "split": split})
+    frame = pd.DataFrame(rows)
+    if not split_column:
+        frame = frame.drop(columns="split")
+    frame.to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+def test_layouts_are_detected_and_refused_clearly(prepared_master, tmp_path):
+    assert detect_layout(prepared_master) == "tinyimagenet"
+    assert detect_layout(as_imagefolder(prepared_master, tmp_path / "if")) == "imagefolder"
+    assert detect_layout(as_label_csv(prepared_master, tmp_path / "csv")) == "csv"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="none of the layouts"):
+        detect_layout(tmp_path / "empty")
+    with pytest.raises(PipelineError, match="does not exist"):
+        detect_layout(tmp_path / "nothing")
+    (tmp_path / "nothing.txt").write_text("x")
+    with pytest.raises(PipelineError, match="neither a folder nor a .csv"):
+        detect_layout(tmp_path / "nothing.txt")
+
+
+def test_every_layout_reads_into_the_same_lists(prepared_master, tmp_path):
+    """Same images, same labels, same splits, whatever the layout."""
+    names = {label: f"kind {i}, ü" for i, label in enumerate(sorted(set(list_split(prepared_master, "train")[1])))}
+    sources = {"imagefolder": Dataset(as_imagefolder(prepared_master, tmp_path / "if")),
+               "csv": Dataset(as_label_csv(prepared_master, tmp_path / "csv", names=names))}
+    for split in ("train", "val"):
+        paths, labels = list_split(prepared_master, split)
+        expected = sorted((names[label], f"{split}_{Path(path).name}") for path, label in zip(paths, labels))
+        for layout, dataset in sources.items():
+            got_paths, got_labels = dataset.split(split)
+            got_labels = [names.get(label, label) for label in got_labels]  # imagefolder keeps folder names
+            assert sorted(zip(got_labels, [Path(p).name for p in got_paths])) == expected, layout
+            assert got_labels == sorted(got_labels), layout  # grouped by label, as the samplers need
+
+
+def test_layouts_without_splits_hold_out_a_share_of_each_class(prepared_master, tmp_path):
+    for dataset in (Dataset(as_imagefolder(prepared_master, tmp_path / "flat", splits=False), val_fraction=0.25),
+                    Dataset(as_label_csv(prepared_master, tmp_path / "csv", split_column=False), val_fraction=0.25)):
+        train, val = dataset.split("train"), dataset.split("val")
+        assert not set(train[0]) & set(val[0]) and len(train[0]) + len(val[0]) == 4 * 16
+        assert all(val[1].count(label) == 4 for label in set(val[1]))  # 25% of each class's 16
+        again = Dataset(dataset.data, val_fraction=0.25).split("val")
+        assert again == val  # deterministic
+        assert Dataset(dataset.data, val_fraction=0.25, split_seed=1).split("val")[0] != val[0]
+
+
+def test_top_classes_selection_round_trip(prepared_master, tmp_path):
+    csv = as_label_csv(prepared_master, tmp_path / "csv", split_column=False)
+    frame = pd.read_csv(csv)
+    frame = frame[~((frame["label"] == frame["label"].iloc[0]) & (frame.index % 2 == 0))]  # one class smaller
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "t.csv"
+    assert triplet_sampler.main(["--data", str(csv), "--top_classes", "3", "--per_class", "10",
+                                 "--out", str(out)]) == 0
+    selection = tmp_path / "t_selection.csv"
+    chosen = pd.read_csv(selection)
+    assert list(chosen.columns) == ["filename", "label", "split"]
+    assert chosen["label"].nunique() == 3 and (chosen["label"].value_counts() == 10).all()
+    assert frame["label"].iloc[0] not in set(chosen["label"])  # the smallest class is the one left out
+    reused = Dataset(selection)
+    first = Dataset(csv, top_classes=3, per_class=10)
+    for split in ("train", "val"):
+        assert reused.split(split) == first.split(split)
+
+
+def test_stages_run_on_a_label_csv(prepared_master, tmp_path):
+    names = {label: f"class {i}" for i, label in enumerate(sorted(set(list_split(prepared_master, "train")[1])))}
+    csv = as_label_csv(prepared_master, tmp_path / "csv", names=names)
+    model = tmp_path / "m.model"
+    assert train_net.main(FAST + ["--mining", "batch_all", "--data", str(csv), "--classes_per_batch", "4",
+                                  "--images_per_class", "3", "--max_steps", "2", "--out", str(model)]) == 0
+    out = tmp_path / "emb"
+    out.mkdir()
+    assert gen_embeddings.main(["--model", str(model), "--data", str(csv), "--train_out", str(out / "train.txt"),
+                                "--test_out", str(out / "val.txt"), "--num_workers", "0"]) == 0
+    val = read_embeddings(out / "val.txt")
+    assert set(val.labels) == set(names.values()) and len(val) == 16  # labels from the CSV, not the folders
+
+
+def test_bad_label_csvs(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\na.jpg,x\n")
+    with pytest.raises(PipelineError, match="no column filename .*--path_column"):
+        Dataset(csv).split("train")
+    csv.write_text("filename,label,split\na.jpg,x,train\nb.jpg,y,holdout\n")
+    with pytest.raises(PipelineError, match="split column holds 'holdout'"):
+        Dataset(csv).split("train")
+    csv.write_text("filename,label\na.jpg,x\nb.jpg,\n")
+    with pytest.raises(PipelineError, match="line 3 has an empty filename or label"):
+        Dataset(csv).split("train")

@@ -14,7 +14,6 @@ import triplet_sampler
 from common import PipelineError
 from conftest import FAST
 from datasets import Dataset, detect_layout, list_split
-from deep_rank_net import DeepRank, save_checkpoint
 from embedding_io import read_embeddings
 
 

@@ -106,6 +106,11 @@ def list_split(data, split):
         # leftovers that transform_validation.py reported (no annotation): not a class
         print(f"warning: ignoring {root / 'images'} (images without annotation)", file=sys.stderr)
         class_dirs.remove("images")
+    return _images_by_class(root, class_dirs)
+
+
+def _images_by_class(root, class_dirs):
+    """(paths, labels) of every image below root/<class> for each class folder, in that order."""
     paths, labels = [], []
     for name in class_dirs:
         images = _walk_images(os.path.join(root, name))
@@ -211,13 +216,7 @@ class Dataset:
     def _read_flat_folder(self):
         """ROOT/<class>/... without split folders: split per class by --val_fraction."""
         class_dirs = sorted(entry.name for entry in os.scandir(self.data) if entry.is_dir())
-        paths, labels = [], []
-        for name in class_dirs:
-            images = _walk_images(os.path.join(self.data, name))
-            paths += images
-            labels += [name] * len(images)
-        if not paths:
-            raise PipelineError(f"no images found under {self.data}/<class>/; check --data")
+        paths, labels = _images_by_class(self.data, class_dirs)
         return self._grouped(paths, labels, split_by_fraction(paths, labels, self.val_fraction, self.split_seed))
 
     def _read_csv(self):

@@ -104,6 +104,12 @@ class ImageList(torch.utils.data.Dataset):
         array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S) uint8
 
+    def load_row(self, paths):
+        """The images of one CSV row stacked, (k, 3, S, S) uint8, or the first that is Unreadable."""
+        images = [self.load(path) for path in paths]
+        bad = [image for image in images if isinstance(image, Unreadable)]
+        return bad[0] if bad else torch.stack(images)
+
 
 class LabelledImages(torch.utils.data.Dataset):
     """Image i -> ((3, S, S) uint8 or Unreadable, class code); batch with labelled_batch."""
@@ -131,9 +137,7 @@ class TripletImages(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        images = [self.images.load(path) for path in self.rows[index]]
-        bad = [image for image in images if isinstance(image, Unreadable)]
-        return bad[0] if bad else torch.stack(images)
+        return self.images.load_row(self.rows[index])
 
 
 class PairImages(torch.utils.data.Dataset):
@@ -149,9 +153,7 @@ class PairImages(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        images = [self.images.load(path) for path in self.rows[index]]
-        bad = [image for image in images if isinstance(image, Unreadable)]
-        return (bad[0] if bad else torch.stack(images)), self.same[index]
+        return self.images.load_row(self.rows[index]), self.same[index]
 
 
 def _split_unreadable(items, image_of=lambda item: item):
@@ -169,6 +171,11 @@ def _split_unreadable(items, image_of=lambda item: item):
 def _collate(items):
     """default_collate (which builds the batch in shared memory inside a worker), or None when empty."""
     return torch.utils.data.default_collate(items) if items else None
+
+
+def _columns_first(batch):
+    """(B, k, 3, S, S) rows -> (k * B, 3, S, S): every row's first image, then every second, ..."""
+    return batch.transpose(0, 1).reshape(-1, *batch.shape[2:])
 
 
 def image_batch(items):
@@ -189,8 +196,7 @@ def triplet_batch(items):
     keep, bad = _split_unreadable(items)
     if not keep:
         return None, None, bad
-    batch = _collate([items[row] for row in keep])  # (B, 3, 3, S, S)
-    return batch.transpose(0, 1).reshape(3 * len(keep), *batch.shape[2:]), None, bad
+    return _columns_first(_collate([items[row] for row in keep])), None, bad
 
 
 def pair_batch(items):
@@ -198,8 +204,8 @@ def pair_batch(items):
     keep, bad = _split_unreadable(items, lambda item: item[0])
     if not keep:
         return None, None, bad
-    batch, same = _collate([items[row] for row in keep])  # (B, 2, 3, S, S), (B,)
-    return batch.transpose(0, 1).reshape(2 * len(keep), *batch.shape[2:]), same, bad
+    batch, same = _collate([items[row] for row in keep])
+    return _columns_first(batch), same, bad
 
 
 class BadImages:

@@ -64,14 +64,10 @@ def sample_triplets(labels, num_pos, num_neg, seed=0):
     """
     if num_pos < 1 or num_neg < 1:
         raise PipelineError("--num_pos_images and --num_neg_images must be at least 1")
-    names, codes = np.unique(np.asarray(labels), return_inverse=True)
+    names, codes, starts, sizes = _codes(labels)
     if len(names) < 2:
         raise PipelineError(f"found {len(names)} class; negatives need at least two classes")
-    order = np.argsort(codes, kind="stable")
-    if not np.array_equal(order, np.arange(len(codes))):
-        raise ValueError("labels must be grouped by class (sorted)")
     rng = np.random.default_rng(seed)
-    starts, sizes = class_ranges(codes)
     total = len(codes)
 
     queries, positives, short = [], [], {}

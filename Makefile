@@ -2,7 +2,7 @@
 # Each creates the virtualenv first. The venv lives in a cache folder keyed by the
 # requirement files' contents, so it is built once per set of requirements.
 PYTHON ?= python3
-REQS   := requirements.txt requirements-dev.txt
+REQS   := requirements.txt requirements-dev.txt requirements-faiss.txt
 VENV   ?= $(HOME)/.cache/deep-ranking/venv-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 PY     := $(VENV)/bin/python
 DEMO   ?= demo_run
@@ -18,6 +18,7 @@ $(VENV)/.installed: $(REQS)
 venv: $(VENV)/.installed
 
 test: venv
+	bash tests/install_browser.sh
 	"$(PY)" -m pytest -q tests
 
 # The whole pipeline on the embedded synthetic dataset, on CPU, ending with eval's printout.

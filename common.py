@@ -11,6 +11,7 @@ move together with the data.
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
@@ -176,6 +177,12 @@ class RelativeTo:
         if rel is None:
             rel = self.folders[parent] = os.path.relpath(parent, self.folder).replace(os.sep, "/")
         return name if rel == "." else f"{rel}/{name}"
+
+
+def file_digest(path, length=16):
+    """The first `length` hex digits of a file's SHA-256: which exact checkpoint made a file."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:length]
 
 
 def check_output_path(path):

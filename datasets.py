@@ -68,6 +68,23 @@ def _walk_images(folder):
     return found
 
 
+def images_in(items, flag):
+    """Image files named on a command line: a file as given, a folder as every image below it
+    (sorted); absolute paths, each once. A name that is neither is refused naming the flag."""
+    found = []
+    for item in items:
+        if os.path.isdir(item):
+            inside = _walk_images(os.path.abspath(item))
+            if not inside:
+                raise PipelineError(f"{flag} folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found.extend(inside)
+        elif os.path.isfile(item):
+            found.append(_checked_name(os.path.abspath(item)))
+        else:
+            raise PipelineError(f"{flag} {item} does not exist; give an image file or a folder of images")
+    return unique_in_order(found)
+
+
 def _checked_name(path):
     """A listed file's path, refused when it cannot be written into the pipeline's UTF-8 files."""
     try:

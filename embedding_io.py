@@ -14,6 +14,7 @@ this module) or, failing that, by numpy's C parser on every core.
 """
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import fastparse
 from common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 EMBEDDING_MAGIC = "# deep-ranking embeddings v1"
+OLD_SOURCE_SUFFIX = re.compile(r" (layer|tta)=(\w+)$")
 
 
 class Embeddings:
@@ -47,10 +49,12 @@ class Embeddings:
         return self._index.get(path, -1)
 
 
-def embedding_header(dim, normalized, model):
-    """The first line of an embedding text file."""
+def embedding_header(dim, normalized, model, source=None):
+    """The first line of an embedding text file. source: more key=value fields (values without
+    spaces) describing how the vectors were made, written before model=."""
     model = str(model).replace("\n", " ")
-    return f"{EMBEDDING_MAGIC} dim={int(dim)} normalized={int(bool(normalized))} model={model}\n"
+    extra = "".join(f" {key}={str(value).replace(' ', '_')}" for key, value in (source or {}).items())
+    return f"{EMBEDDING_MAGIC} dim={int(dim)} normalized={int(bool(normalized))}{extra} model={model}\n"
 
 
 def parse_embedding_header(line, path):
@@ -64,7 +68,12 @@ def parse_embedding_header(line, path):
     rest = line[len(EMBEDDING_MAGIC) + 1:].rstrip("\r\n")
     model_at = rest.find("model=")
     if model_at >= 0:
-        fields["model"] = rest[model_at + len("model="):]
+        model = rest[model_at + len("model="):]
+        while OLD_SOURCE_SUFFIX.search(model):  # files before the source fields: "model=<path> tta=flip"
+            tail = OLD_SOURCE_SUFFIX.search(model)
+            fields[tail.group(1)] = tail.group(2)
+            model = model[:tail.start()]
+        fields["model"] = model
         rest = rest[:model_at]
     for token in rest.split():
         key, _, value = token.partition("=")
@@ -76,7 +85,7 @@ def parse_embedding_header(line, path):
         raise PipelineError(f"{path} line 1 lacks a valid dim=<D>; {rerun}") from None
     if dim < 1:
         raise PipelineError(f"{path} line 1 has dim={dim}; {rerun}")
-    return {"dim": dim, "normalized": bool(normalized), "model": fields.get("model", "")}
+    return {**fields, "dim": dim, "normalized": bool(normalized), "model": fields.get("model", "")}
 
 
 def check_names(paths, labels):
@@ -103,11 +112,11 @@ class EmbeddingWriter:
     (same header line, then path<TAB>label lines): smaller and much faster to load.
     """
 
-    def __init__(self, path, dim, normalized, model):
+    def __init__(self, path, dim, normalized, model, source=None):
         self.path = Path(path)
         self.dim = int(dim)
         self.binary = self.path.suffix.lower() == ".npy"
-        self._header = embedding_header(dim, normalized, model)
+        self._header = embedding_header(dim, normalized, model, source)
         self._text = atomic_write(paths_file_of(self.path) if self.binary else self.path)
         self._relative = RelativeTo(self.path)
         self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
@@ -139,6 +148,22 @@ class EmbeddingWriter:
             np.lib.format.write_array_header_1_0(out, header)
             shutil.copyfileobj(self._raw, out, 1 << 24)
 
+    def copy_rows(self, existing, rows):
+        """Copy the rows of an existing embedding file of this format and dim (byte for byte,
+        after its header) before the rows written next: how a gallery grows."""
+        existing = Path(existing)
+        names = paths_file_of(existing) if self.binary else existing
+        with open(names, "r", encoding="utf-8", newline="\n") as handle:
+            handle.readline()
+            shutil.copyfileobj(handle, self._handle, 1 << 24)  # every row our writer wrote ends in a newline
+        if self.binary:
+            with open(existing, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                 np.lib.format.read_array_header_2_0)(handle)
+                shutil.copyfileobj(handle, self._raw, 1 << 24)
+        self.count += int(rows)
+
     def write(self, paths, labels, vectors):
         """Append rows; vectors (B, D) float array, one row per path."""
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -158,7 +183,7 @@ PARALLEL_PARSE_BYTES = 1 << 27  # text embedding files with more than this per p
 FAST_PARSE_BYTES = 1 << 28  # text embedding files this large use the compiled parser (fastparse): loading it takes ~1 s
 
 
-def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
+def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None, mmap=False):
     """Read an embedding file (.txt or .npy + .paths.tsv), checking header, labels and dimensions.
 
     A text file of FAST_PARSE_BYTES or more (or any size with fast=True) is parsed by the
@@ -172,7 +197,7 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
     if not path.is_file():
         raise PipelineError(f"embedding file {path} does not exist; {rerun} first")
     if path.suffix.lower() == ".npy":
-        return _read_npy_embeddings(path)
+        return _read_npy_embeddings(path, mmap)
     with open(path, "rb") as handle:
         first = handle.readline()
         begin, end = handle.tell(), os.fstat(handle.fileno()).st_size
@@ -196,7 +221,7 @@ def read_embeddings(path, chunk_bytes=1 << 25, workers=None, fast=None):
     else:
         vectors = np.concatenate(blocks) if blocks else np.zeros((0, header["dim"]), np.float32)
     folder = str(path.resolve().parent)
-    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path, not mmap)
 
 
 def _parse_compiled(path, begin, end, dim, chunk_bytes):
@@ -333,8 +358,19 @@ def _split_row(line, fields, path, number):
     return parts
 
 
-def _read_npy_embeddings(path):
-    """A .npy embedding file and its .paths.tsv."""
+def read_header(path):
+    """The header fields of an embedding file (.txt, or a .npy's .paths.tsv), without its rows."""
+    path = Path(path).expanduser()
+    names = paths_file_of(path) if path.suffix.lower() == ".npy" else path
+    if not names.is_file():
+        raise PipelineError(f"embedding file {names} does not exist; rerun gen_embeddings.py first")
+    with open(names, "r", encoding="utf-8", errors="replace", newline="\n") as handle:
+        return parse_embedding_header(handle.readline(), names)
+
+
+def _read_npy_embeddings(path, mmap=False):
+    """A .npy embedding file and its .paths.tsv; mmap: the vectors stay on disk, memory-mapped
+    (read-only, and not checked for non-finite values here: the reader checks what it reads)."""
     rerun = "rerun gen_embeddings.py"
     names = paths_file_of(path)
     if not names.is_file():
@@ -348,14 +384,14 @@ def _read_npy_embeddings(path):
         paths.append(parts[0])
         labels.append(parts[1])
     try:
-        vectors = np.load(path, allow_pickle=False)
+        vectors = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError) as err:
         raise PipelineError(f"{path} is not a readable .npy file ({err}); {rerun}") from None
     if vectors.dtype != np.float32 or vectors.shape != (len(paths), header["dim"]):
         raise PipelineError(f"{path} holds a {vectors.dtype} array of shape {vectors.shape}, but {names} lists "
                             f"{len(paths)} images of dim={header['dim']}; {rerun}")
     folder = str(path.resolve().parent)
-    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path)
+    return _checked(Embeddings([resolve_in(p, folder) for p in paths], labels, vectors, header), path, not mmap)
 
 
 def _row_blocks(array, rows=4096):
@@ -363,14 +399,11 @@ def _row_blocks(array, rows=4096):
     return [array[s:s + rows] for s in range(0, len(array), rows)] or [array]
 
 
-def _checked(embeddings, path):
-    """Refuse non-finite values, naming the first bad row, and a path listed twice (it would count
-    twice in every metric), naming both lines."""
-    finite = np.concatenate([np.isfinite(block).all(axis=1) for block in _row_blocks(embeddings.vectors)])
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise PipelineError(f"{path}: the vector of {embeddings.paths[row]} has a non-finite value; "
-                            f"rerun gen_embeddings.py")
+def _checked(embeddings, path, finite=True):
+    """Refuse non-finite values (unless finite=False), naming the first bad row, and a path listed
+    twice (it would count twice in every metric), naming both lines."""
+    if finite:
+        check_finite(embeddings, path)
     index = {}
     for row, image in enumerate(embeddings.paths):
         first = index.setdefault(image, row)
@@ -379,6 +412,15 @@ def _checked(embeddings, path):
                                 f"rerun gen_embeddings.py")
     embeddings._index = index
     return embeddings
+
+
+def check_finite(embeddings, path):
+    """Refuse a non-finite value, naming the image whose vector holds it."""
+    finite = np.concatenate([np.isfinite(block).all(axis=1) for block in _row_blocks(embeddings.vectors)])
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise PipelineError(f"{path}: the vector of {embeddings.paths[row]} has a non-finite value; "
+                            f"rerun gen_embeddings.py")
 
 
 def _parse_vectors(texts, dim, path, first_line):

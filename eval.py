@@ -27,9 +27,9 @@ from common import (TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPL
                     check_output_path, non_negative_int, positive_int, print_args, run_cli, seed_flag)
 from datasets import csv_kind, read_pair_csv, read_triple_csv, read_triplet_csv, triplet_rows
 from embedding_io import read_embeddings
-from loaders import load_rgb
 from metrics import (KNN_PRECISIONS, best_threshold, decision_metrics, knn_scores, pair_scores, roc_auc,
                      squared_distances, triple_scores, triplet_accuracy)
+from pictures import save_captioned_grid
 
 # ---------------------------------------------------------------- hyperparameters
 K = 30                       # neighbours for score_at_k / precision_at_k (the original's top-30)
@@ -47,30 +47,17 @@ DECISION_KEYS = ("pair_accuracy", "pair_precision", "pair_recall", "pair_f1", "p
 
 # ----------------------------------------------------------------------------- pictures
 
-def save_query_grid(path, query_path, query_label, ranked, caption_count=10):
-    """PNG: the query, then its nearest and farthest references, captioned with class and distance.
+def save_query_grid(path, query_path, query_label, ranked):
+    """PNG: the query, then its nearest and farthest references, captioned with class and distance
+    (green: the query's class, red: another).
 
     ranked: {"nearest": [(path, label, distance)], "farthest": [...]}.
     """
-    from PIL import Image, ImageDraw
-
-    cell, pad, text_h = 96, 4, 26
-    cols = caption_count + 1
-    rows = [("nearest", ranked["nearest"]), ("farthest", ranked["farthest"])]
-    canvas = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (title, items) in enumerate(rows):
-        y = pad + r * (cell + text_h + pad)
-        cells = [(query_path, query_label, f"query ({title})")] + [
-            (p, lab, f"{lab}\nd={dist:.3f}") for p, lab, dist in items]
-        for c, (p, lab, text) in enumerate(cells):
-            x = pad + c * (cell + pad)
-            image = load_rgb(p).resize((cell, cell))
-            canvas.paste(image, (x, y))
-            colour = "black" if c == 0 else ("green" if lab == query_label else "red")
-            draw.multiline_text((x + 2, y + cell + 1), text, fill=colour, spacing=1)
-    with atomic_write(path, mode="wb") as handle:
-        canvas.save(handle, format="PNG")
+    rows = []
+    for title in ("nearest", "farthest"):
+        rows.append([(query_path, f"query ({title})", "black")] + [
+            (p, f"{lab}\nd={dist:.3f}", "green" if lab == query_label else "red") for p, lab, dist in ranked[title]])
+    save_captioned_grid(path, rows)
 
 
 def show_queries(train, test, count, folder, seed=0):

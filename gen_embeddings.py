@@ -22,16 +22,16 @@ import numpy as np
 from tqdm import tqdm
 
 from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
-                    bad_image_flag, check_output_path, dataset_flags, device_flag, positive_int, print_args, run_cli,
-                    workers_flag)
+                    bad_image_flag, check_output_path, dataset_flags, device_flag, file_digest, positive_int,
+                    print_args, run_cli, workers_flag)
 from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from deep_rank_net import load_model
 from embedding_io import EmbeddingWriter, check_names
 from loaders import BadImages
 from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, embed_batches, prepare, resolve_device,
-                     want_compile)
+from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare,
+                     resolve_device, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = 64                 # images per forward pass
@@ -88,7 +88,7 @@ def plan_outputs(args):
     return plans, labels, None
 
 
-def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None):
+def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None, source=None):
     """Embed the union of all plans' images once; stream each row to every file that lists it.
 
     Returns (vectors memmap (N, D), {path: row of vectors}) of the images embedded, for the
@@ -105,7 +105,7 @@ def embed_to_files(model, plans, device, args, header_model, bad_images, label_o
     os.close(handle)
     vectors = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(max(1, len(union)), dim))
     os.unlink(scratch)  # the mapping keeps the space until it is closed; nothing left behind on a crash
-    writers = [EmbeddingWriter(out, dim, True, header_model) for out, _, _ in plans]
+    writers = [EmbeddingWriter(out, dim, True, header_model, source) for out, _, _ in plans]
     for writer in writers:
         writer.__enter__()
 
@@ -160,9 +160,11 @@ def main(argv=None):
     first = Path(plans[0][0])
     bad_images = BadImages(args.on_bad_image, first.with_name(f"{first.stem}_bad_images.txt"))
 
-    source = (os.path.abspath(args.model) + (" layer=backbone" if args.layer == "backbone" else "")
-              + (f" tta={args.tta}" if args.tta != "none" else ""))
-    vectors, row, counts = embed_to_files(model, plans, device, args, source, bad_images, label_of)
+    # the header says how the vectors were made, so image_search.py embeds its queries the same way
+    source = {"checkpoint": file_digest(args.model), "layer": args.layer, "tta": args.tta,
+              "amp": "bf16" if not args.no_amp and bf16_supported(device) else "fp32"}
+    vectors, row, counts = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images,
+                                          label_of, source)
     if dataset is not None and dataset.write_selection(first.with_name(f"{first.stem}_selection.csv")):
         print(f"wrote the --top_classes / --per_class selection to {first.with_name(f'{first.stem}_selection.csv')}")
     for (out, paths, columns), name, count in zip(plans, ("train", "test"), counts):

@@ -18,10 +18,15 @@ CHUNK_ELEMENTS = 1 << 25     # distance-matrix block size in floats (128 MB of f
 KNN_PRECISIONS = ("fp32", "bf16")  # fp32: exact search | bf16: bf16 products, fp32 sums
 
 
+def squared_norms(rows, block=65536):
+    """|r|^2 of each row, in blocks of rows (never a temporary the size of the whole array)."""
+    return torch.cat([(part * part).sum(1) for part in rows.split(block)]) if len(rows) else rows.new_zeros(0)
+
+
 def squared_distances(queries, refs, ref_sq=None):
     """(Q, M) squared L2 distances between rows, via |q|^2 - 2 q.r + |r|^2 (clamped at 0)."""
     if ref_sq is None:
-        ref_sq = (refs * refs).sum(1)
+        ref_sq = squared_norms(refs)
     d = torch.addmm(ref_sq[None, :], queries, refs.T, beta=1, alpha=-2)
     d += (queries * queries).sum(1, keepdim=True)
     return d.clamp_(min=0)
@@ -84,7 +89,7 @@ def knn(queries, refs, k, exclude=None, chunk_elements=CHUNK_ELEMENTS, precision
     k = min(k, len(refs) - (1 if exclude is not None and (np.asarray(exclude) >= 0).any() else 0))
     if k < 1:
         raise ValueError("need at least one reference to search")
-    ref_sq = (refs * refs).sum(1)
+    ref_sq = squared_norms(refs)
     step = max(1, chunk_elements // max(1, len(refs)))
     out_d = torch.empty(len(queries), k)
     out_i = torch.empty(len(queries), k, dtype=torch.long)

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 
-STAGES = {"synthetic_data", "transform_validation", "triplet_sampler", "train_net", "gen_embeddings", "eval"}
+STAGES = {"synthetic_data", "transform_validation", "triplet_sampler", "train_net", "gen_embeddings", "eval",
+          "image_search"}
 # helper -> the project modules it may import (its place in the one-way order)
 HELPERS = {
     "common": set(),
@@ -21,6 +22,10 @@ HELPERS = {
     "metrics": {"common"},
     "deep_rank_net": {"common"},
     "runtime": {"common", "deep_rank_net", "loaders"},
+    "pictures": {"common", "loaders"},
+    "search_index": {"common", "metrics"},
+    "searcher": {"common", "deep_rank_net", "embedding_io", "loaders", "runtime", "search_index"},
+    "search_web": {"common", "loaders"},
 }
 TORCH_FREE = ("common", "datasets", "embedding_io", "fastparse", "synthetic_data", "transform_validation",
               "triplet_sampler")
@@ -61,7 +66,8 @@ def test_torch_free_modules_do_not_load_torch():
 
 @pytest.mark.parametrize("stage,flag", [("transform_validation", "--device"), ("transform_validation", "--seed"),
                                         ("triplet_sampler", "--num_workers"), ("triplet_sampler", "--device"),
-                                        ("gen_embeddings", "--seed"), ("eval", "--device")])
+                                        ("gen_embeddings", "--seed"), ("eval", "--device"),
+                                        ("image_search", "--seed")])
 def test_stages_refuse_flags_they_do_not_read(stage, flag, capsys):
     module = __import__(stage)
     with pytest.raises(SystemExit) as info:

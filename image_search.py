@@ -1,0 +1,235 @@
+"""Stage 5: search a gallery by image. Which images of the gallery look most like this one?
+
+A gallery is an embedding file written by gen_embeddings.py (text or .npy). Each query image
+(or every image in a query folder) is embedded with the checkpoint that wrote the gallery, the
+way the gallery was (its header names the checkpoint, layer, test-time augmentation and
+precision; another checkpoint is refused unless --force), then its --k nearest gallery images
+are printed: rank, squared L2 distance, label, path.
+
+    python image_search.py --model deepranknet.model --gallery train_embedding.txt query.jpg more_queries/
+    python image_search.py --gallery train_embedding.txt --json hits.json --grid hits.png query.jpg
+    python image_search.py --pair a.jpg b.jpg --threshold_from metrics.json     # same class or not?
+    python image_search.py --gallery train_embedding.txt --add new_photos/       # grow the gallery
+    python image_search.py --serve --gallery train_embedding.txt                 # a web page on localhost:8000
+
+--index auto (the default) searches exactly below 200,000 gallery rows and with a faiss index
+from there (pip install -r requirements-faiss.txt); the index is saved beside the gallery as
+<gallery>.faiss and rebuilt when the gallery changes.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from common import (MODEL, TRAIN_EMBEDDINGS, PipelineError, atomic_write, bad_image_flag, check_output_path,
+                    device_flag, non_negative_int, positive_int, print_args, run_cli, workers_flag)
+from datasets import class_of, images_in
+from embedding_io import EmbeddingWriter, check_names, read_embeddings, read_header
+from pictures import save_captioned_grid
+from search_index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
+from searcher import Searcher
+
+# ---------------------------------------------------------------- hyperparameters
+K = 10              # neighbours shown per query
+BATCH_SIZE = 32     # query images per forward pass
+PORT = 8000         # --serve
+HOST = "127.0.0.1"  # --serve binds to this machine only unless told otherwise
+MAX_UPLOAD_MB = 20  # --serve: larger uploads are refused
+# ----------------------------------------------------------------
+
+
+def build_parser():
+    """image_search.py's flags; constants above are their defaults."""
+    parser = argparse.ArgumentParser(description=__doc__, parents=[device_flag(), workers_flag(), bad_image_flag()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("queries", nargs="*", metavar="QUERY", help="query images, or folders (every image inside)")
+    a("--model", default=MODEL, help="the checkpoint that wrote the gallery (default: %(default)s)")
+    a("--gallery", default=TRAIN_EMBEDDINGS, help="embedding file to search, from gen_embeddings.py "
+                                                  "(default: %(default)s)")
+    a("--k", type=positive_int, default=K, help="neighbours per query (default: %(default)s)")
+    a("--exclude_self", action="store_true", help="never return the gallery entry with the query's own path")
+    a("--json", default=None, metavar="PATH", help="also write the results here as JSON")
+    a("--grid", default=None, metavar="PNG", help="save the queries and their neighbours as one captioned picture")
+    a("--index", default="auto", choices=INDEX_KINDS,
+      help="exact: brute force; faiss: an index saved beside the gallery; auto: exact below 200,000 rows "
+           "(default: %(default)s)")
+    a("--nprobe", type=positive_int, default=NPROBE,
+      help="faiss IVF cells searched per query: more finds more of the true neighbours, slower "
+           "(default: %(default)s)")
+    a("--force", action="store_true", help="search a gallery that another checkpoint wrote")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                      help="print the distance between two images (and the decision, with a threshold)")
+    mode.add_argument("--add", nargs="+", metavar="IMAGE",
+                      help="embed these images (or folders) and append them to --gallery; the label is each "
+                           "image's folder name")
+    mode.add_argument("--serve", action="store_true", help="serve a search page on --host:--port")
+    threshold = parser.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, default=None,
+                           help="--pair: same class when the squared distance is below this")
+    threshold.add_argument("--threshold_from", default=None, metavar="JSON",
+                           help="--pair: the pair_threshold that eval.py --pairs --calibrate wrote to its --json")
+    a("--host", default=HOST, help="--serve: address to listen on (default: %(default)s, this machine only)")
+    a("--port", type=non_negative_int, default=PORT, help="--serve: port (default: %(default)s)")
+    a("--max_upload_mb", type=positive_int, default=MAX_UPLOAD_MB,
+      help="--serve: largest upload accepted (default: %(default)s MB)")
+    return parser
+
+
+def check_args(parser, args):
+    """Which flags go together."""
+    if args.serve or args.add or args.pair:
+        if args.queries:
+            parser.error("query images cannot be given with --pair, --add or --serve")
+    elif not args.queries:
+        parser.error("give query images or folders (or --pair A B, --add IMAGES, --serve)")
+    if (args.threshold is not None or args.threshold_from) and not args.pair:
+        parser.error("--threshold and --threshold_from go with --pair")
+    for path in filter(None, (args.json, args.grid)):
+        check_output_path(path)
+
+
+# ----------------------------------------------------------------------------- searching
+
+def search_queries(searcher, args):
+    """Embed the queries and search; [{"query", "results"}] in query order."""
+    paths = images_in(args.queries, "QUERY")
+    vectors, kept = searcher.embed(paths)
+    gallery = searcher.load_gallery()
+    exclude = [gallery.index_of(p) for p in kept] if args.exclude_self else None
+    print(f"{len(kept)} queries against {len(gallery)} gallery images ({describe(searcher.index)})")
+    return [{"query": query, "results": results}
+            for query, results in zip(kept, searcher.search(vectors, args.k, exclude))]
+
+
+def describe(index):
+    return getattr(index, "description", "exact search")
+
+
+def print_results(found, stream=None):
+    stream = stream or sys.stdout
+    for item in found:
+        print(f"\nquery: {item['query']}", file=stream)
+        print(f"{'rank':>5}  {'distance':>10}  {'label':<20} path", file=stream)
+        for hit in item["results"]:
+            print(f"{hit['rank']:>5}  {hit['distance']:>10.6f}  {hit['label']:<20} {hit['path']}", file=stream)
+
+
+def write_json(path, found):
+    """[{"query": path, "results": [{"rank", "distance", "label", "path"}]}], atomically."""
+    keys = ("rank", "distance", "label", "path")
+    clean = [{"query": item["query"], "results": [{key: hit[key] for key in keys} for hit in item["results"]]}
+             for item in found]
+    with atomic_write(path) as handle:
+        json.dump(clean, handle, indent=2)
+        handle.write("\n")
+
+
+def save_grid(path, found):
+    """One row per query: the query, then its neighbours captioned with label and distance."""
+    rows = [[(item["query"], f"query\n{class_of(item['query'])}", "black")] +
+            [(hit["path"], f"{hit['label']}\nd={hit['distance']:.3f}",
+              "green" if hit["label"] == class_of(item["query"]) else "red") for hit in item["results"]]
+            for item in found]
+    save_captioned_grid(path, rows)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+def read_threshold(args):
+    """--threshold, or the pair_threshold in eval.py's --json; None when neither is given."""
+    if args.threshold_from is None:
+        return args.threshold
+    try:
+        with open(args.threshold_from, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot read --threshold_from {args.threshold_from} ({err}); give eval.py's --json "
+                            f"output") from None
+    value = metrics.get("pair_threshold") if isinstance(metrics, dict) else None
+    if not isinstance(value, (int, float)):
+        raise PipelineError(f"{args.threshold_from} has no pair_threshold; write one with eval.py --pairs PAIRS "
+                            f"--calibrate OTHER_PAIRS --json {args.threshold_from}")
+    return float(value)
+
+
+def compare_pair(searcher, args):
+    """The squared distance between two images and, with a threshold, same or different."""
+    threshold = read_threshold(args)
+    paths = images_in(args.pair, "--pair")
+    if len(paths) != 2:
+        raise PipelineError("--pair needs two different image files")
+    vectors, _ = searcher.embed(paths)
+    distance = float(((vectors[0] - vectors[1]) ** 2).sum())
+    print(f"distance {distance:.6f} (squared L2) between\n  {paths[0]}\n  {paths[1]}")
+    if threshold is not None:
+        print(f"{'same' if distance < threshold else 'different'} "
+              f"(threshold {threshold:.6g}: same class when the distance is below it)")
+
+
+# ----------------------------------------------------------------------------- adding
+
+def add_to_gallery(searcher, args):
+    """Embed the new images and append them to the gallery file (a new file renamed over it),
+    and to its faiss index when that index is up to date."""
+    gallery = read_embeddings(args.gallery, mmap=True)
+    paths = images_in(args.add, "--add")
+    new = [p for p in paths if gallery.index_of(p) < 0]
+    if len(new) < len(paths):
+        print(f"{len(paths) - len(new)} of the images are in the gallery already; left as they are")
+    if not new:
+        return
+    check_names(new, [class_of(p) for p in new])
+    index = None
+    try:
+        index = load_fresh_faiss(args.gallery, len(gallery))
+    except PipelineError:  # faiss not installed: no index to keep up to date
+        pass
+    vectors, kept = searcher.embed(new)
+    header = read_header(args.gallery)
+    source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
+    with EmbeddingWriter(args.gallery, header["dim"], header["normalized"], header["model"], source) as writer:
+        writer.copy_rows(args.gallery, len(gallery))
+        writer.write(kept, [class_of(p) for p in kept], vectors)
+    print(f"added {len(kept)} images to {args.gallery} ({writer.count} rows now)")
+    if index is not None:
+        extend_faiss(index, args.gallery, vectors)
+        print("added them to its faiss index too")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    print_args("image_search.py", args)
+    if args.add:
+        check_output_path(args.gallery)
+    if args.index == "faiss":
+        faiss_module()  # a clear message now, not after embedding
+    pair_gallery = args.gallery if not args.pair or os.path.exists(args.gallery) else None
+    searcher = Searcher(args.model, pair_gallery, args.device, args.index, args.nprobe, args.force, args.batch_size,
+                        args.num_workers, args.on_bad_image)
+    if args.pair:
+        compare_pair(searcher, args)
+    elif args.add:
+        add_to_gallery(searcher, args)
+    elif args.serve:
+        from search_web import serve
+        serve(searcher, args.host, args.port, args.k, args.max_upload_mb)
+    else:
+        found = search_queries(searcher, args)
+        print_results(found)
+        if args.json:
+            write_json(args.json, found)
+            print(f"wrote {args.json}")
+        if args.grid:
+            save_grid(args.grid, found)
+            print(f"saved {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

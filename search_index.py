@@ -1,0 +1,272 @@
+"""Nearest neighbours of query vectors in a gallery of embeddings, by squared L2 distance: exact
+(metrics.knn, the chunked search eval.py uses, ties broken by gallery row) or a faiss index
+saved beside the gallery (faiss-cpu: requirements-faiss.txt).
+
+The faiss index is `<gallery>.faiss`, with `<gallery>.faiss.json` beside it recording the
+gallery files' sizes and modification times when it was built: a gallery that changed since
+is indexed again; rows appended by image_search.py --add are added to the index in place.
+Which faiss index depends on the gallery's size: HNSW (a graph; no training) below IVF_MIN_ROWS
+rows, IVF-SQ8 (k-means cells, `nprobe` of them searched, vectors stored in 8 bits: a quarter of
+the memory and of the bytes scanned) from there. Either way the candidates are re-ranked by
+their exact distances to the gallery's vectors (which may stay on disk, memory-mapped).
+
+    index = open_index("gallery.npy", gallery.vectors, kind="auto")   # ExactIndex or FaissIndex
+    distances, rows = index.search(queries, k=10)                      # (Q, k) each; rows -1: none
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common import PipelineError, atomic_write
+from metrics import knn
+
+INDEX_KINDS = ("auto", "exact", "faiss")
+AUTO_EXACT_ROWS = 200_000  # --index auto: exact search below this many gallery rows, faiss from there
+IVF_MIN_ROWS = 100_000     # faiss: HNSW below this many rows (too few to train IVF cells well), IVF-SQ8 from it
+NPROBE = 8                 # IVF cells searched per query (--nprobe): more is slower and finds more true neighbours
+CELLS_PER_SQRT = 2         # IVF cells: this many times sqrt(rows)
+TRAIN_PER_CELL = 64        # k-means training rows per IVF cell (a random sample)
+KMEANS_ITERATIONS = 10
+HNSW_M = 32                # HNSW graph degree
+HNSW_EF_SEARCH = 128       # HNSW candidate list while searching (at least k)
+RERANK = 4                 # IVF: k * RERANK candidates (8-bit codes) re-ranked by their exact distances
+ADD_ROWS = 65_536          # rows handed to faiss at a time while building
+
+
+def ivf_cells(rows):
+    """IVF cells for a gallery: CELLS_PER_SQRT * sqrt(rows), at least 1."""
+    return max(1, int(round(CELLS_PER_SQRT * np.sqrt(rows))))
+
+
+def faiss_available():
+    """Whether faiss-cpu can be imported."""
+    try:
+        faiss_module()
+    except PipelineError:
+        return False
+    return True
+
+
+def faiss_module():
+    """The faiss module, or a one-line error saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise PipelineError("--index faiss needs faiss-cpu: pip install -r requirements-faiss.txt "
+                            "(or use --index exact)") from None
+    return faiss
+
+
+class ExactIndex:
+    """Brute-force search over the vectors in memory (metrics.knn)."""
+
+    kind = "exact"
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def __len__(self):
+        return len(self.vectors)
+
+    def search(self, queries, k, exclude=None):
+        """(distances, rows), (Q, min(k, usable rows)); exclude[i]: a row query i must not get, or -1."""
+        distances, rows = knn(queries, self.vectors, k, exclude=exclude)
+        return distances.numpy(), rows.numpy()
+
+
+class FaissIndex:
+    """A faiss index over the gallery rows (ids are row numbers), its candidates re-ranked by
+    exact distance to the gallery's own vectors: distances are exact squared L2, ties broken by
+    row as in exact search; only which rows are candidates is approximate."""
+
+    kind = "faiss"
+
+    def __init__(self, index, vectors, nprobe=NPROBE):
+        self.index, self.vectors = index, vectors
+        self.ivf = index if isinstance(index, faiss_module().IndexIVF) else None
+        if self.ivf is not None:
+            self.ivf.nprobe = min(int(nprobe), self.ivf.nlist)
+
+    def __len__(self):
+        return self.index.ntotal
+
+    @property
+    def description(self):
+        if self.ivf is not None:
+            return (f"faiss IVF-SQ8, {self.ivf.nlist} cells, nprobe {self.ivf.nprobe}, "
+                    f"{RERANK}k candidates re-ranked exactly")
+        return f"faiss HNSW-Flat, M={HNSW_M}, efSearch {max(HNSW_EF_SEARCH, self.index.hnsw.efSearch)}"
+
+    def search(self, queries, k, exclude=None):
+        """As ExactIndex.search. Rows the index could not fill are -1 (distance inf)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        extra = int(exclude is not None and (np.asarray(exclude) >= 0).any())
+        k = min(k, len(self) - extra)
+        want = min(len(self), (k + extra) * (RERANK if self.ivf is not None else 1))
+        if self.ivf is None:
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, want)
+        _, rows = self.index.search(queries, want)
+        if extra:
+            rows[rows == np.asarray(exclude)[:, None]] = -1
+        distances, rows = _rerank(queries, rows, self.vectors)
+        return distances[:, :k], rows[:, :k]
+
+
+def _rerank(queries, rows, vectors, chunk=256):
+    """Candidates (Q, C) (-1: none) ordered by exact squared L2 distance, then row."""
+    out = np.full(rows.shape, np.inf, dtype=np.float32)
+    for s in range(0, len(rows), chunk):
+        block = rows[s:s + chunk]
+        valid = block >= 0
+        found = np.zeros(block.shape + (vectors.shape[1],), dtype=np.float32)
+        wanted = np.unique(block[valid])
+        lookup = np.searchsorted(wanted, block[valid])
+        found[valid] = np.asarray(vectors[wanted])[lookup]  # each gallery row read once per chunk
+        out[s:s + chunk][valid] = ((found - queries[s:s + chunk, None, :]) ** 2).sum(-1)[valid]
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), out), axis=-1)
+    rows = np.take_along_axis(rows, order, 1)
+    out = np.take_along_axis(out, order, 1)
+    rows[~np.isfinite(out)] = -1
+    return out, rows
+
+
+# ----------------------------------------------------------------------------- building and saving
+
+def choose_kind(kind, rows):
+    """--index auto|exact|faiss for a gallery of this many rows: 'exact' or 'faiss'."""
+    if kind not in INDEX_KINDS:
+        raise PipelineError(f"unknown --index {kind!r}; choose {', '.join(INDEX_KINDS)}")
+    if kind == "auto":
+        return "exact" if rows < AUTO_EXACT_ROWS else "faiss"
+    return kind
+
+
+def new_faiss_index(dim, rows, structure=None):
+    """An empty faiss index for a gallery of this many rows (IVF still to be trained).
+    structure: 'hnsw' or 'ivf'; default by size (HNSW below IVF_MIN_ROWS rows)."""
+    faiss = faiss_module()
+    if (structure or ("hnsw" if rows < IVF_MIN_ROWS else "ivf")) == "hnsw":
+        return faiss.IndexHNSWFlat(dim, HNSW_M)
+    return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(dim), dim, ivf_cells(rows), faiss.ScalarQuantizer.QT_8bit,
+                                         faiss.METRIC_L2)
+
+
+def build_faiss(blocks, rows, dim, sample, seed=0, structure=None):
+    """A faiss index of `rows` vectors given as blocks (float32 arrays, in row order).
+
+    sample(count, seed) returns `count` rows drawn at random to train IVF cells (k-means on
+    TRAIN_PER_CELL rows per cell); HNSW needs no training. structure: as new_faiss_index.
+    """
+    index = new_faiss_index(dim, rows, structure)
+    if isinstance(index, faiss_module().IndexIVF):
+        index.cp.niter = KMEANS_ITERATIONS
+        index.cp.max_points_per_centroid = TRAIN_PER_CELL
+        index.train(np.ascontiguousarray(sample(min(rows, TRAIN_PER_CELL * index.nlist), seed), dtype=np.float32))
+    added = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise PipelineError(f"the gallery has a non-finite value near row {added + 1}; rerun gen_embeddings.py")
+        index.add(block)
+        added += len(block)
+    return index
+
+
+def gallery_files(gallery):
+    """The files whose change makes a gallery's index stale: the file, and a .npy's .paths.tsv."""
+    gallery = Path(gallery)
+    files = [gallery]
+    if gallery.suffix.lower() == ".npy":
+        files.append(gallery.with_name(gallery.stem + ".paths.tsv"))
+    return files
+
+
+def index_paths(gallery):
+    """(<gallery>.faiss, <gallery>.faiss.json)."""
+    gallery = Path(gallery)
+    return gallery.with_name(gallery.name + ".faiss"), gallery.with_name(gallery.name + ".faiss.json")
+
+
+def gallery_stamp(gallery, rows):
+    """What the side file records: each gallery file's size and modification time, and the rows."""
+    stats = [os.stat(f) for f in gallery_files(gallery)]
+    return {"files": [[Path(f).name, s.st_size, s.st_mtime_ns] for f, s in zip(gallery_files(gallery), stats)],
+            "rows": int(rows)}
+
+
+def save_faiss(index, gallery, rows):
+    """Write <gallery>.faiss and its side file atomically (the index first: a side file never
+    vouches for an index that is not there)."""
+    faiss = faiss_module()
+    index_file, side_file = index_paths(gallery)
+    with atomic_write(index_file, mode="wb") as handle:  # streamed: never a second copy in memory
+        writer = faiss.PyCallbackIOWriter(handle.write)
+        faiss.write_index(index, writer)
+        del writer  # flushes
+    with atomic_write(side_file) as handle:
+        json.dump(gallery_stamp(gallery, rows), handle)
+        handle.write("\n")
+
+
+def load_fresh_faiss(gallery, rows):
+    """The saved index when its side file matches the gallery as it is now, else None."""
+    index_file, side_file = index_paths(gallery)
+    try:
+        with open(side_file, encoding="utf-8") as handle:
+            stamp = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if stamp != json.loads(json.dumps(gallery_stamp(gallery, rows))) or not index_file.is_file():
+        return None
+    faiss = faiss_module()
+    try:
+        index = faiss.read_index(str(index_file))
+    except RuntimeError:
+        return None
+    return index if index.ntotal == rows else None
+
+
+def row_blocks(vectors, gallery=None, rows=ADD_ROWS):
+    """Row blocks of the gallery's vectors, one at a time. A .npy gallery is read from its file
+    block by block (a memory map would keep every page it read resident)."""
+    if gallery is None or Path(gallery).suffix.lower() != ".npy":
+        for start in range(0, len(vectors), rows):
+            yield np.asarray(vectors[start:start + rows])
+        return
+    with open(gallery, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            yield np.fromfile(handle, dtype=dtype, count=count * shape[1]).reshape(count, shape[1])
+
+
+def random_rows(vectors, count, seed):
+    """count distinct rows drawn at random, in row order."""
+    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), size=count, replace=False))]
+
+
+def open_index(gallery, vectors, kind="auto", nprobe=NPROBE, log=print):
+    """The index to search gallery (its path) with: exact, or faiss (loaded when fresh, built and
+    saved beside the gallery otherwise). vectors: the gallery's (N, D) rows (may be memory-mapped)."""
+    if choose_kind(kind, len(vectors)) == "exact":
+        return ExactIndex(vectors)
+    index = load_fresh_faiss(gallery, len(vectors))
+    if index is None:
+        log(f"indexing {len(vectors)} gallery rows with faiss (saved to {index_paths(gallery)[0]})")
+        sample = lambda count, seed: random_rows(vectors, count, seed)  # noqa: E731
+        index = build_faiss(row_blocks(vectors, gallery), len(vectors), vectors.shape[1], sample)
+        save_faiss(index, gallery, len(vectors))
+    return FaissIndex(index, vectors, nprobe)
+
+
+def extend_faiss(index, gallery, new_vectors):
+    """Add rows just appended to gallery to its index (loaded by load_fresh_faiss before the
+    gallery changed) and save both, so the index stays fresh without a rebuild."""
+    index.add(np.ascontiguousarray(new_vectors, dtype=np.float32))
+    save_faiss(index, gallery, index.ntotal)

@@ -1,0 +1,134 @@
+"""A gallery to search by image: the checkpoint, its embedding file, and an index over it
+(image_search.py searches from the shell, search_web.py from a web page).
+
+Queries are embedded exactly as gen_embeddings.py embedded the gallery: the header of the
+gallery file says which checkpoint (its SHA-256), which layer, which test-time augmentation and
+which precision; a gallery that another checkpoint wrote is refused unless force=True.
+
+    searcher = Searcher("deepranknet.model", "train_embedding.txt")
+    vectors, paths = searcher.embed(["query.jpg"])
+    [results] = searcher.search(vectors, k=10)   # [{"rank", "distance", "label", "path", "row"}, ...]
+"""
+
+import os
+import threading
+
+import numpy as np
+
+from common import PipelineError, file_digest
+from deep_rank_net import load_model
+from embedding_io import check_finite, read_embeddings, read_header
+from loaders import BadImages
+from runtime import COMPILE, TTA_CHOICES, bf16_supported, embed_batches, prepare, resolve_device, want_compile
+from search_index import NPROBE, ExactIndex, choose_kind, open_index
+
+DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16"}  # gen_embeddings.py's defaults
+
+
+def gallery_source(header):
+    """How a gallery's vectors were made: layer, tta, amp (bf16 | fp32), checkpoint digest or None."""
+    source = {key: header.get(key, default) for key, default in DEFAULT_SOURCE.items()}
+    source["checkpoint"] = header.get("checkpoint")
+    if source["tta"] not in TTA_CHOICES or source["layer"] not in ("embedding", "backbone"):
+        raise PipelineError(f"the gallery header has layer={source['layer']} tta={source['tta']}, which this "
+                            f"version cannot embed queries with; rerun gen_embeddings.py")
+    return source
+
+
+def check_source(header, model_path, gallery_path, force):
+    """Refuse (unless force) a gallery that another checkpoint wrote: by its digest when the
+    header has one, else by the checkpoint path the header names."""
+    digest = header.get("checkpoint")
+    if digest:
+        same, written_by = digest == file_digest(model_path), f"checkpoint sha256 {digest}"
+    else:
+        same, written_by = os.path.abspath(model_path) == header["model"], header["model"] or "an unnamed model"
+    if not same and not force:
+        raise PipelineError(f"{gallery_path} was written by {written_by} ({header['model']}), not by --model "
+                            f"{model_path}; search with that checkpoint, re-embed the gallery with gen_embeddings.py, "
+                            f"or pass --force")
+
+
+class Searcher:
+    """A checkpoint (loaded once) and, optionally, a gallery with its index (built on first use)."""
+
+    def __init__(self, model_path, gallery_path=None, device="auto", index="auto", nprobe=NPROBE, force=False,
+                 batch_size=32, num_workers=0, on_bad_image="error", log=print):
+        self.model_path, self.gallery_path, self.log = model_path, gallery_path, log
+        self.index_kind, self.nprobe = index, nprobe
+        self.batch_size, self.num_workers, self.on_bad_image = batch_size, num_workers, on_bad_image
+        header = read_header(gallery_path) if gallery_path and os.path.exists(gallery_path) else {}
+        if header:
+            check_source(header, model_path, gallery_path, force)
+        self.header, self.source = header, gallery_source(header)
+        self.device = resolve_device(device)
+        model, _ = load_model(model_path)
+        dim = model.model_args["embed_dim"] if self.source["layer"] == "embedding" else model.conv_fc.in_features
+        if header and header["dim"] != dim:
+            raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "
+                                f"re-embed the gallery with this checkpoint")
+        self.model, self.dim = prepare(model, self.device), dim
+        self.gallery, self._index = None, None
+        self._lock = threading.Lock()  # one forward pass at a time (the web server is threaded)
+
+    # ------------------------------------------------------------------ the gallery
+
+    def load_gallery(self):
+        """Read the gallery file (a .npy stays memory-mapped until exact search needs it whole)."""
+        if self.gallery is None:
+            if not self.gallery_path:
+                raise PipelineError("no --gallery to search; give one written by gen_embeddings.py")
+            self.gallery = read_embeddings(self.gallery_path, mmap=True)
+            if len(self.gallery) == 0:
+                raise PipelineError(f"{self.gallery_path} has no rows; embed some images into it first")
+        return self.gallery
+
+    @property
+    def index(self):
+        """ExactIndex or FaissIndex over the gallery, chosen by --index and the gallery's size."""
+        if self._index is None:
+            gallery = self.load_gallery()
+            if choose_kind(self.index_kind, len(gallery)) == "exact":
+                if isinstance(gallery.vectors, np.memmap):
+                    gallery.vectors = np.array(gallery.vectors)
+                check_finite(gallery, self.gallery_path)
+                self._index = ExactIndex(gallery.vectors)
+            else:
+                self._index = open_index(self.gallery_path, gallery.vectors, "faiss", self.nprobe, self.log)
+        return self._index
+
+    # ------------------------------------------------------------------ embedding and searching
+
+    def embed(self, paths, bad_images=None):
+        """(vectors (n, D) float32, the n paths embedded): unreadable images go to bad_images
+        (default: this searcher's --on_bad_image policy, without a report file)."""
+        bad_images = bad_images or BadImages(self.on_bad_image, None)
+        tta = self.source["tta"]
+        amp = self.source["amp"] == "bf16" and bf16_supported(self.device)
+        compile = want_compile(COMPILE, len(paths) * (2 if tta == "flip" else 1), self.model.image_size, self.device)
+        blocks, kept = [], []
+        with self._lock:
+            for vectors, rows in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
+                                               amp, None, self.source["layer"], compile, tta, bad_images):
+                blocks.append(vectors.numpy())
+                kept.extend(paths[i] for i in rows)
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)
+        return vectors, kept
+
+    def search(self, vectors, k, exclude=None):
+        """Per query vector, its k nearest gallery rows: [{"rank", "distance", "label", "path",
+        "row"}]. exclude[i]: a gallery row query i must not return, or -1."""
+        gallery = self.load_gallery()
+        distances, rows = self.index.search(vectors, k, exclude=exclude)
+        results = []
+        for dist, found in zip(distances.tolist(), rows.tolist()):
+            results.append([{"rank": rank, "distance": d, "label": gallery.labels[row], "path": gallery.paths[row],
+                             "row": row} for rank, (d, row) in enumerate(zip(dist, found), start=1) if row >= 0])
+        return results
+
+    def row_vector(self, row):
+        """The gallery's stored vector of one row, as a (1, D) query."""
+        gallery = self.load_gallery()
+        if not 0 <= row < len(gallery):
+            raise PipelineError(f"row {row} is not in the gallery (0..{len(gallery) - 1})")
+        return np.array(gallery.vectors[row:row + 1], dtype=np.float32)

@@ -27,11 +27,12 @@ from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VA
 from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from deep_rank_net import load_model
-from embedding_io import EmbeddingWriter, check_names
+from distributed import Cluster
+from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
 from loaders import BadImages
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare,
-                     resolve_device, want_compile)
+                     want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = 64                 # images per forward pass
@@ -88,61 +89,121 @@ def plan_outputs(args):
     return plans, labels, None
 
 
-def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None, source=None):
-    """Embed the union of all plans' images once; stream each row to every file that lists it.
+class Outputs:
+    """The files of one run, written as batches arrive: each plan's embedding file (a row goes
+    to every file that lists its image) and a disk-backed array of every vector, in arrival
+    order, for the triplet scores. Text formatting runs on a thread, overlapping the next batch's
+    forward pass (which releases the GIL); at most two batches wait, so memory stays flat."""
 
-    Returns (vectors memmap (N, D), {path: row of vectors}) of the images embedded, for the
-    triplet scores, and the files' row counts. Unreadable images go to bad_images.
-    """
-    union = unique_in_order(*(paths for _, paths, _ in plans))
-    label_of = label_of or {p: class_of(p) for p in union}
-    check_names(union, [label_of[p] for p in union])
-    row = {}
-    dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
-    members = [set(paths) for _, paths, _ in plans]
-    folder = os.path.dirname(os.path.abspath(plans[0][0]))
-    handle, scratch = tempfile.mkstemp(prefix=".embeddings.", suffix=".f32", dir=folder)
-    os.close(handle)
-    vectors = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(max(1, len(union)), dim))
-    os.unlink(scratch)  # the mapping keeps the space until it is closed; nothing left behind on a crash
-    writers = [EmbeddingWriter(out, dim, True, header_model, source) for out, _, _ in plans]
-    for writer in writers:
-        writer.__enter__()
+    def __init__(self, plans, dim, header_model, source, label_of, total):
+        self.label_of, self.row, self.start = label_of, {}, 0
+        self.members = [set(paths) for _, paths, _ in plans]
+        folder = os.path.dirname(os.path.abspath(plans[0][0]))
+        handle, scratch = tempfile.mkstemp(prefix=".embeddings.", suffix=".f32", dir=folder)
+        os.close(handle)
+        self.vectors = np.memmap(scratch, dtype=np.float32, mode="w+", shape=(max(1, total), dim))
+        os.unlink(scratch)  # the mapping keeps the space until it is closed; nothing left behind on a crash
+        self.writers = [EmbeddingWriter(out, dim, True, header_model, source) for out, _, _ in plans]
+        for writer in self.writers:
+            writer.__enter__()
+        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1), collections.deque()
 
-    def write_rows(paths, batch):
-        labels = [label_of[p] for p in paths]
-        for writer, member in zip(writers, members):
+    def add(self, paths, batch):
+        """One batch: paths and their (n, D) float32 vectors."""
+        self.vectors[self.start:self.start + len(batch)] = batch
+        self.row.update((path, self.start + i) for i, path in enumerate(paths))
+        self.start += len(batch)
+        self.pending.append(self.pool.submit(self._write_rows, paths, batch))
+        while len(self.pending) > 2:
+            self.pending.popleft().result()
+
+    def _write_rows(self, paths, batch):
+        labels = [self.label_of[p] for p in paths]
+        for writer, member in zip(self.writers, self.members):
             keep = [i for i, p in enumerate(paths) if p in member]
             if keep:
                 writer.write([paths[i] for i in keep], [labels[i] for i in keep], batch[keep])
 
+    def close(self, exc_info=(None, None, None)):
+        """Finish (or, given an exception, abandon) every file; returns the files' row counts."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown()
+            for writer in self.writers:
+                writer.__exit__(*exc_info)
+        return [writer.count for writer in self.writers]
+
+
+def write_outputs(plans, dim, header_model, source, label_of, total, batches):
+    """Feed (paths, vectors) batches into Outputs; (vectors, {path: row}, row counts)."""
+    outputs = Outputs(plans, dim, header_model, source, label_of, total)
     try:
-        bar = tqdm(total=len(union), desc="embedding", unit="img", dynamic_ncols=True, leave=False, disable=None)
-        start = 0
-        compile = want_compile(args.compile, TTA_PASSES[args.tta] * len(union), model.image_size, device)
-        # text formatting runs on a thread, overlapping the next batch's forward pass (which releases
-        # the GIL); at most two batches wait, so memory stays flat
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = collections.deque()
-            for batch, rows in embed_batches(model, union, device, args.batch_size, args.num_workers,
-                                             not args.no_amp, bar, args.layer, compile, args.tta, bad_images):
-                batch, paths = batch.numpy(), [union[i] for i in rows]
-                vectors[start:start + len(batch)] = batch
-                row.update((path, start + i) for i, path in enumerate(paths))
-                pending.append(pool.submit(write_rows, paths, batch))
-                start += len(batch)
-                while len(pending) > 2:
-                    pending.popleft().result()
-            while pending:
-                pending.popleft().result()
-        bar.close()
+        for paths, batch in batches:
+            outputs.add(paths, batch)
     except BaseException:
-        for writer in writers:
-            writer.__exit__(*sys.exc_info())
+        outputs.close(sys.exc_info())
         raise
-    for writer in writers:
-        writer.__exit__(None, None, None)
-    return vectors, row, [writer.count for writer in writers]
+    return outputs.vectors, outputs.row, outputs.close()
+
+
+def embedded(model, paths, device, args, bad_images, show=True):
+    """(paths, vectors) batches of the images that could be read, in order, with a progress bar (if show)."""
+    bar = tqdm(total=len(paths), desc="embedding", unit="img", dynamic_ncols=True, leave=False,
+               disable=None if show else True)
+    compile = want_compile(args.compile, TTA_PASSES[args.tta] * len(paths), model.image_size, device)
+    for batch, rows in embed_batches(model, paths, device, args.batch_size, args.num_workers, not args.no_amp, bar,
+                                     args.layer, compile, args.tta, bad_images):
+        yield [paths[i] for i in rows], batch.numpy()
+    bar.close()
+
+
+def shard_batches(shards, union, rows=4096):
+    """(paths, vectors) batches read back from the ranks' shard files, in rank order (paths as
+    union spells them)."""
+    spelled = {os.path.abspath(p): p for p in union}
+    for shard in shards:
+        part = read_embeddings(shard, mmap=True)
+        for start in range(0, len(part), rows):
+            yield ([spelled[p] for p in part.paths[start:start + rows]],
+                   np.asarray(part.vectors[start:start + rows]))
+
+
+def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None, source=None,
+                   cluster=None):
+    """Embed the union of all plans' images once; stream each row to every file that lists it.
+
+    Returns (vectors (N, D) on disk, {path: row of vectors}) of the images embedded, for the
+    triplet scores, and the files' row counts. Unreadable images go to bad_images. Under
+    torchrun each rank embeds its contiguous share of the images into a shard file beside the
+    outputs; rank 0 then merges the shards, in order, into the same files one process writes
+    (other ranks return None).
+    """
+    union = unique_in_order(*(paths for _, paths, _ in plans))
+    label_of = label_of or {p: class_of(p) for p in union}
+    check_names(union, [label_of[p] for p in union])
+    dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
+    if cluster is None or not cluster.distributed:
+        return write_outputs(plans, dim, header_model, source, label_of, len(union),
+                             embedded(model, union, device, args, bad_images))
+    first = Path(plans[0][0]).resolve()
+    shards = [first.with_name(f".{first.stem}.shard{r}of{cluster.world_size}.npy") for r in range(cluster.world_size)]
+    mine = cluster.part(union)
+    try:
+        write_outputs([(shards[cluster.rank], mine, None)], dim, header_model, source, label_of, len(mine),
+                      embedded(model, mine, device, args, bad_images, show=cluster.main))
+        for found in cluster.gather_objects(bad_images.found):  # every rank's skipped images, for rank 0's report
+            bad_images.found.update(found)
+        if not cluster.main:
+            return None
+        return write_outputs(plans, dim, header_model, source, label_of, len(union), shard_batches(shards, union))
+    finally:
+        cluster.barrier()  # rank 0 has read every shard
+        if cluster.main:
+            for shard in shards:
+                for path in (shard, paths_file_of(shard)):
+                    path.unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -152,10 +213,16 @@ def main(argv=None):
     both = args.data is None or args.split == "both"
     if both and os.path.abspath(args.train_out) == os.path.abspath(args.test_out):
         raise PipelineError(f"--train_out and --test_out are the same file ({args.train_out}); give them two names")
-    device = resolve_device(args.device)
+    cluster, device = Cluster.start(args.device)
+    return cluster.run(embed_run, args, cluster, device)
+
+
+def embed_run(args, cluster, device):
+    """The run, once the process (group) is up: rank 0 alone prints and writes the outputs."""
     model, ckpt = load_model(args.model)
     plans, label_of, dataset = plan_outputs(args)
-    print_args("gen_embeddings.py", args)
+    if cluster.main:
+        print_args("gen_embeddings.py", args)
     model = prepare(model, device)
     first = Path(plans[0][0])
     bad_images = BadImages(args.on_bad_image, first.with_name(f"{first.stem}_bad_images.txt"))
@@ -163,8 +230,11 @@ def main(argv=None):
     # the header says how the vectors were made, so image_search.py embeds its queries the same way
     source = {"checkpoint": file_digest(args.model), "layer": args.layer, "tta": args.tta,
               "amp": "bf16" if not args.no_amp and bf16_supported(device) else "fp32"}
-    vectors, row, counts = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images,
-                                          label_of, source)
+    result = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images, label_of, source,
+                            cluster)
+    if result is None:  # a rank other than 0: its share is in rank 0's files
+        return 0
+    vectors, row, counts = result
     if dataset is not None and dataset.write_selection(first.with_name(f"{first.stem}_selection.csv")):
         print(f"wrote the --top_classes / --per_class selection to {first.with_name(f'{first.stem}_selection.csv')}")
     for (out, paths, columns), name, count in zip(plans, ("train", "test"), counts):

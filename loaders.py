@@ -277,6 +277,24 @@ class PKBatchSampler(torch.utils.data.Sampler):
             yield batch
 
 
+class RankSlices(torch.utils.data.Sampler):
+    """This process's contiguous share of each batch of a batch sampler, under torchrun: every
+    rank walks the same global batches (same seed), so together the ranks see exactly the batches
+    of one process, in its order. P x K batches are grouped by class, so with P a multiple of
+    the number of processes each rank gets P / world_size classes of its own."""
+
+    def __init__(self, batches, rank, world_size):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            n = len(batch)
+            yield batch[n * self.rank // self.world_size:n * (self.rank + 1) // self.world_size]
+
+
 def make_augment(name, image_size):
     """Train-only augmentation on PIL images (None for 'none')."""
     import torchvision.transforms as T

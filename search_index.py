@@ -124,7 +124,7 @@ def _rerank(queries, rows, vectors, chunk=256):
         found = np.zeros(block.shape + (vectors.shape[1],), dtype=np.float32)
         wanted = np.unique(block[valid])
         lookup = np.searchsorted(wanted, block[valid])
-        found[valid] = np.asarray(vectors[wanted])[lookup]  # each gallery row read once per chunk
+        found[valid] = vectors[wanted][lookup]  # each gallery row read once per chunk
         out[s:s + chunk][valid] = ((found - queries[s:s + chunk, None, :]) ** 2).sum(-1)[valid]
     order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), out), axis=-1)
     rows = np.take_along_axis(rows, order, 1)
@@ -232,18 +232,54 @@ def load_fresh_faiss(gallery, rows):
 def row_blocks(vectors, gallery=None, rows=ADD_ROWS):
     """Row blocks of the gallery's vectors, one at a time. A .npy gallery is read from its file
     block by block (a memory map would keep every page it read resident)."""
-    if gallery is None or Path(gallery).suffix.lower() != ".npy":
+    if not is_npy(gallery):
         for start in range(0, len(vectors), rows):
             yield np.asarray(vectors[start:start + rows])
         return
+    source = NpyRows(gallery)
     with open(gallery, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
-        for start in range(0, shape[0], rows):
-            count = min(rows, shape[0] - start)
-            yield np.fromfile(handle, dtype=dtype, count=count * shape[1]).reshape(count, shape[1])
+        handle.seek(source.offset)
+        for start in range(0, len(source), rows):
+            count = min(rows, len(source) - start)
+            yield np.fromfile(handle, dtype=source.dtype, count=count * source.shape[1]).reshape(count, -1)
+
+
+def is_npy(gallery):
+    return gallery is not None and Path(gallery).suffix.lower() == ".npy"
+
+
+def row_source(vectors, gallery):
+    """What to read single gallery rows from: the .npy file row by row, or the array in memory."""
+    return NpyRows(gallery) if is_npy(gallery) else vectors
+
+
+class NpyRows:
+    """Rows of a .npy gallery read on demand with one pread each. A memory map would do, but the
+    kernel maps the pages around each row read too, and a million scattered reads end up holding
+    the whole file resident."""
+
+    def __init__(self, path):
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read_header(handle)
+            self.offset = handle.tell()
+        self.path, self.row_bytes = str(path), self.shape[1] * self.dtype.itemsize
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.atleast_1d(np.asarray(rows))
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, row in enumerate(rows.tolist()):
+                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.offset + row * self.row_bytes), self.dtype)
+        finally:
+            os.close(fd)
+        return out
 
 
 def random_rows(vectors, count, seed):
@@ -259,10 +295,10 @@ def open_index(gallery, vectors, kind="auto", nprobe=NPROBE, log=print):
     index = load_fresh_faiss(gallery, len(vectors))
     if index is None:
         log(f"indexing {len(vectors)} gallery rows with faiss (saved to {index_paths(gallery)[0]})")
-        sample = lambda count, seed: random_rows(vectors, count, seed)  # noqa: E731
+        sample = lambda count, seed: random_rows(row_source(vectors, gallery), count, seed)  # noqa: E731
         index = build_faiss(row_blocks(vectors, gallery), len(vectors), vectors.shape[1], sample)
         save_faiss(index, gallery, len(vectors))
-    return FaissIndex(index, vectors, nprobe)
+    return FaissIndex(index, row_source(vectors, gallery), nprobe)
 
 
 def extend_faiss(index, gallery, new_vectors):

@@ -22,19 +22,20 @@ import torch
 from tqdm import tqdm
 
 from common import (MODEL, SAMPLE_FILES, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag,
-                    check_output_path, dataset_flags, device_flag, non_negative_float, non_negative_int, positive_float,
-                    positive_int, print_args, run_cli, seed_flag, workers_flag)
+                    check_output_path, dataset_flags, device_flag, non_negative_float, non_negative_int,
+                    positive_float, positive_int, print_args, run_cli, seed_flag, workers_flag)
 from datasets import (Dataset, check_images_exist, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
+from distributed import Cluster
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
                            PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
                            save_checkpoint, trainable_parameters)
-from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler, TripletImages,
-                     labelled_batch, make_augment, make_loader, pair_batch, triplet_batch)
+from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler, RankSlices,
+                     TripletImages, labelled_batch, make_augment, make_loader, pair_batch, triplet_batch)
 from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches, prepare,
-                     resolve_device, want_compile)
+                     want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -128,6 +129,9 @@ def build_parser():
            "enough to repay compiling (default: %(default)s)")
     a("--max_minutes", type=non_negative_float, default=0,
       help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
+    a("--sync_bn", action="store_true",
+      help="under torchrun on GPUs: batch norm statistics over the whole global batch (SyncBatchNorm), as one "
+           "process would compute them; without it each process normalises its own share")
     return parser
 
 
@@ -198,15 +202,23 @@ class TrainingData:
         self.steps_per_epoch = min(steps, args.max_steps) if args.max_steps else steps
         self.batch_size, self.num_workers, self.seed = args.batch_size, args.num_workers, args.seed
 
-    def loader(self, epoch, device):
-        """This epoch's batches; every epoch's randomness derives from (seed, epoch), so --resume replays it."""
+    def loader(self, epoch, device, cluster):
+        """This epoch's batches; every epoch's randomness derives from (seed, epoch), so --resume replays it.
+        Under torchrun each rank loads its share of every global batch (loaders.RankSlices)."""
         torch.manual_seed(self.seed * 100003 + epoch)
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        if self.sampler is None:
+        if self.sampler is None and not cluster.distributed:
             return make_loader(self.dataset, self.batch_size, self.num_workers, device, shuffle=True,
                                generator=generator, collate_fn=self.collate)
-        self.sampler.set_epoch(epoch)
-        return make_loader(self.dataset, None, self.num_workers, device, batch_sampler=self.sampler,
+        if self.sampler is None:  # the batches DataLoader(shuffle=True, generator) would draw
+            batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(self.dataset, generator=generator),
+                                                    self.batch_size, drop_last=False)
+        else:
+            self.sampler.set_epoch(epoch)
+            batches = self.sampler
+        if cluster.distributed:
+            batches = RankSlices(batches, cluster.rank, cluster.world_size)
+        return make_loader(self.dataset, None, self.num_workers, device, batch_sampler=batches,
                            generator=generator, collate_fn=self.collate)
 
 
@@ -259,8 +271,9 @@ class Schedule:
     """The learning rate of each global step. With --max_minutes the run's length in steps is
     re-estimated every step from the pace so far, so a cosine schedule spans the time budget."""
 
-    def __init__(self, optimizer, args, steps_per_epoch, start_epoch):
+    def __init__(self, optimizer, args, steps_per_epoch, start_epoch, cluster=None):
         self.optimizer, self.kind, self.start_step = optimizer, args.schedule, start_epoch * steps_per_epoch
+        self.cluster = cluster or Cluster()
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.total_steps = steps_per_epoch * args.epochs
         self.warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -270,60 +283,87 @@ class Schedule:
     def set_lr(self, step):
         """Set every group's learning rate for global step `step`."""
         if self.budget:
-            spent = time.perf_counter() - self.start
+            spent = self.spent()
             done = step - self.start_step
             self.total_steps = max(step + 1, int(step + (self.budget - spent) * done / max(spent, 1e-9)))
         factor = lr_factor(step, self.total_steps, self.warmup_steps, self.kind)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
+    def spent(self):
+        """Seconds since the start; under torchrun the slowest rank's, so every rank agrees."""
+        return self.cluster.maximum(time.perf_counter() - self.start)
+
     def out_of_time(self):
-        return bool(self.budget) and time.perf_counter() - self.start >= self.budget
+        return bool(self.budget) and self.spent() >= self.budget
+
+
+class TrainedLayers(torch.nn.Module):
+    """The layers that train, as one module (what DistributedDataParallel wraps): the trainable
+    backbone layers after the frozen trunk, then the head."""
+
+    def __init__(self, model, tail):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, features, images):
+        return self.model.head(self.tail(features), images)
 
 
 class Network:
     """The model as training runs it: the frozen backbone layers without autograd (compiled when
-    that pays), then the trained layers; plus, with --distill, a frozen copy of the pretrained
-    backbone as teacher. images_per_run sizes the compile decision."""
+    that pays), then the trained layers (in DistributedDataParallel under torchrun); plus, with
+    --distill, a frozen copy of the pretrained backbone as teacher. images_per_run sizes the
+    compile decision. Under torchrun the loss is computed on the gathered global batch."""
 
-    def __init__(self, model, args, device, images_per_batch, images_per_run):
-        self.model, self.device, self.amp, self.args = model, device, not args.no_amp, args
+    def __init__(self, model, args, device, images_per_batch, images_per_run, cluster):
+        self.model, self.device, self.amp, self.args, self.cluster = model, device, not args.no_amp, args, cluster
         self.normalize = Normalize(device)
         compile = want_compile(args.compile, images_per_run, model.image_size, device)
-        self.trunk, self.tail = model.frozen_split()
+        self.trunk, tail = model.frozen_split()
         if self.trunk is not None:  # frozen layers: no autograd, and compiled with their weights as constants
             self.trunk = FrozenRunner(self.trunk, images_per_batch, compile)
-            print(f"frozen backbone layers: {'compiled' if self.trunk.compiled else 'eager'}")
+            if cluster.main:
+                print(f"frozen backbone layers: {'compiled' if self.trunk.compiled else 'eager'}")
+        self.trained = TrainedLayers(model, tail)
+        if cluster.distributed:
+            self.trained = torch.nn.parallel.DistributedDataParallel(
+                self.trained, device_ids=[device] if device.type == "cuda" else None)
         self.teacher = None
         if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
             features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
             self.teacher = FrozenRunner(prepare(PooledFeatures(features), device), images_per_batch, compile)
+        # rows of a batch per example: CSV triplets 3 (columns first), CSV pairs 2, P x K images 1
+        self.columns = (2 if args.loss == "contrastive" else 3) if args.mining == "none" else 1
 
     def embed(self, images):
         """Embeddings of normalised images: frozen trunk (no autograd), then the trained layers."""
         with autocast(self.device, self.amp):
-            features = self.tail(self.trunk(images) if self.trunk is not None else images)
-            return self.model.head(features, images).float()
+            return self.trained(self.trunk(images) if self.trunk is not None else images, images).float()
 
     def batch_loss(self, images, labels):
         """(loss, stats) of one batch (uint8 images; class labels, pair flags or None): the triplet
-        or contrastive loss, plus --distill's neighbourhood term."""
+        or contrastive loss, plus --distill's neighbourhood term; of the global batch under torchrun
+        (stats["images"]: the images it holds)."""
         images = self.normalize(images)
-        emb = self.embed(images)
+        gather = self.cluster.gather
+        emb = gather(self.embed(images), self.columns)
+        if labels is not None:
+            labels = gather(labels.to(self.device), 1 if self.args.mining == "none" else self.columns, grad=False)
         a = self.args
         if a.loss == "contrastive" and a.mining == "none":  # labels: the pair CSV's same flags
             loss, stats = pair_loss(emb, None, labels, a.margin)
         elif a.loss == "contrastive":
-            loss, stats = pair_loss(emb, labels.to(self.device), None, a.margin)
+            loss, stats = pair_loss(emb, labels, None, a.margin)
         else:
-            loss, stats = ranking_loss(emb, None if labels is None else labels.to(self.device), a.mining, a.margin,
-                                       a.distance, a.soft_margin)
+            loss, stats = ranking_loss(emb, labels, a.mining, a.margin, a.distance, a.soft_margin)
         if self.teacher is not None:
             with autocast(self.device, self.amp):
-                target = self.teacher(images)
+                target = gather(self.teacher(images), self.columns, grad=False)
             kl = neighbour_kl(emb, target, a.distill_temperature)
             loss = loss + a.distill * kl
             stats["distill"] = float(kl.detach())
+        stats["images"] = len(emb)
         return loss, stats
 
 
@@ -379,13 +419,13 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
     bad_images (which stops the run or leaves them out of their batch)."""
     stats = EpochStats()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="step", dynamic_ncols=True,
-               leave=False, disable=None)
+               leave=False, disable=None if network.cluster.main else True)
     out_of_time = False
     for step, (images, labels, unreadable) in enumerate(bar):
         if step >= steps:
             break
         bad_images.add(unreadable)
-        if images is None:  # every image of the batch was unreadable (and skipped)
+        if not network.cluster.every_rank(images is not None):  # a batch left with no readable image (skipped)
             continue
         schedule.set_lr(epoch * steps + step)
         loss, batch_stats = network.batch_loss(images, labels)
@@ -393,9 +433,9 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
             raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; training "
                                 f"stopped, last good checkpoint: {last_good or 'none'}; lower --lr or use --no_amp")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * network.cluster.grad_scale if network.cluster.distributed else loss).backward()
         optimizer.step()
-        stats.add(loss.item(), batch_stats, len(images))
+        stats.add(loss.item(), batch_stats, batch_stats.pop("images"))
         bar.set_postfix(stats.postfix())
         if schedule.out_of_time():
             out_of_time = True
@@ -452,58 +492,90 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args)
     out = check_output_path(args.out)
+    cluster, device = Cluster.start(args.device)
+    return cluster.run(train, args, out, cluster, device)
+
+
+def train(args, out, cluster, device):
+    """The run: set-up, then the epoch loop (rank 0 alone writes and prints under torchrun)."""
     folder = out.resolve().parent
     log_path = folder / f"{out.stem}_log.jsonl"
-    device = resolve_device(args.device)
+    say = print if cluster.main else (lambda *a, **k: None)
 
     # --- inputs, all checked before anything is written
     ckpt = load_checkpoint(args.resume) if args.resume else None
     model, start_epoch = build_model(args, ckpt)
+    if args.sync_bn:
+        if device.type != "cuda":
+            raise PipelineError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on CPUs); on CPUs "
+                                "each process normalises its own share of the batch")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     data = TrainingData(args, model.image_size)
+    check_world(args, cluster)
     if args.val_triplets:
         check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets,
                            empty_ok=args.on_bad_image == "skip")
     model = prepare(model, device)
     optimizer = build_optimizer(model, args, ckpt)
 
-    print_args("train_net.py", args)
-    print(f"device {device}, bf16 autocast {'on' if not args.no_amp and bf16_supported(device) else 'off'}, "
-          f"{data.description}, {sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
+    if cluster.main:
+        print_args("train_net.py", args)
+    say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
+        f"{'on' if not args.no_amp and bf16_supported(device) else 'off'}, {data.description}, "
+        f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
     steps = data.steps_per_epoch
-    network = Network(model, args, device, data.images_per_batch,
-                      images_per_run=data.images_per_batch * steps * (args.epochs - start_epoch))
+    local_batch = -(-data.images_per_batch // cluster.world_size)  # this process's share of a global batch
+    network = Network(model, args, device, local_batch, local_batch * steps * (args.epochs - start_epoch), cluster)
     config, metrics, last_good = dict(vars(args)), {}, args.resume
     log = earlier_log(log_path, start_epoch)
-    if data.source is not None and data.source.write_selection(folder / f"{out.stem}_selection.csv"):
+    if cluster.main and data.source is not None and data.source.write_selection(folder / f"{out.stem}_selection.csv"):
         print(f"wrote the --top_classes / --per_class selection to {folder / f'{out.stem}_selection.csv'}")
-    bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt")
-    schedule = Schedule(optimizer, args, steps, start_epoch)
+    bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt" if cluster.main else None)
+    schedule = Schedule(optimizer, args, steps, start_epoch, cluster)
 
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader = data.loader(epoch, device)
+        loader = data.loader(epoch, device, cluster)
         stats, out_of_time = train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good,
                                              args.epochs, bad_images)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])
-        if args.val_triplets:
-            metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args, bad_images)
+        metrics["world_size"] = cluster.world_size
+        for found in cluster.gather_objects(bad_images.found):  # every rank's skipped images, for rank 0's report
+            bad_images.found.update(found)
         temp = folder / f"temp_net{epoch + 1}.model"
-        save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
+        if cluster.main:
+            if args.val_triplets:
+                metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args, bad_images)
+            save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
+            if args.keep_last and epoch + 1 - args.keep_last >= 1:
+                (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
+            log.append(metrics)
+            with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
+                handle.write("".join(json.dumps(row) + "\n" for row in log))
+            report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(),
+                         "pairs" if args.loss == "contrastive" else "triplets")
         last_good = str(temp)
-        if args.keep_last and epoch + 1 - args.keep_last >= 1:
-            (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
-        log.append(metrics)
-        with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
-            handle.write("".join(json.dumps(row) + "\n" for row in log))
-        report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(),
-                     "pairs" if args.loss == "contrastive" else "triplets")
-        if out_of_time:
-            print(f"stopping: --max_minutes {args.max_minutes} reached")
+        if out_of_time:  # every rank at the same step: the ranks agree on the time spent
+            say(f"stopping: --max_minutes {args.max_minutes} reached")
             break
 
-    save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
-    print(f"wrote {out} (log: {log_path})")
+    if cluster.main:
+        save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
+        print(f"wrote {out} (log: {log_path})")
+    cluster.barrier()  # every rank ends after rank 0 has written the model
     return 0
+
+
+def check_world(args, cluster):
+    """Under torchrun: the global batch must split into equal shares (P x K: whole classes)."""
+    if not cluster.distributed:
+        return
+    if args.mining == "none" and args.batch_size % cluster.world_size:
+        raise PipelineError(f"--batch_size {args.batch_size} is the global batch: make it a multiple of the "
+                            f"{cluster.world_size} processes")
+    if args.mining != "none" and args.classes_per_batch % cluster.world_size:
+        raise PipelineError(f"--classes_per_batch {args.classes_per_batch} is the global P: make it a multiple of the "
+                            f"{cluster.world_size} processes, so that each takes whole classes")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def phase_build(args):
     vectors = np.load(args.gallery, mmap_mode="r")
     start = time.perf_counter()
     search_index.CELLS_PER_SQRT = args.cells_per_sqrt
-    sample = lambda count, seed: search_index.random_rows(vectors, count, seed)  # noqa: E731
+    rows = search_index.row_source(vectors, args.gallery)
+    sample = lambda count, seed: search_index.random_rows(rows, count, seed)  # noqa: E731
     index = search_index.build_faiss(search_index.row_blocks(vectors, args.gallery), len(vectors),
                                      vectors.shape[1], sample)
     built = time.perf_counter() - start
@@ -98,7 +99,7 @@ def phase_search(args):
         raw = search_index.load_fresh_faiss(args.gallery, args.rows)
         if raw is None:
             raise SystemExit("the saved index is missing or stale")
-        index = search_index.FaissIndex(raw, np.load(args.gallery, mmap_mode="r"), args.nprobe)
+        index = search_index.FaissIndex(raw, search_index.NpyRows(args.gallery), args.nprobe)
     else:
         index = search_index.ExactIndex(np.load(args.gallery))
     loaded = time.perf_counter() - start

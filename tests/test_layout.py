@@ -22,6 +22,7 @@ HELPERS = {
     "metrics": {"common"},
     "deep_rank_net": {"common"},
     "runtime": {"common", "deep_rank_net", "loaders"},
+    "distributed": {"common", "runtime"},
     "pictures": {"common", "loaders"},
     "search_index": {"common", "metrics"},
     "searcher": {"common", "deep_rank_net", "embedding_io", "loaders", "runtime", "search_index"},

@@ -13,6 +13,7 @@ from common import PipelineError
 from conftest import FAST as SMALL
 from conftest import read_log
 from deep_rank_net import DeepRank, load_model, save_checkpoint
+from distributed import Cluster
 from loaders import BadImages
 from runtime import compiler_available, resolve_device
 
@@ -139,11 +140,11 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     flags = SimpleNamespace(schedule="constant", epochs=1, warmup_epochs=0, max_minutes=0)
-    stats = {"active": 1, "count": 2, "d_pos": 0.5, "d_neg": 1.0}
+    stats = {"active": 1, "count": 2, "d_pos": 0.5, "d_neg": 1.0, "images": 3}
 
     class Network:  # a loss of (w . w) until `poison`, then NaN
         def __init__(self, poison):
-            self.calls, self.poison = 0, poison
+            self.calls, self.poison, self.cluster = 0, poison, Cluster()
 
         def batch_loss(self, images, labels):
             self.calls += 1

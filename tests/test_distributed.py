@@ -1,0 +1,143 @@
+"""torchrun: two gloo processes on the CPU train like one process with the same global batch
+(loss curve and weights), resume like one, embed into the same file byte for byte, and stop
+together with one clear line when one of them fails."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import distributed
+import train_net
+from conftest import ROOT, read_log
+from loaders import PKBatchSampler, RankSlices
+
+# the equivalence runs: BN frozen (--trainable head: per-process batch statistics would differ,
+# and SyncBatchNorm runs on GPUs only), no augmentation (its random draws follow the loader workers)
+SMALL = ["--backbone", "resnet18", "--weights", "none", "--image_size", "64", "--embed_dim", "32",
+         "--num_workers", "0", "--trainable", "head", "--augment", "none", "--compile", "off", "--optim", "adam",
+         "--lr", "0.001", "--batch_size", "8", "--seed", "3", "--max_steps", "6"]
+
+
+def run(script, *argv, processes=1, timeout=120):
+    """A stage as a user runs it: `python script` or `torchrun --nproc_per_node N script`."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    str(processes)] if processes > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets per process; the same for the reference
+    return subprocess.run(launcher + [str(ROOT / script)] + [str(a) for a in argv], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_two_processes_train_like_one(triplets, tmp_path):
+    train, _ = triplets
+    for processes in (1, 2):
+        result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train,
+                     "--out", tmp_path / f"p{processes}.model", processes=processes)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = read_log(tmp_path / "p1_log.jsonl"), read_log(tmp_path / "p2_log.jsonl")
+    assert [row["world_size"] for row in one + two] == [1, 1, 2, 2]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r["active_share"] for r in two], [r["active_share"] for r in one])
+    a, b = weights(tmp_path / "p1.model"), weights(tmp_path / "p2.model")
+    for key in a:  # fp32, Adam, 12 steps: rounding differences only
+        torch.testing.assert_close(b[key].float(), a[key].float(), atol=2e-4, rtol=0), key
+
+
+def test_resume_under_torchrun_continues_the_run(triplets, tmp_path):
+    train, _ = triplets
+    one_process = SMALL + ["--epochs", "2", "--triplets", str(train), "--out", str(tmp_path / "one.model")]
+    assert train_net.main(one_process) == 0
+    first = tmp_path / "two" / "m.model"
+    first.parent.mkdir()
+    result = run("train_net.py", *SMALL, "--epochs", 1, "--triplets", train, "--out", first, processes=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train, "--out", first,
+                 "--resume", first.parent / "temp_net1.model", processes=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [row["epoch"] for row in read_log(first.parent / "m_log.jsonl")] == [1, 2]
+    one = weights(tmp_path / "one.model")
+    for key, value in weights(first).items():
+        torch.testing.assert_close(value.float(), one[key].float(), atol=2e-4, rtol=0), key
+
+
+def test_two_processes_embed_the_same_file(triplets, tmp_path):
+    train, val = triplets
+    model = tmp_path / "m.model"
+    assert train_net.main(SMALL + ["--epochs", "0", "--triplets", str(train), "--out", str(model)]) == 0
+    files = {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        result = run("gen_embeddings.py", "--model", model, "--train_triplets", train, "--test_triplets", val,
+                     "--train_out", folder / "train.txt", "--test_out", folder / "test.npy", "--num_workers", 0,
+                     processes=processes)
+        assert result.returncode == 0, result.stderr[-2000:]
+        files[processes] = [(folder / name).read_bytes() for name in ("train.txt", "test.npy", "test.paths.tsv")]
+        assert not [p for p in os.listdir(folder) if "shard" in p]  # the shards are gone
+    assert files[1] == files[2]
+
+
+def test_online_mining_under_torchrun_sees_the_global_batch(prepared_master, tmp_path):
+    flags = SMALL + ["--epochs", "1", "--data", prepared_master, "--mining", "batch_all", "--classes_per_batch", "4",
+                     "--images_per_class", "3"]
+    for processes in (1, 2):
+        result = run("train_net.py", *flags, "--out", tmp_path / f"m{processes}.model", processes=processes)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = read_log(tmp_path / "m1_log.jsonl"), read_log(tmp_path / "m2_log.jsonl")
+    assert one[0]["active_share"] == two[0]["active_share"]  # the same mined triplets
+    np.testing.assert_allclose(two[0]["loss"], one[0]["loss"], rtol=1e-5)
+
+
+def test_a_failing_rank_stops_the_run_with_one_line(triplets, tmp_path):
+    train, _ = triplets
+    import pandas as pd
+    rows = pd.read_csv(train)
+    broken = tmp_path / "broken.JPEG"
+    broken.write_bytes(b"not a picture")
+    rows.loc[len(rows) - 1, "query"] = str(broken)  # the last batch's last triplet: rank 1's share
+    csv = tmp_path / "broken.csv"
+    rows.to_csv(csv, index=False)
+    result = run("train_net.py", *SMALL, "--max_steps", 0, "--epochs", 1, "--triplets", csv,
+                 "--out", tmp_path / "m.model", processes=2, timeout=90)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert any("cannot read image" in line and "broken.JPEG" in line for line in errors)
+    assert all("cannot read image" in line or "another process of this run stopped" in line for line in errors)
+    assert not (tmp_path / "m.model").exists()
+
+
+@pytest.mark.parametrize("flags,processes,message", [(["--batch_size", "7"], 2, "multiple of the 2 processes"),
+                                                     (["--sync_bn"], 1, "--sync_bn needs CUDA")])
+def test_refused(triplets, tmp_path, flags, processes, message):
+    train, _ = triplets
+    result = run("train_net.py", *(SMALL + flags), "--triplets", train, "--out", tmp_path / "m.model",
+                 processes=processes)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_rank_slices_cover_each_global_batch_once_and_split_pk_classes():
+    labels = np.repeat(np.arange(8), 5)
+    sampler = PKBatchSampler(labels, classes_per_batch=4, images_per_class=2, seed=1)
+    shares = [list(RankSlices(sampler, rank, 2)) for rank in (0, 1)]
+    for whole, first, second in zip(sampler, *shares):
+        assert first + second == whole  # in order, nothing lost or repeated
+        assert not set(labels[first]) & set(labels[second])  # each rank its own classes
+        assert len(set(labels[first])) == len(set(labels[second])) == 2
+    batches = torch.utils.data.BatchSampler(range(11), 4, drop_last=False)
+    assert [a + b for a, b in zip(RankSlices(batches, 0, 2), RankSlices(batches, 1, 2))] == list(batches)
+
+
+def test_one_process_cluster_is_a_no_op():
+    cluster = distributed.Cluster()
+    x = torch.arange(6.0).reshape(6, 1)
+    assert cluster.gather(x, columns=3) is x and cluster.part(list(range(5))) == [0, 1, 2, 3, 4]
+    assert cluster.every_rank(True) and not cluster.every_rank(False) and cluster.maximum(2.5) == 2.5
+    assert json.dumps(cluster.gather_objects({"a": 1})) == '[{"a": 1}]'

@@ -221,7 +221,7 @@ class Dataset:
     def split(self, name):
         """(paths, labels) of one split, sorted by label then path; an error when it is empty."""
         if self.layout == "tinyimagenet" or (self.layout == "imagefolder" and (self.data / "train").is_dir()):
-            return list_split(self.data, name)
+            return self._split_folder(name)
         if self._splits is None:
             self._splits = self._read_csv() if self.layout == "csv" else self._read_flat_folder()
         paths, labels = self._splits.get(name, ([], []))
@@ -230,10 +230,26 @@ class Dataset:
                                 f"{self.val_fraction}); check --data")
         return paths, labels
 
+    def _split_folder(self, name):
+        """A split folder's images (TinyImageNet, ImageFolder with train/ and val/), selected by
+        --top_classes (the train split's most frequent labels, for every split) and --per_class."""
+        self._splits = self._splits or {}
+        if name not in self._splits:
+            paths, labels = list_split(self.data, name)
+            if self.top_classes and name != "train":
+                top = set(self.split("train")[1])
+                keep = [i for i, label in enumerate(labels) if label in top]
+                paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+            keep = self._selected(paths, labels, self.top_classes if name == "train" else 0)
+            self._splits[name] = ([paths[i] for i in keep], [labels[i] for i in keep])
+        return self._splits[name]
+
     def _read_flat_folder(self):
         """ROOT/<class>/... without split folders: split per class by --val_fraction."""
         class_dirs = sorted(entry.name for entry in os.scandir(self.data) if entry.is_dir())
         paths, labels = _images_by_class(self.data, class_dirs)
+        keep = self._selected(paths, labels)
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         return self._grouped(paths, labels, split_by_fraction(paths, labels, self.val_fraction, self.split_seed))
 
     def _read_csv(self):
@@ -268,13 +284,14 @@ class Dataset:
             chosen = split_by_fraction(paths, labels, self.val_fraction, self.split_seed)
         return self._grouped(paths, labels, chosen)
 
-    def _selected(self, paths, labels):
+    def _selected(self, paths, labels, top_classes=None):
         """Indices kept by --top_classes N (the N most frequent labels) and --per_class K (the
         first K images of each, in path order); all when neither is given."""
+        top_classes = self.top_classes if top_classes is None else top_classes
         keep = list(range(len(paths)))
-        if self.top_classes:
+        if top_classes:
             counts = pd.Series(labels).value_counts()
-            top = sorted(counts.index, key=lambda label: (-counts[label], label))[:self.top_classes]
+            top = sorted(counts.index, key=lambda label: (-counts[label], label))[:top_classes]
             top = set(top)
             keep = [i for i in keep if labels[i] in top]
         if self.per_class:
@@ -298,7 +315,7 @@ class Dataset:
     def write_selection(self, path):
         """Write the images this dataset uses (after --top_classes / --per_class) with their split
         as a CSV that --data can take again; returns its path, or None when nothing was selected."""
-        if self.layout != "csv" or not (self.top_classes or self.per_class):
+        if not (self.top_classes or self.per_class) or not self._splits:
             return None
         relative_to = RelativeTo(path)
         rows = [(relative_to(p), label, name) for name in SPLITS if name in self._splits

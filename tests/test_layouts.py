@@ -103,6 +103,20 @@ def test_top_classes_selection_round_trip(prepared_master, tmp_path):
         assert reused.split(split) == first.split(split)
 
 
+def test_top_classes_and_per_class_select_in_folder_layouts_too(prepared_master, tmp_path):
+    """TinyImageNet and ImageFolder trees with split folders honour the selection as CSVs do."""
+    full = Dataset(prepared_master)
+    chosen = Dataset(prepared_master, top_classes=2, per_class=3)
+    train, val = chosen.split("train"), chosen.split("val")
+    assert len(train[0]) == 6 and sorted(set(train[1])) == sorted(set(full.split("train")[1]))[:2]  # ties by name
+    assert set(val[1]) == set(train[1]) and len(val[0]) == 6  # the train split's classes, K of each
+    assert set(train[0]) <= set(full.split("train")[0])
+    selection = tmp_path / "s.csv"
+    assert chosen.write_selection(selection) == selection
+    again = Dataset(selection)
+    assert again.split("train") == train and again.split("val") == val
+
+
 def test_stages_run_on_a_label_csv(prepared_master, tmp_path):
     names = {label: f"class {i}" for i, label in enumerate(sorted(set(list_split(prepared_master, "train")[1])))}
     csv = as_label_csv(prepared_master, tmp_path / "csv", names=names)

@@ -20,7 +20,11 @@ from loaders import BadImages, ImageList, Normalize, image_batch, make_loader
 
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
-COMPILE_MIN_WORK = 3000  # --compile auto: images (in 224-px equivalents) through frozen layers worth ~20 s of compiling
+# --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type.
+# CPU: ~20 s of compiling against 2.5x on 37 img/s (README speed table). CUDA: ~40 s of compiling against an
+# eager forward of thousands of images a second: a few hundred thousand images (an estimate from the H100
+# figures in the README, not a measurement of the break-even point).
+COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
 TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
 TTA_CHOICES = tuple(TTA_PASSES)
 
@@ -79,26 +83,40 @@ def compiler_available(device):
 
 def want_compile(mode, images, image_size, device):
     """--compile: 'on', 'off', or 'auto' (when enough work passes through the frozen layers to
-    repay ~20 s of compiling, and a compiler is available)."""
+    repay compiling on this kind of device, and a compiler is available)."""
     if mode not in COMPILE_CHOICES:
         raise PipelineError(f"unknown --compile {mode!r}; choose {', '.join(COMPILE_CHOICES)}")
     if mode != "auto":
         return mode == "on"
-    return images * (image_size / 224) ** 2 >= COMPILE_MIN_WORK and compiler_available(device)
+    return compile_pays(images, image_size, device) and compiler_available(device)
+
+
+def compile_pays(images, image_size, device):
+    """Whether this many images at this size are enough work to repay compiling on the device."""
+    return images * (image_size / 224) ** 2 >= COMPILE_MIN_WORK.get(device.type, COMPILE_MIN_WORK["cuda"])
+
+
+def freeze_when_compiling(device, amp):
+    """Compile with the weights frozen as constants (inductor's freezing) only for bf16 on a CPU,
+    where packing the weights once for oneDNN pays. Elsewhere compile without freezing: inductor
+    then caches the compiled code on disk and a later run with the same network reuses it
+    (freezing bypasses that cache); fp32 on this project's CPU ran as fast either way."""
+    return device.type == "cpu" and amp and bf16_supported(device)
 
 
 class FrozenRunner:
     """Run a module with fixed weights (eval mode, no autograd), compiled if asked.
 
-    Compiled, torch.compile's inductor freezes the weights as constants: BatchNorm folds into
-    the convolutions, weights are packed once for oneDNN, and element-wise ops fuse (ResNet-101,
-    224 px, bf16: see the README's speed table). Batches are zero-padded to batch_size rows (rows
+    Compiled with freeze (see freeze_when_compiling), torch.compile's inductor freezes the weights
+    as constants: BatchNorm folds into the convolutions, weights are packed once for oneDNN, and
+    element-wise ops fuse (ResNet-101, 224 px, bf16: see the README's speed table); without
+    freeze the compiled code is cached on disk for later runs. Batches are zero-padded to batch_size rows (rows
     are independent in eval mode) so one graph serves every batch. If compiling fails (no
     compiler, unsupported op) a one-line warning follows and the module runs eagerly.
     """
 
-    def __init__(self, module, batch_size, compile=False):
-        self.module, self.batch_size = module, int(batch_size)
+    def __init__(self, module, batch_size, compile=False, freeze=True):
+        self.module, self.batch_size, self.freeze = module, int(batch_size), freeze
         if compile:  # forget graphs of earlier runners: torch.compile stops compiling after a few per function
             torch._dynamo.reset()
         self._compiled = torch.compile(module, dynamic=False) if compile else None
@@ -121,7 +139,7 @@ class FrozenRunner:
                 x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
             try:
                 import torch._inductor.config as inductor_config  # freezing must be on while it compiles:
-                with inductor_config.patch(freezing=True):       # options={"freezing": True} is not enough
+                with inductor_config.patch(freezing=self.freeze):  # options={"freezing": True} is not enough
                     out = self._compiled(x)
             except Exception as err:  # noqa: BLE001 - any compile failure: fall back, once
                 if self._tried:
@@ -156,7 +174,7 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, 
                          collate_fn=image_batch)
     normalize = Normalize(device)
     network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
-    forward = FrozenRunner(network, batch_size, compile)
+    forward = FrozenRunner(network, batch_size, compile, freeze_when_compiling(device, amp))
     start = 0
     for images, kept, unreadable in loader:
         bad_images.add(unreadable)

@@ -214,13 +214,18 @@ def test_want_compile():
     assert runtime.want_compile("auto", 10 ** 6, 224, cpu) == runtime.compiler_available(cpu)
     with pytest.raises(PipelineError, match="--compile"):
         runtime.want_compile("maybe", 1, 32, cpu)
+    cuda = torch.device("cuda")  # the policy only: a GPU eager forward runs thousands of images a second
+    assert runtime.compile_pays(3000, 224, cpu) and not runtime.compile_pays(4000, 224, cuda)
+    assert runtime.compile_pays(10 ** 6, 224, cuda)
+    assert not runtime.freeze_when_compiling(cuda, amp=True) and not runtime.freeze_when_compiling(cpu, amp=False)
 
 
-def test_compiled_runner_matches_eager_for_any_batch_size():
+@pytest.mark.parametrize("freeze", [True, False])
+def test_compiled_runner_matches_eager_for_any_batch_size(freeze):
     if not runtime.compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     model = small().eval()
-    runner = runtime.FrozenRunner(model, batch_size=4, compile=True)
+    runner = runtime.FrozenRunner(model, batch_size=4, compile=True, freeze=freeze)
     x = torch.randn(9, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)

@@ -29,7 +29,7 @@ from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, r
 from deep_rank_net import load_model
 from distributed import Cluster
 from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
-from loaders import BadImages
+from loaders import PREPROCESS_CHOICES, BadImages, preprocess_on_device
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare,
                      want_compile)
@@ -61,6 +61,9 @@ def build_parser():
       help="test-time augmentation: flip embeds each image and its mirror image and keeps their normalised "
            "sum (two forward passes) (default: %(default)s)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
+    a("--preprocess", default="auto", choices=PREPROCESS_CHOICES,
+      help="where images are resized: device (the workers only decode; the GPU resizes and normalises batches), "
+           "cpu (the workers), auto: device on CUDA (default: %(default)s)")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
       help="torch.compile the network with its weights frozen; auto: when there are enough images to repay "
            "compiling (default: %(default)s)")
@@ -154,7 +157,8 @@ def embedded(model, paths, device, args, bad_images, show=True):
                disable=None if show else True)
     compile = want_compile(args.compile, TTA_PASSES[args.tta] * len(paths), model.image_size, device)
     for batch, rows in embed_batches(model, paths, device, args.batch_size, args.num_workers, not args.no_amp, bar,
-                                     args.layer, compile, args.tta, bad_images):
+                                     args.layer, compile, args.tta, bad_images,
+                                     preprocess_on_device(args.preprocess, device)):
         yield [paths[i] for i in rows], batch.numpy()
     bar.close()
 

@@ -320,14 +320,88 @@ def make_loader(dataset, batch_size, num_workers, device, shuffle=False, generat
 
 
 class Normalize:
-    """uint8 (B, 3, S, S) batch -> float, ImageNet-normalised, channels_last, on the device."""
+    """uint8 (B, 3, L, L) batch -> float (B, 3, S, S), ImageNet-normalised, channels_last, on the
+    device. With image_size (--preprocess device) the batch is resized there from the load size
+    L and, with augment, augmented there per image (flip: mirrored at random; standard: a random
+    crop of 60-100% of the area at aspect 3/4-4/3, resized, mirrored at random, and brightness,
+    contrast and saturation jittered by up to 20%, as the worker-side torchvision pipeline)."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, image_size=None, augment="none", seed=0):
+        if augment not in AUGMENTS:
+            raise PipelineError(f"unknown --augment {augment}; choose {', '.join(AUGMENTS)}")
+        self.device, self.image_size, self.augment = device, image_size, augment
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.generator = torch.Generator(device=device)
+        self.reseed(seed)
 
-    def __call__(self, batch):
+    def reseed(self, seed):
+        """The augmentation's random draws from here on follow seed (each epoch reseeds: --resume replays it)."""
+        self.generator.manual_seed(int(seed))
+
+    def __call__(self, batch, train=True):
         batch = batch.to(self.device, non_blocking=True).float()
+        if self.image_size is not None:
+            batch = self._augmented(batch) if train and self.augment != "none" else self._resized(batch)
         batch = (batch - self.mean) / self.std
         return batch.contiguous(memory_format=torch.channels_last)
+
+    def _resized(self, batch):
+        size = self.image_size
+        if batch.shape[-1] == size and batch.shape[-2] == size:
+            return batch
+        down = batch.shape[-1] > size or batch.shape[-2] > size
+        return torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False,
+                                               antialias=down)
+
+    def _uniform(self, n, low, high):
+        return low + (high - low) * torch.rand(n, device=self.device, generator=self.generator)
+
+    def _augmented(self, batch):
+        n = len(batch)
+        flip = torch.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        if self.augment == "flip":
+            out = self._resized(batch)
+            return torch.where(flip.view(n, 1, 1, 1) < 0, out.flip(3), out)
+        area = self._uniform(n, 0.6, 1.0)  # RandomResizedCrop(scale=(0.6, 1)), in the unit square of the image
+        ratio = torch.exp(self._uniform(n, np.log(3 / 4), np.log(4 / 3)))
+        width, height = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)
+        cx = self._uniform(n, 0, 1) * (1 - width) + width / 2
+        cy = self._uniform(n, 0, 1) * (1 - height) + height / 2
+        theta = torch.zeros(n, 2, 3, device=self.device)  # output grid -> input coordinates in [-1, 1]
+        theta[:, 0, 0], theta[:, 0, 2] = width * flip, 2 * cx - 1
+        theta[:, 1, 1], theta[:, 1, 2] = height, 2 * cy - 1
+        grid = torch.nn.functional.affine_grid(theta, [n, 3, self.image_size, self.image_size], align_corners=False)
+        out = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # ColorJitter(0.2, 0.2, 0.2): brightness, contrast, saturation factors in [0.8, 1.2]
+        out = out * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)
+        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = (out - gray.mean((2, 3), keepdim=True)) * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1) + \
+            gray.mean((2, 3), keepdim=True)
+        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = gray + (out - gray) * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)
+        return out.clamp(0, 255)
+
+
+PREPROCESS_CHOICES = ("auto", "cpu", "device")
+
+
+def preprocess_on_device(mode, device):
+    """--preprocess: where images are resized and augmented. device: the workers only decode (to
+    the load size) and the GPU resizes, augments and normalises whole batches; cpu: the workers
+    do it all. auto: device on CUDA, cpu on a CPU (there the workers run beside the network)."""
+    if mode not in PREPROCESS_CHOICES:
+        raise PipelineError(f"unknown --preprocess {mode!r}; choose {', '.join(PREPROCESS_CHOICES)}")
+    return device.type == "cuda" if mode == "auto" else mode == "device"
+
+
+def load_size(paths, image_size):
+    """The side the workers resize to when the device does the rest: the first readable image's
+    longer side, at most image_size (TinyImageNet: its 64 px, whatever --image_size)."""
+    for path in paths[:16]:
+        try:
+            with Image.open(path) as image:
+                return min(int(image_size), max(image.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported where it is loaded
+            continue
+    return int(image_size)

@@ -16,7 +16,7 @@ import torch
 
 from common import NUM_WORKERS, PipelineError
 from deep_rank_net import PooledFeatures, l2n, unwrap
-from loaders import BadImages, ImageList, Normalize, image_batch, make_loader
+from loaders import BadImages, ImageList, Normalize, image_batch, load_size, make_loader
 
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -156,7 +156,7 @@ class FrozenRunner:
 
 @torch.inference_mode()
 def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, amp=True, progress=None,
-                  layer="embedding", compile=False, tta="none", bad_images=None):
+                  layer="embedding", compile=False, tta="none", bad_images=None, preprocess=False):
     """Yield (vectors, rows): (G, D) float32 CPU embeddings of a batch's readable images and their
     indices into paths, in order, each image once.
 
@@ -165,14 +165,16 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, 
     compile: run the network compiled with its weights frozen (see FrozenRunner).
     tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
     (two forward passes per image). bad_images: the loaders.BadImages that decides about images
-    that cannot be decoded (default: stop at the first).
+    that cannot be decoded (default: stop at the first). preprocess: the workers decode to the
+    load size and the device resizes the batch (--preprocess device).
     """
     if tta not in TTA_CHOICES:
         raise PipelineError(f"unknown --tta {tta!r}; choose {', '.join(TTA_CHOICES)}")
     bad_images = bad_images or BadImages("error", None)
-    loader = make_loader(ImageList(paths, unwrap(model).image_size), batch_size, num_workers, device,
-                         collate_fn=image_batch)
-    normalize = Normalize(device)
+    size = unwrap(model).image_size
+    loader = make_loader(ImageList(paths, load_size(paths, size) if preprocess else size), batch_size, num_workers,
+                         device, collate_fn=image_batch)
+    normalize = Normalize(device, size) if preprocess else Normalize(device)
     network = model if layer == "embedding" else PooledFeatures(unwrap(model).features)
     forward = FrozenRunner(network, batch_size, compile, freeze_when_compiling(device, amp))
     start = 0

@@ -30,8 +30,9 @@ from distributed import Cluster
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
                            PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
                            save_checkpoint, trainable_parameters)
-from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler, RankSlices,
-                     TripletImages, labelled_batch, make_augment, make_loader, pair_batch, triplet_batch)
+from loaders import (AUGMENTS, PREPROCESS_CHOICES, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler,
+                     RankSlices, TripletImages, labelled_batch, load_size, make_augment, make_loader, pair_batch,
+                     preprocess_on_device, triplet_batch)
 from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches,
@@ -129,6 +130,9 @@ def build_parser():
            "enough to repay compiling (default: %(default)s)")
     a("--max_minutes", type=non_negative_float, default=0,
       help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
+    a("--preprocess", default="auto", choices=PREPROCESS_CHOICES,
+      help="where images are resized and augmented: device (the workers only decode; the GPU resizes, augments "
+           "and normalises batches), cpu (the workers), auto: device on CUDA (default: %(default)s)")
     a("--sync_bn", action="store_true",
       help="under torchrun on GPUs: batch norm statistics over the whole global batch (SyncBatchNorm), as one "
            "process would compute them; without it each process normalises its own share")
@@ -173,21 +177,23 @@ class TrainingData:
     batches of the train split (--mining). A batch is (uint8 images (N, 3, S, S), labels (N,),
     same (N / 2,) or None, [Unreadable]), see loaders.py."""
 
-    def __init__(self, args, image_size):
-        augment = make_augment(args.augment, image_size)
+    def __init__(self, args, image_size, on_device=False):
+        # --preprocess device: the workers decode to the load size, the device resizes and augments
+        augment = None if on_device else make_augment(args.augment, image_size)
+        size = (lambda paths: load_size(paths, image_size)) if on_device else (lambda paths: image_size)
         self.sampler, self.collate, self.source = None, labelled_batch, None
         empty_ok = args.on_bad_image == "skip"
         if args.mining == "none" and args.loss == "contrastive":
             first, second, same = read_pair_csv(args.pairs)
             check_images_exist(unique_in_order(first, second), args.pairs, empty_ok=empty_ok)
-            self.dataset = PairImages(first, second, same, image_size, augment)
+            self.dataset = PairImages(first, second, same, size(first), augment)
             self.images_per_batch, self.collate = 2 * args.batch_size, pair_batch
             steps = math.ceil(len(self.dataset) / args.batch_size)
             self.description = f"{len(self.dataset)} pairs"
         elif args.mining == "none":
             q, p, n = read_triplet_csv(args.triplets)
             check_images_exist(unique_in_order(q, p, n), args.triplets, empty_ok=empty_ok)
-            self.dataset, self.images_per_batch = TripletImages(q, p, n, image_size, augment), 3 * args.batch_size
+            self.dataset, self.images_per_batch = TripletImages(q, p, n, size(q), augment), 3 * args.batch_size
             self.collate = triplet_batch
             steps = math.ceil(len(self.dataset) / args.batch_size)
             self.description = f"{len(self.dataset)} triplets"
@@ -196,7 +202,7 @@ class TrainingData:
             paths, labels = self.source.split("train")
             codes = np.unique(np.asarray(labels), return_inverse=True)[1]
             self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
-            self.dataset = LabelledImages(paths, codes, image_size, augment)
+            self.dataset = LabelledImages(paths, codes, size(paths), augment)
             self.images_per_batch, steps = args.classes_per_batch * args.images_per_class, len(self.sampler)
             self.description = f"{len(self.dataset)} images"
         self.steps_per_epoch = min(steps, args.max_steps) if args.max_steps else steps
@@ -233,12 +239,14 @@ def parameter_groups(model, lr, head_lr_mult=1.0):
     return groups
 
 
-def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM):
-    """The original's three optimisers; weight decay is the paper's L2 regularisation."""
+def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM, fused=False):
+    """The original's three optimisers; weight decay is the paper's L2 regularisation. fused: one
+    kernel for the whole update (CUDA; SGD and Adam)."""
+    extra = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, **extra)
     if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
     if name == "rms":
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise PipelineError(f"unknown --optim {name}; choose {', '.join(OPTIMS)}")
@@ -246,8 +254,9 @@ def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM):
 
 def build_optimizer(model, args, ckpt):
     """The optimiser over the trainable layers, with --resume's state when there is one."""
+    cuda = next(model.parameters()).device.type == "cuda"
     optimizer = make_optimizer(args.optim, parameter_groups(model, args.lr, args.head_lr_mult), args.lr,
-                               args.weight_decay)
+                               args.weight_decay, fused=cuda)
     if ckpt is not None and ckpt.get("optimizer"):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -318,7 +327,8 @@ class Network:
 
     def __init__(self, model, args, device, images_per_batch, images_per_run, cluster):
         self.model, self.device, self.amp, self.args, self.cluster = model, device, not args.no_amp, args, cluster
-        self.normalize = Normalize(device)
+        on_device = preprocess_on_device(args.preprocess, device)
+        self.normalize = Normalize(device, model.image_size, args.augment) if on_device else Normalize(device)
         compile = want_compile(args.compile, images_per_run, model.image_size, device)
         self.trunk, tail = model.frozen_split()
         if self.trunk is not None:  # frozen layers: no autograd, and compiled with their weights as constants
@@ -452,7 +462,8 @@ def evaluate_triplets(model, csv_path, device, args, bad_images):
     paths = unique_in_order(*columns)
     model.eval()
     parts = list(embed_batches(model, paths, device, max(args.batch_size * 3, 64), args.num_workers,
-                               not args.no_amp, bad_images=bad_images))
+                               not args.no_amp, bad_images=bad_images,
+                               preprocess=preprocess_on_device(args.preprocess, device)))
     model.train()
     vectors = torch.cat([vectors for vectors, _ in parts]) if parts else torch.zeros(0, 1)
     row = {paths[i]: r for r, i in enumerate(i for _, rows in parts for i in rows)}
@@ -511,7 +522,7 @@ def train(args, out, cluster, device):
             raise PipelineError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on CPUs); on CPUs "
                                 "each process normalises its own share of the batch")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    data = TrainingData(args, model.image_size)
+    data = TrainingData(args, model.image_size, preprocess_on_device(args.preprocess, device))
     check_world(args, cluster)
     if args.val_triplets:
         check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets,
@@ -537,6 +548,7 @@ def train(args, out, cluster, device):
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader = data.loader(epoch, device, cluster)
+        network.normalize.reseed(args.seed * 100003 + epoch * 1009 + cluster.rank)  # --preprocess device's draws
         stats, out_of_time = train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good,
                                              args.epochs, bad_images)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])

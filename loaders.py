@@ -373,13 +373,15 @@ class Normalize:
         theta[:, 1, 1], theta[:, 1, 2] = height, 2 * cy - 1
         grid = torch.nn.functional.affine_grid(theta, [n, 3, self.image_size, self.image_size], align_corners=False)
         out = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        # ColorJitter(0.2, 0.2, 0.2): brightness, contrast, saturation factors in [0.8, 1.2]
-        out = out * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)
-        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = (out - gray.mean((2, 3), keepdim=True)) * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1) + \
-            gray.mean((2, 3), keepdim=True)
-        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        out = gray + (out - gray) * self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)
+        # ColorJitter(0.2, 0.2, 0.2): brightness, contrast, saturation factors in [0.8, 1.2], each
+        # a blend with black, the image's mean grey, and its grey image
+        luma = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
+        factor = lambda: self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)  # noqa: E731
+        out = out * factor()
+        mean_gray = (out * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        out = mean_gray + (out - mean_gray) * factor()
+        gray = (out * luma).sum(1, keepdim=True)
+        out = gray + (out - gray) * factor()
         return out.clamp(0, 255)
 
 

@@ -1,0 +1,88 @@
+"""Benchmark: eval.py as a whole process against a plain Python-parse + scikit-learn process.
+
+Writes --train x --dim train and --test x --dim test text embedding files (bench_eval.py's
+clustered unit vectors), then times each whole process (start-up, imports, parsing, search,
+metrics), --repeats times, and prints the medians:
+  ours       python eval.py --train_embeddings ... --test_embeddings ... (exact kNN, every metric)
+  reference  python bench/bench_whole_eval.py --reference TRAIN TEST: the lines split and the
+             floats read by Python, scikit-learn NearestNeighbors(brute), score@k, P@1 and P@k
+             with numpy (fewer metrics than eval.py computes)
+
+    python bench/bench_whole_eval.py                   # 10,000 x 1,000 x 4,096 (about 0.5 GB of text)
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference(train_path, test_path, k=30):
+    """The plain way: Python parsing, scikit-learn's brute-force kNN, numpy metrics."""
+    from sklearn.neighbors import NearestNeighbors
+
+    def load(path):
+        labels, rows = [], []
+        with open(path, encoding="utf-8") as handle:
+            handle.readline()  # the header
+            for line in handle:
+                _, label, values = line.rstrip("\n").split("\t")
+                labels.append(label)
+                rows.append([float(v) for v in values.split()])
+        return np.array(labels), np.array(rows, dtype=np.float32)
+
+    train_labels, train = load(train_path)
+    test_labels, test = load(test_path)
+    _, idx = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(train).kneighbors(test)
+    same = train_labels[idx] == test_labels[:, None]
+    print(f"score_at_k {same.any(1).mean():.4f} precision_at_1 {same[:, 0].mean():.4f} "
+          f"precision_at_k {same.mean():.4f}")
+
+
+def wall(command):
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=10_000)
+    parser.add_argument("--test", type=int, default=1_000)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference", nargs=2, metavar=("TRAIN", "TEST"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.reference:
+        return reference(*args.reference)
+    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT))
+    from bench_eval import write_files
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        train = write_files(folder, args.train, args.dim, 200, "train", seed=0)[0]
+        test = write_files(folder, args.test, args.dim, 200, "test", seed=1)[0]
+        size = (train.stat().st_size + test.stat().st_size) / 1e6
+        ours_command = [sys.executable, str(ROOT / "eval.py"), "--train_embeddings", str(train),
+                        "--test_embeddings", str(test)]
+        ref_command = [sys.executable, __file__, "--reference", str(train), str(test)]
+        wall(ours_command)  # the first run compiles the text parser into numba's cache, as any first use does
+        ours, ref = [], []
+        for _ in range(args.repeats):  # alternated, so both see the same machine state
+            ours.append(wall(ours_command))
+            ref.append(wall(ref_command))
+    print(f"{args.train:,} x {args.test:,} x {args.dim} text embeddings ({size:.0f} MB); whole processes, "
+          f"medians of {args.repeats}")
+    print(f"eval.py {statistics.median(ours):.2f} s; Python parse + scikit-learn {statistics.median(ref):.2f} s; "
+          f"{statistics.median(ref) / statistics.median(ours):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@ is indexed again; rows appended by image_search.py --add are added to the index 
 Which faiss index depends on the gallery's size: HNSW (a graph; no training) below IVF_MIN_ROWS
 rows, IVF-SQ8 (k-means cells, `nprobe` of them searched, vectors stored in 8 bits: a quarter of
 the memory and of the bytes scanned) from there. Either way the candidates are re-ranked by
-their exact distances to the gallery's vectors (which may stay on disk, memory-mapped).
+their exact distances to the gallery's vectors (a .npy gallery's stay on disk: the index is
+built from it block by block, and each candidate's row is read on its own).
 
     index = open_index("gallery.npy", gallery.vectors, kind="auto")   # ExactIndex or FaissIndex
     distances, rows = index.search(queries, k=10)                      # (Q, k) each; rows -1: none

@@ -319,6 +319,13 @@ class TrainedLayers(torch.nn.Module):
         return self.model.head(self.tail(features), images)
 
 
+def compile_trained_layers(device):
+    """Whether the layers that train are compiled too (forward and backward) when compiling: on
+    CUDA. On this project's CPU it did not pay: ResNet-50 at 96 px, 48 images per step, fp32,
+    43.5 img/s eager against 46.3 compiled, after 50 s of compiling."""
+    return device.type == "cuda"
+
+
 class Network:
     """The model as training runs it: the frozen backbone layers without autograd (compiled when
     that pays), then the trained layers (in DistributedDataParallel under torchrun); plus, with
@@ -339,6 +346,10 @@ class Network:
         if cluster.distributed:
             self.trained = torch.nn.parallel.DistributedDataParallel(
                 self.trained, device_ids=[device] if device.type == "cuda" else None)
+        if compile and compile_trained_layers(device):  # forward and backward of the layers that train
+            self.trained = torch.compile(self.trained)
+            if cluster.main:
+                print("trained layers: compiled")
         self.teacher = None
         if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
             features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]

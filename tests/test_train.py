@@ -194,3 +194,27 @@ def test_compiled_frozen_layers_train_like_eager_ones(triplets, tmp_path, capsys
     for key, value in runs["off"]["model"].items():
         assert torch.allclose(value.float(), runs["on"]["model"][key].float(), atol=1e-4), key
     assert runs["off"]["metrics"]["loss"] == pytest.approx(runs["on"]["metrics"]["loss"], rel=1e-3)
+
+
+def test_compiled_trained_layers_give_the_eager_gradients():
+    """What --compile does to the layers that train on CUDA (train_net.compile_trained_layers),
+    checked on the CPU: forward and backward through torch.compile match eager."""
+    if not compiler_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    assert train_net.compile_trained_layers(torch.device("cuda"))
+    assert not train_net.compile_trained_layers(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = DeepRank(backbone="small_cnn", embed_dim=16, image_size=32, trainable="conv5", weights="none")
+    trunk, tail = model.frozen_split()
+    layers = train_net.TrainedLayers(model, tail)
+    images = torch.randn(6, 3, 32, 32)
+    features = trunk(images)
+
+    def gradients(forward):
+        model.zero_grad()
+        forward(features, images).square().sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    eager, compiled = gradients(layers), gradients(torch.compile(layers))
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, atol=1e-4, rtol=1e-3), name

@@ -233,7 +233,8 @@ def embed_run(args, cluster, device):
 
     # the header says how the vectors were made, so image_search.py embeds its queries the same way
     source = {"checkpoint": file_digest(args.model), "layer": args.layer, "tta": args.tta,
-              "amp": "bf16" if not args.no_amp and bf16_supported(device) else "fp32"}
+              "amp": "bf16" if not args.no_amp and bf16_supported(device) else "fp32",
+              "preprocess": "device" if preprocess_on_device(args.preprocess, device) else "cpu"}
     result = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images, label_of, source,
                             cluster)
     if result is None:  # a rank other than 0: its share is in rank 0's files

@@ -2,8 +2,9 @@
 (image_search.py searches from the shell, search_web.py from a web page).
 
 Queries are embedded exactly as gen_embeddings.py embedded the gallery: the header of the
-gallery file says which checkpoint (its SHA-256), which layer, which test-time augmentation and
-which precision; a gallery that another checkpoint wrote is refused unless force=True.
+gallery file says which checkpoint (its SHA-256), which layer, which test-time augmentation,
+which precision and where images were resized (--preprocess); a gallery that another
+checkpoint wrote is refused unless force=True.
 
     searcher = Searcher("deepranknet.model", "train_embedding.txt")
     vectors, paths = searcher.embed(["query.jpg"])
@@ -22,16 +23,20 @@ from loaders import BadImages
 from runtime import COMPILE, TTA_CHOICES, bf16_supported, embed_batches, prepare, resolve_device, want_compile
 from search_index import NPROBE, ExactIndex, choose_kind, open_index
 
-DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16"}  # gen_embeddings.py's defaults
+# gen_embeddings.py's defaults, for headers written before these fields
+DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16", "preprocess": "cpu"}
 
 
 def gallery_source(header):
-    """How a gallery's vectors were made: layer, tta, amp (bf16 | fp32), checkpoint digest or None."""
+    """How a gallery's vectors were made: layer, tta, amp (bf16 | fp32), preprocess (cpu | device),
+    checkpoint digest or None."""
     source = {key: header.get(key, default) for key, default in DEFAULT_SOURCE.items()}
     source["checkpoint"] = header.get("checkpoint")
-    if source["tta"] not in TTA_CHOICES or source["layer"] not in ("embedding", "backbone"):
-        raise PipelineError(f"the gallery header has layer={source['layer']} tta={source['tta']}, which this "
-                            f"version cannot embed queries with; rerun gen_embeddings.py")
+    if (source["tta"] not in TTA_CHOICES or source["layer"] not in ("embedding", "backbone")
+            or source["preprocess"] not in ("cpu", "device")):
+        raise PipelineError(f"the gallery header has layer={source['layer']} tta={source['tta']} preprocess="
+                            f"{source['preprocess']}, which this version cannot embed queries with; rerun "
+                            f"gen_embeddings.py")
     return source
 
 
@@ -109,7 +114,8 @@ class Searcher:
         blocks, kept = [], []
         with self._lock:
             for vectors, rows in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
-                                               amp, None, self.source["layer"], compile, tta, bad_images):
+                                               amp, None, self.source["layer"], compile, tta, bad_images,
+                                               self.source["preprocess"] == "device"):
                 blocks.append(vectors.numpy())
                 kept.extend(paths[i] for i in rows)
         vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)

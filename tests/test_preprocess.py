@@ -1,15 +1,18 @@
 """--preprocess device: the workers only decode, the device resizes, augments and normalises
 whole batches (the GPU path; its logic runs on the CPU here)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import gen_embeddings
+import image_search
 import train_net
 from conftest import FAST
-from embedding_io import read_embeddings
+from embedding_io import read_embeddings, read_header
 from loaders import ImageList, Normalize, load_size, preprocess_on_device
 
 CPU = torch.device("cpu")
@@ -85,3 +88,11 @@ def test_train_and_embed_with_device_preprocessing(triplets, tmp_path):
     assert vectors["device"].paths == vectors["cpu"].paths
     cosine = (vectors["device"].vectors * vectors["cpu"].vectors).sum(1)
     assert cosine.min() > 0.99  # the same images, resized by another filter implementation
+    searched = tmp_path / "hits.json"
+    for where in ("device", "cpu"):  # image_search.py reads the way from the gallery's header
+        assert read_header(tmp_path / where / "test.txt")["preprocess"] == where
+        query = vectors[where].paths[2]
+        assert image_search.main(["--model", str(model), "--gallery", str(tmp_path / where / "test.txt"),
+                                  "--json", str(searched), "--num_workers", "0", query]) == 0
+        first = json.loads(searched.read_text())[0]["results"][0]
+        assert first["path"] == query and first["distance"] < 1e-9

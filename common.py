@@ -30,6 +30,7 @@ TEST_EMBEDDINGS = "test_embedding.txt"
 NUM_WORKERS = 2                                 # image-loading worker processes
 ON_BAD_IMAGE = "error"                          # an image that cannot be decoded: error | skip
 BAD_IMAGE_POLICIES = ("error", "skip")
+PREPROCESS_CHOICES = ("auto", "cpu", "device")   # --preprocess
 # ----------------------------------------------------------------
 
 
@@ -146,6 +147,14 @@ def bad_image_flag():
                    help="an image file that cannot be decoded (truncated, empty, not an image, too large): error "
                         "stops with its name; skip leaves it out and lists it in <output>_bad_images.txt "
                         "(default: %(default)s)")
+
+
+def preprocess_flag():
+    """--preprocess: where images are resized (and, training, augmented)."""
+    return _parent("--preprocess", default="auto", choices=PREPROCESS_CHOICES,
+                   help="where images are resized (and, training, augmented): device (the workers only decode; the "
+                        "GPU resizes, augments and normalises whole batches), cpu (the workers), auto: device on "
+                        "CUDA (default: %(default)s)")
 
 
 def print_args(stage, args, stream=None):

@@ -98,6 +98,14 @@ def check_names(paths, labels):
                                     f"cannot hold; rename it")
 
 
+def read_npy_header(handle):
+    """(shape, dtype) of the .npy file open in binary handle, leaving it at the first data byte."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    return shape, dtype
+
+
 def paths_file_of(npy_path):
     """The text file that holds the paths and labels of a .npy embedding file."""
     npy_path = Path(npy_path)
@@ -158,9 +166,7 @@ class EmbeddingWriter:
             shutil.copyfileobj(handle, self._handle, 1 << 24)  # every row our writer wrote ends in a newline
         if self.binary:
             with open(existing, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                 np.lib.format.read_array_header_2_0)(handle)
+                read_npy_header(handle)
                 shutil.copyfileobj(handle, self._raw, 1 << 24)
         self.count += int(rows)
 

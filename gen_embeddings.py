@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
                     bad_image_flag, check_output_path, dataset_flags, device_flag, file_digest, positive_int,
-                    print_args, run_cli, workers_flag)
+                    preprocess_flag, print_args, run_cli, workers_flag)
 from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from deep_rank_net import load_model
 from distributed import Cluster
 from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
-from loaders import PREPROCESS_CHOICES, BadImages, preprocess_on_device
+from loaders import BadImages, preprocess_on_device
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare,
                      want_compile)
@@ -43,7 +43,7 @@ TTA = "none"                    # test-time augmentation: none | flip (image + m
 def build_parser():
     """gen_embeddings.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(data_default=None), device_flag(),
-                                                                   workers_flag(), bad_image_flag()],
+                                                                   workers_flag(), bad_image_flag(), preprocess_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--model", default=MODEL, help="checkpoint from train_net.py (default: %(default)s)")
@@ -61,9 +61,6 @@ def build_parser():
       help="test-time augmentation: flip embeds each image and its mirror image and keeps their normalised "
            "sum (two forward passes) (default: %(default)s)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
-    a("--preprocess", default="auto", choices=PREPROCESS_CHOICES,
-      help="where images are resized: device (the workers only decode; the GPU resizes and normalises batches), "
-           "cpu (the workers), auto: device on CUDA (default: %(default)s)")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
       help="torch.compile the network with its weights frozen; auto: when there are enough images to repay "
            "compiling (default: %(default)s)")
@@ -197,8 +194,7 @@ def embed_to_files(model, plans, device, args, header_model, bad_images, label_o
     try:
         write_outputs([(shards[cluster.rank], mine, None)], dim, header_model, source, label_of, len(mine),
                       embedded(model, mine, device, args, bad_images, show=cluster.main))
-        for found in cluster.gather_objects(bad_images.found):  # every rank's skipped images, for rank 0's report
-            bad_images.found.update(found)
+        bad_images.merge(cluster.gather_objects(bad_images.found))  # every rank's skips, for rank 0's report
         if not cluster.main:
             return None
         return write_outputs(plans, dim, header_model, source, label_of, len(union), shard_batches(shards, union))

@@ -25,7 +25,7 @@ import sys
 from common import (MODEL, TRAIN_EMBEDDINGS, PipelineError, atomic_write, bad_image_flag, check_output_path,
                     device_flag, non_negative_int, positive_int, print_args, run_cli, workers_flag)
 from datasets import class_of, images_in
-from embedding_io import EmbeddingWriter, check_names, read_embeddings, read_header
+from embedding_io import EmbeddingWriter, check_names, read_embeddings
 from pictures import save_captioned_grid
 from search_index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
 from searcher import Searcher
@@ -189,7 +189,7 @@ def add_to_gallery(searcher, args):
     except PipelineError:  # faiss not installed: no index to keep up to date
         pass
     vectors, kept = searcher.embed(new)
-    header = read_header(args.gallery)
+    header = gallery.header
     source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
     with EmbeddingWriter(args.gallery, header["dim"], header["normalized"], header["model"], source) as writer:
         writer.copy_rows(args.gallery, len(gallery))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import BAD_IMAGE_POLICIES, PipelineError, atomic_write, first_line
+from common import BAD_IMAGE_POLICIES, PREPROCESS_CHOICES, PipelineError, atomic_write, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,6 +225,11 @@ class BadImages:
                                     f"pass --on_bad_image skip to leave such files out")
             self.found.setdefault(item.path, item.reason)
 
+    def merge(self, founds):
+        """Add other processes' skipped images ({path: reason} each, e.g. every rank's under torchrun)."""
+        for found in founds:
+            self.found.update(found)
+
     def write_report(self):
         """Write the report file (atomically) if any image was skipped; returns its path or None."""
         if not self.found:
@@ -383,9 +388,6 @@ class Normalize:
         gray = (out * luma).sum(1, keepdim=True)
         out = gray + (out - gray) * factor()
         return out.clamp(0, 255)
-
-
-PREPROCESS_CHOICES = ("auto", "cpu", "device")
 
 
 def preprocess_on_device(mode, device):

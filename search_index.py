@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common import PipelineError, atomic_write
+from embedding_io import read_npy_header
 from metrics import knn
 
 INDEX_KINDS = ("auto", "exact", "faiss")
@@ -261,10 +262,7 @@ class NpyRows:
 
     def __init__(self, path):
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            self.shape, _, self.dtype = read_header(handle)
+            self.shape, self.dtype = read_npy_header(handle)
             self.offset = handle.tell()
         self.path, self.row_bytes = str(path), self.shape[1] * self.dtype.itemsize
 

@@ -9,7 +9,7 @@
 
 Images are served by gallery row number only: no request names a file, so nothing outside the
 gallery's own images can be read. Uploads larger than max_upload_mb are refused (413) before
-they are read; the rest are decoded by loaders.load_rgb (decompression-bomb guard included).
+they are read; the rest are decoded by the loaders' decoder (decompression-bomb guard included).
 Bad requests get a JSON {"error": ...} with status 400, 404 or 413.
 """
 
@@ -130,13 +130,11 @@ def embed_upload(searcher, data, name):
         path = os.path.join(folder, "upload" + suffix)
         with open(path, "wb") as handle:
             handle.write(data)
-        try:
-            load_rgb(path)
-            vectors, kept = searcher.embed([path], BadImages("skip", None))
-        except PipelineError as err:
-            raise BadRequest(str(err).replace(path, repr(name))) from None
-    if not len(kept):
-        raise BadRequest(f"{name!r} is not an image that can be decoded")
+        bad_images = BadImages("skip", None)
+        vectors, kept = searcher.embed([path], bad_images)
+        if not kept:
+            reason = bad_images.found.get(path, "not an image that can be decoded")
+            raise BadRequest(f"cannot read {name!r} ({reason.replace(path, repr(name))}); upload an image file")
     return vectors
 
 

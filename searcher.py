@@ -20,7 +20,8 @@ from common import PipelineError, file_digest
 from deep_rank_net import load_model
 from embedding_io import check_finite, read_embeddings, read_header
 from loaders import BadImages
-from runtime import COMPILE, TTA_CHOICES, bf16_supported, embed_batches, prepare, resolve_device, want_compile
+from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare, resolve_device,
+                     want_compile)
 from search_index import NPROBE, ExactIndex, choose_kind, open_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
@@ -110,7 +111,7 @@ class Searcher:
         bad_images = bad_images or BadImages(self.on_bad_image, None)
         tta = self.source["tta"]
         amp = self.source["amp"] == "bf16" and bf16_supported(self.device)
-        compile = want_compile(COMPILE, len(paths) * (2 if tta == "flip" else 1), self.model.image_size, self.device)
+        compile = want_compile(COMPILE, len(paths) * TTA_PASSES[tta], self.model.image_size, self.device)
         blocks, kept = [], []
         with self._lock:
             for vectors, rows in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,

@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from common import (MODEL, SAMPLE_FILES, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag,
                     check_output_path, dataset_flags, device_flag, non_negative_float, non_negative_int,
-                    positive_float, positive_int, print_args, run_cli, seed_flag, workers_flag)
+                    positive_float, positive_int, preprocess_flag, print_args, run_cli, seed_flag, workers_flag)
 from datasets import (Dataset, check_images_exist, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
                       unique_in_order)
 from distributed import Cluster
 from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
                            PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
                            save_checkpoint, trainable_parameters)
-from loaders import (AUGMENTS, PREPROCESS_CHOICES, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler,
+from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler,
                      RankSlices, TripletImages, labelled_batch, load_size, make_augment, make_loader, pair_batch,
                      preprocess_on_device, triplet_batch)
 from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
@@ -71,7 +71,7 @@ SCHEDULES = ("constant", "cosine")
 def build_parser():
     """train_net.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(), seed_flag(), device_flag(),
-                                                                   workers_flag(), bad_image_flag()],
+                                                                   workers_flag(), bad_image_flag(), preprocess_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--epochs", type=non_negative_int, default=EPOCHS,
@@ -130,9 +130,6 @@ def build_parser():
            "enough to repay compiling (default: %(default)s)")
     a("--max_minutes", type=non_negative_float, default=0,
       help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
-    a("--preprocess", default="auto", choices=PREPROCESS_CHOICES,
-      help="where images are resized and augmented: device (the workers only decode; the GPU resizes, augments "
-           "and normalises batches), cpu (the workers), auto: device on CUDA (default: %(default)s)")
     a("--sync_bn", action="store_true",
       help="under torchrun on GPUs: batch norm statistics over the whole global batch (SyncBatchNorm), as one "
            "process would compute them; without it each process normalises its own share")
@@ -564,8 +561,7 @@ def train(args, out, cluster, device):
                                              args.epochs, bad_images)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])
         metrics["world_size"] = cluster.world_size
-        for found in cluster.gather_objects(bad_images.found):  # every rank's skipped images, for rank 0's report
-            bad_images.found.update(found)
+        bad_images.merge(cluster.gather_objects(bad_images.found))  # every rank's skips, for rank 0's report
         temp = folder / f"temp_net{epoch + 1}.model"
         if cluster.main:
             if args.val_triplets:

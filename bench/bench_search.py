@@ -2,7 +2,7 @@
 
 Writes a synthetic clustered gallery (default 1,000,000 x 512 float32, unit vectors around
 --clusters centres) as .npy to a temporary folder, then runs each phase in its own process so
-that each reports its own peak memory (ru_maxrss):
+that each reports its own peak memory (VmHWM):
   build   faiss index built from the .npy (read block by block) and saved beside it
   faiss   the saved index loaded; one query at a time (median latency) and batches of --batch
   exact   the gallery loaded whole; the same queries by exact search (metrics.knn, as eval.py)

@@ -24,7 +24,7 @@ HELPERS = {
     "runtime": {"common", "deep_rank_net", "loaders"},
     "distributed": {"common", "runtime"},
     "pictures": {"common", "loaders"},
-    "search_index": {"common", "metrics"},
+    "search_index": {"common", "embedding_io", "metrics"},
     "searcher": {"common", "deep_rank_net", "embedding_io", "loaders", "runtime", "search_index"},
     "search_web": {"common", "loaders"},
 }

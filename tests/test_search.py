@@ -101,7 +101,7 @@ def test_a_query_folder_searches_every_image(world, tmp_path):
 
 def test_a_gallery_from_another_checkpoint_is_refused_unless_forced(world, tmp_path, capsys):
     other = tmp_path / "other.model"
-    ckpt = torch.load(world["model"], weights_only=False)
+    ckpt = torch.load(world["model"], weights_only=True)  # checkpoints are plain data
     first = next(iter(ckpt["model"]))
     ckpt["model"][first] = ckpt["model"][first] + 1  # another checkpoint of the same shape
     torch.save(ckpt, other)

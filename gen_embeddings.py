@@ -31,11 +31,11 @@ from distributed import Cluster
 from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
 from loaders import BadImages, preprocess_on_device
 from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare,
-                     want_compile)
+from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, default_batch, embed_batches,
+                     prepare, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
-BATCH_SIZE = 64                 # images per forward pass
+BATCH_SIZE = None               # images per forward pass; None: runtime.default_batch's (CPU: by image size)
 TTA = "none"                    # test-time augmentation: none | flip (image + mirror image, 2 passes)
 # ----------------------------------------------------------------
 
@@ -53,7 +53,8 @@ def build_parser():
       help="with --data: embed every image of train/, val/ or both instead of the CSVs' (default: %(default)s)")
     a("--train_out", default=TRAIN_EMBEDDINGS, help="train embedding file (default: %(default)s)")
     a("--test_out", default=TEST_EMBEDDINGS, help="test embedding file (default: %(default)s)")
-    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE,
+      help="images per forward pass (default: 64 on CUDA; on a CPU 16 at 224 px, more for smaller images, at most 64)")
     a("--layer", default="embedding", choices=("embedding", "backbone"),
       help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
            "(a baseline) (default: %(default)s)")
@@ -221,6 +222,7 @@ def embed_run(args, cluster, device):
     """The run, once the process (group) is up: rank 0 alone prints and writes the outputs."""
     model, ckpt = load_model(args.model)
     plans, label_of, dataset = plan_outputs(args)
+    args.batch_size = args.batch_size or default_batch(device, model.image_size)
     if cluster.main:
         print_args("gen_embeddings.py", args)
     model = prepare(model, device)

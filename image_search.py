@@ -32,7 +32,7 @@ from searcher import Searcher
 
 # ---------------------------------------------------------------- hyperparameters
 K = 10              # neighbours shown per query
-BATCH_SIZE = 32     # query images per forward pass
+BATCH_SIZE = None   # query images per forward pass; None: runtime.default_batch's (CPU: by image size)
 PORT = 8000         # --serve
 HOST = "127.0.0.1"  # --serve binds to this machine only unless told otherwise
 MAX_UPLOAD_MB = 20  # --serve: larger uploads are refused
@@ -59,7 +59,8 @@ def build_parser():
       help="faiss IVF cells searched per query: more finds more of the true neighbours, slower "
            "(default: %(default)s)")
     a("--force", action="store_true", help="search a gallery that another checkpoint wrote")
-    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE,
+      help="images per forward pass (default: 64 on CUDA; on a CPU 16 at 224 px, more for smaller images, at most 64)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pair", nargs=2, metavar=("A", "B"),
                       help="print the distance between two images (and the decision, with a threshold)")

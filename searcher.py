@@ -20,8 +20,8 @@ from common import PipelineError, file_digest
 from deep_rank_net import load_model
 from embedding_io import check_finite, read_embeddings, read_header
 from loaders import BadImages
-from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, bf16_supported, embed_batches, prepare, resolve_device,
-                     want_compile)
+from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, bf16_supported, default_batch, embed_batches, prepare,
+                     resolve_device, want_compile)
 from search_index import NPROBE, ExactIndex, choose_kind, open_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
@@ -59,10 +59,10 @@ class Searcher:
     """A checkpoint (loaded once) and, optionally, a gallery with its index (built on first use)."""
 
     def __init__(self, model_path, gallery_path=None, device="auto", index="auto", nprobe=NPROBE, force=False,
-                 batch_size=32, num_workers=0, on_bad_image="error", log=print):
+                 batch_size=None, num_workers=0, on_bad_image="error", log=print):
         self.model_path, self.gallery_path, self.log = model_path, gallery_path, log
         self.index_kind, self.nprobe = index, nprobe
-        self.batch_size, self.num_workers, self.on_bad_image = batch_size, num_workers, on_bad_image
+        self.num_workers, self.on_bad_image = num_workers, on_bad_image
         header = read_header(gallery_path) if gallery_path and os.path.exists(gallery_path) else {}
         if header:
             check_source(header, model_path, gallery_path, force)
@@ -74,6 +74,7 @@ class Searcher:
             raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "
                                 f"re-embed the gallery with this checkpoint")
         self.model, self.dim = prepare(model, self.device), dim
+        self.batch_size = batch_size or default_batch(self.device, model.image_size)
         self.gallery, self._index = None, None
         self._lock = threading.Lock()  # one forward pass at a time (the web server is threaded)
 

@@ -36,7 +36,7 @@ from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages,
 from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
 from metrics import triplet_accuracy
 from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches,
-                     freeze_when_compiling, prepare, want_compile)
+                     freeze_when_compiling, frozen_rows, prepare, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -336,7 +336,8 @@ class Network:
         compile = want_compile(args.compile, images_per_run, model.image_size, device)
         self.trunk, tail = model.frozen_split()
         if self.trunk is not None:  # frozen layers: no autograd, and compiled with their weights as constants
-            self.trunk = FrozenRunner(self.trunk, images_per_batch, compile, freeze_when_compiling(device, self.amp))
+            self.trunk = FrozenRunner(self.trunk, frozen_rows(device, images_per_batch, model.image_size),
+                                      compile, freeze_when_compiling(device, self.amp))
             if cluster.main:
                 print(f"frozen backbone layers: {'compiled' if self.trunk.compiled else 'eager'}")
         self.trained = TrainedLayers(model, tail)
@@ -350,8 +351,9 @@ class Network:
         self.teacher = None
         if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
             features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
-            self.teacher = FrozenRunner(prepare(PooledFeatures(features), device), images_per_batch, compile,
-                                        freeze_when_compiling(device, self.amp))
+            self.teacher = FrozenRunner(prepare(PooledFeatures(features), device),
+                                        frozen_rows(device, images_per_batch, model.image_size),
+                                        compile, freeze_when_compiling(device, self.amp))
         # rows of a batch per example: CSV triplets 3 (columns first), CSV pairs 2, P x K images 1
         self.columns = (2 if args.loss == "contrastive" else 3) if args.mining == "none" else 1
 

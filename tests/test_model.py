@@ -220,6 +220,28 @@ def test_want_compile():
     assert not runtime.freeze_when_compiling(cuda, amp=True) and not runtime.freeze_when_compiling(cpu, amp=False)
 
 
+def test_default_batch_follows_the_device_and_image_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # a CPU pass holds about 16 images of 224 px (measured fastest), more of smaller ones, at most 64
+    assert [runtime.default_batch(cpu, size) for size in (224, 160, 128, 64, 32, 512)] == [16, 31, 49, 64, 64, 3]
+    assert runtime.default_batch(cuda, 224) == runtime.default_batch(cuda, 64) == 64
+    # a training batch of 75 images at 224 px passes through a CPU's frozen layers 16 at a time; CUDA's whole
+    assert runtime.frozen_rows(cpu, 75, 224) == 16 and runtime.frozen_rows(cpu, 12, 224) == 12
+    assert runtime.frozen_rows(cpu, 75, 64) == 64 and runtime.frozen_rows(cuda, 75, 224) == 75
+
+
+def test_eager_runner_passes_large_batches_in_chunks():
+    model = small().eval()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    runner = runtime.FrozenRunner(model, batch_size=4)
+    x = torch.randn(9, 3, 32, 32)
+    out = runner(x)
+    assert calls == [4, 4, 1] and not runner.compiled
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_compiled_runner_matches_eager_for_any_batch_size(freeze):
     if not runtime.compiler_available(torch.device("cpu")):

@@ -26,11 +26,11 @@ COMPILE_CHOICES = ("auto", "on", "off")
 # figures in the README, not a measurement of the break-even point).
 COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
 # Images per forward pass where no flag chooses. A CPU runs a network fastest on passes of about 16 images at
-# 224 px (their activations stay in cache), and more images of smaller ones; measured on this project's 2-core
-# fp32 CPU, channels_last: ResNet-101 at 224 px 6.6 img/s at 16, 6.1 at 32, 5.2 at 64; efficientnet_lite0 at
-# 160 px 56.9 at 16, 58.9 at 32, 37.7 at 64; resnet18 at 64 px 175 at 16, 223 at 64 (README, "Whole jobs").
-# So a CPU pass holds CPU_PASS_PIXELS (16 images of 224 px), at most BATCH images, also through frozen layers
-# when a training batch is larger. CUDA passes BATCH (64, not measured).
+# 224 px (their activations stay in cache), and on more images of smaller ones; measured on this project's
+# 2-core fp32 CPU (README, "Whole jobs on this CPU"): efficientnet_lite0 at 160 px 56.9 img/s at 16, 58.9 at
+# 32, 37.7 at 64; resnet18 at 64 px 175 at 16, 223 at 64; whole jobs with resnet101 at 224 px 1.13x faster
+# at 16 than at 64. So a CPU pass holds CPU_PASS_PIXELS (16 images of 224 px), at most BATCH images, also
+# through frozen layers when a training batch is larger. CUDA passes BATCH (64, not measured).
 BATCH = 64
 CPU_PASS_PIXELS = 16 * 224 * 224
 TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image

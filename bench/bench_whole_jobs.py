@@ -17,7 +17,8 @@ DeepRank resnet101 at 224 px (--backbone, --image_size; random weights: speed do
                     SGD, a DataLoader with the same 2 workers, the state_dict saved at the end
 
 Each pair of processes is run --repeats times, alternated so both see the same machine state,
-after one untimed run of ours (inductor's and oneDNN's first-use costs, as any first use pays).
+after one untimed run of ours (inductor's on-disk cache then serves later runs; --no-warmup times
+the first run, compiling cold).
 Prints the medians and ratios.
 
     python bench/bench_whole_jobs.py                          # both jobs, the whole mini set
@@ -181,9 +182,11 @@ def wall(command):
     return time.perf_counter() - start
 
 
-def alternate(ours_command, ref_command, repeats):
-    """Medians of whole-process seconds, the two commands alternated, after one untimed run of ours."""
-    wall(ours_command)
+def alternate(ours_command, ref_command, repeats, warmup):
+    """Medians of whole-process seconds, the two commands alternated, after one untimed run of ours
+    if warmup (a first run fills inductor's disk cache, as any first use does)."""
+    if warmup:
+        wall(ours_command)
     ours, ref = [], []
     for _ in range(repeats):
         ours.append(wall(ours_command))
@@ -203,6 +206,8 @@ def main():
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--backbone", default="resnet101")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="an untimed first run of ours (--no-warmup: its first run is timed, compiling cold)")
     parser.add_argument("--ref_batch", type=int, help="the reference's embedding batch (default: probed)")
     parser.add_argument("--ref_format", choices=FORMATS, help="the reference's memory format (default: probed)")
     parser.add_argument("--reference", nargs="+", help=argparse.SUPPRESS)
@@ -230,7 +235,7 @@ def main():
             ref = me + ["embed", str(model_path), str(listing), str(folder / "ref.txt"), str(batch), fmt]
             result["embed"] = {"images": len(images), "bare_forward_img_s": speeds,
                                "reference_batch": batch, "reference_format": fmt,
-                               **alternate(ours, ref, args.repeats)}
+                               **alternate(ours, ref, args.repeats, args.warmup)}
             result["embed"]["ours_img_s"] = round(len(images) / result["embed"]["ours_median_s"], 2)
             result["embed"]["reference_img_s"] = round(len(images) / result["embed"]["reference_median_s"], 2)
             print(json.dumps({"embed": result["embed"]}), flush=True)
@@ -242,7 +247,7 @@ def main():
                     "--weights", "none", "--image_size", str(args.image_size), "--trainable", "conv5",
                     "--batch_size", "25", "--epochs", "1", "--out", str(folder / "ours.model")]
             ref = me + ["train", str(short), str(folder / "ref.model"), "25", str(args.image_size), args.backbone]
-            result["train"] = {"triplets": args.triplets, **alternate(ours, ref, args.repeats)}
+            result["train"] = {"triplets": args.triplets, **alternate(ours, ref, args.repeats, args.warmup)}
             print(json.dumps({"train": result["train"]}), flush=True)
     print(json.dumps(result, indent=1))
 

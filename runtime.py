@@ -8,6 +8,7 @@ and the loop that embeds image files in batches.
 """
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -85,8 +86,12 @@ def default_batch(device, image_size):
 
 def frozen_rows(device, rows, image_size):
     """Rows per pass through frozen layers for training batches of `rows` images: on a CPU at most
-    default_batch's (rows are independent there, and smaller passes run faster), elsewhere all."""
-    return min(rows, default_batch(device, image_size)) if device.type == "cpu" else rows
+    default_batch's, in passes of equal size (rows are independent there, smaller passes run faster,
+    and a compiled pass pads no rows), elsewhere all."""
+    if device.type != "cpu":
+        return rows
+    passes = math.ceil(rows / default_batch(device, image_size))
+    return math.ceil(rows / passes)
 
 
 # ----------------------------------------------------------------------------- compiling

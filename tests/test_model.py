@@ -225,9 +225,10 @@ def test_default_batch_follows_the_device_and_image_size():
     # a CPU pass holds about 16 images of 224 px (measured fastest), more of smaller ones, at most 64
     assert [runtime.default_batch(cpu, size) for size in (224, 160, 128, 64, 32, 512)] == [16, 31, 49, 64, 64, 3]
     assert runtime.default_batch(cuda, 224) == runtime.default_batch(cuda, 64) == 64
-    # a training batch of 75 images at 224 px passes through a CPU's frozen layers 16 at a time; CUDA's whole
-    assert runtime.frozen_rows(cpu, 75, 224) == 16 and runtime.frozen_rows(cpu, 12, 224) == 12
-    assert runtime.frozen_rows(cpu, 75, 64) == 64 and runtime.frozen_rows(cuda, 75, 224) == 75
+    # a training batch of 75 images at 224 px passes through a CPU's frozen layers in 5 passes of 15; CUDA's whole
+    assert runtime.frozen_rows(cpu, 75, 224) == 15 and runtime.frozen_rows(cpu, 12, 224) == 12
+    assert runtime.frozen_rows(cpu, 64, 224) == 16 and runtime.frozen_rows(cpu, 75, 64) == 38
+    assert runtime.frozen_rows(cuda, 75, 224) == 75
 
 
 def test_eager_runner_passes_large_batches_in_chunks():

@@ -22,9 +22,10 @@ from loaders import BadImages, ImageList, Normalize, image_batch, load_size, mak
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
 # --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type.
-# CPU: ~20 s of compiling against 2.5x on 37 img/s (README speed table). CUDA: ~40 s of compiling against an
-# eager forward of thousands of images a second: a few hundred thousand images (an estimate from the H100
-# figures in the README, not a measurement of the break-even point).
+# CPU: ~20 s of compiling against 2.5x on 37 img/s with bf16 (README speed table); an fp32 CPU breaks even at
+# about the same work for resnet101 (1,900 images warm, 3,200 cold; README, "Whole jobs on this CPU"). CUDA:
+# ~40 s of compiling against an eager forward of thousands of images a second: a few hundred thousand images
+# (an estimate from the H100 figures in the README, not a measurement of the break-even point).
 COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
 # Images per forward pass where no flag chooses. A CPU runs a network fastest on passes of about 16 images at
 # 224 px (their activations stay in cache), and on more images of smaller ones; measured on this project's

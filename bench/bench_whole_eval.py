@@ -47,9 +47,26 @@ def reference(train_path, test_path, k=30):
 
 
 def wall(command):
+    """Seconds one whole process takes (its output discarded; its stderr in the error if it fails)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - start
+
+
+def alternate(ours_command, ref_command, repeats, warmup=True):
+    """Whole-process seconds of both commands, alternated so both see the same machine state, after
+    one untimed run of ours if warmup (a first run fills numba's and inductor's disk caches, as any
+    first use does); their medians and the ratio reference / ours."""
+    if warmup:
+        wall(ours_command)
+    ours, ref = [], []
+    for _ in range(repeats):
+        ours.append(wall(ours_command))
+        ref.append(wall(ref_command))
+    return {"ours_s": [round(t, 2) for t in ours], "reference_s": [round(t, 2) for t in ref],
+            "ours_median_s": round(statistics.median(ours), 2),
+            "reference_median_s": round(statistics.median(ref), 2),
+            "ratio": round(statistics.median(ref) / statistics.median(ours), 2)}
 
 
 def main():
@@ -73,15 +90,11 @@ def main():
         ours_command = [sys.executable, str(ROOT / "eval.py"), "--train_embeddings", str(train),
                         "--test_embeddings", str(test)]
         ref_command = [sys.executable, __file__, "--reference", str(train), str(test)]
-        wall(ours_command)  # the first run compiles the text parser into numba's cache, as any first use does
-        ours, ref = [], []
-        for _ in range(args.repeats):  # alternated, so both see the same machine state
-            ours.append(wall(ours_command))
-            ref.append(wall(ref_command))
+        times = alternate(ours_command, ref_command, args.repeats)  # the untimed first run fills numba's cache
     print(f"{args.train:,} x {args.test:,} x {args.dim} text embeddings ({size:.0f} MB); whole processes, "
           f"medians of {args.repeats}")
-    print(f"eval.py {statistics.median(ours):.2f} s; Python parse + scikit-learn {statistics.median(ref):.2f} s; "
-          f"{statistics.median(ref) / statistics.median(ours):.2f}x")
+    print(f"eval.py {times['ours_median_s']:.2f} s; Python parse + scikit-learn {times['reference_median_s']:.2f} s; "
+          f"{times['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

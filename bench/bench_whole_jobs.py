@@ -29,7 +29,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -176,27 +175,6 @@ def best_plain_forward(model_path, repeats=3):
     return int(batch), fmt, speeds
 
 
-def wall(command):
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    return time.perf_counter() - start
-
-
-def alternate(ours_command, ref_command, repeats, warmup):
-    """Medians of whole-process seconds, the two commands alternated, after one untimed run of ours
-    if warmup (a first run fills inductor's disk cache, as any first use does)."""
-    if warmup:
-        wall(ours_command)
-    ours, ref = [], []
-    for _ in range(repeats):
-        ours.append(wall(ours_command))
-        ref.append(wall(ref_command))
-    return {"ours_s": [round(t, 1) for t in ours], "reference_s": [round(t, 1) for t in ref],
-            "ours_median_s": round(statistics.median(ours), 1),
-            "reference_median_s": round(statistics.median(ref), 1),
-            "ratio": round(statistics.median(ref) / statistics.median(ours), 2)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=MINI, help="a TinyImageNet-layout set (default: the mini set)")
@@ -213,12 +191,14 @@ def main():
     parser.add_argument("--reference", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     if args.reference:
         kind, *rest = args.reference
         if kind == "embed":
             return reference_embed(rest[0], rest[1], rest[2], int(rest[3]), rest[4])
         return reference_train(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
     import torch
+    from bench_whole_eval import alternate
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "backbone": args.backbone,
               "image_size": args.image_size}
     with tempfile.TemporaryDirectory() as folder:
@@ -230,7 +210,7 @@ def main():
             batch, fmt = args.ref_batch or batch, args.ref_format or fmt
             listing = folder / "images.txt"
             listing.write_text("\n".join(images))
-            ours = [sys.executable, "gen_embeddings.py", "--model", str(model_path), "--data", str(data),
+            ours = [sys.executable, str(ROOT / "gen_embeddings.py"), "--model", str(model_path), "--data", str(data),
                     "--split", "both", "--train_out", str(folder / "train.txt"), "--test_out", str(folder / "val.txt")]
             ref = me + ["embed", str(model_path), str(listing), str(folder / "ref.txt"), str(batch), fmt]
             result["embed"] = {"images": len(images), "bare_forward_img_s": speeds,
@@ -243,7 +223,7 @@ def main():
             rows = csv.read_text().splitlines()
             short = folder / "triplets_short.csv"
             short.write_text("\n".join(rows[:args.triplets + 1]) + "\n")  # the header and the first rows
-            ours = [sys.executable, "train_net.py", "--triplets", str(short), "--backbone", args.backbone,
+            ours = [sys.executable, str(ROOT / "train_net.py"), "--triplets", str(short), "--backbone", args.backbone,
                     "--weights", "none", "--image_size", str(args.image_size), "--trainable", "conv5",
                     "--batch_size", "25", "--epochs", "1", "--out", str(folder / "ours.model")]
             ref = me + ["train", str(short), str(folder / "ref.model"), "25", str(args.image_size), args.backbone]

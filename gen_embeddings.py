@@ -31,8 +31,8 @@ from distributed import Cluster
 from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
 from loaders import BadImages, preprocess_on_device
 from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, bf16_supported, default_batch, embed_batches,
-                     prepare, want_compile)
+from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, default_batch, embed_batches,
+                     precision, prepare, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = None               # images per forward pass; None: runtime.default_batch's (CPU: by image size)
@@ -224,14 +224,14 @@ def embed_run(args, cluster, device):
     plans, label_of, dataset = plan_outputs(args)
     args.batch_size = args.batch_size or default_batch(device, model.image_size)
     if cluster.main:
-        print_args("gen_embeddings.py", args)
+        print_args("gen_embeddings.py", args, precision=precision(device, not args.no_amp))
     model = prepare(model, device)
     first = Path(plans[0][0])
     bad_images = BadImages(args.on_bad_image, first.with_name(f"{first.stem}_bad_images.txt"))
 
     # the header says how the vectors were made, so image_search.py embeds its queries the same way
     source = {"checkpoint": file_digest(args.model), "layer": args.layer, "tta": args.tta,
-              "amp": "bf16" if not args.no_amp and bf16_supported(device) else "fp32",
+              "amp": precision(device, not args.no_amp),
               "preprocess": "device" if preprocess_on_device(args.preprocess, device) else "cpu"}
     result = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images, label_of, source,
                             cluster)

@@ -205,7 +205,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    print_args("image_search.py", args)
     if args.add:
         check_output_path(args.gallery)
     if args.index == "faiss":
@@ -213,6 +212,7 @@ def main(argv=None):
     pair_gallery = args.gallery if not args.pair or os.path.exists(args.gallery) else None
     searcher = Searcher(args.model, pair_gallery, args.device, args.index, args.nprobe, args.force, args.batch_size,
                         args.num_workers, args.on_bad_image)
+    print_args("image_search.py", args, precision=searcher.precision)
     if args.pair:
         compare_pair(searcher, args)
     elif args.add:

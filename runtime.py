@@ -37,6 +37,9 @@ BATCH = 64
 CPU_PASS_PIXELS = 16 * 224 * 224
 TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
 TTA_CHOICES = tuple(TTA_PASSES)
+# DEEPRANK_FP32=1 in the environment: every stage of the process runs fp32, as if each were given --no_amp
+# (so a CPU or GPU with bf16 can run the whole test suite, or a whole pipeline, both ways).
+FP32_ENV = "DEEPRANK_FP32"
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -59,9 +62,20 @@ def prepare(model, device):
     return model.to(device).to(memory_format=torch.channels_last)
 
 
+def fp32_forced():
+    """Whether the environment asks every stage for fp32 (FP32_ENV=1), as --no_amp does for one."""
+    return os.environ.get(FP32_ENV, "").strip() not in ("", "0")
+
+
+def precision(device, amp=True):
+    """The precision a stage runs its network in: 'bf16' (autocast) when amp is asked for, the device
+    runs bf16 fast and FP32_ENV does not force fp32; else 'fp32'."""
+    return "bf16" if amp and not fp32_forced() and bf16_supported(device) else "fp32"
+
+
 def autocast(device, enabled=True):
-    """bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if enabled and bf16_supported(device):
+    """bf16 autocast where precision() says bf16 (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if precision(device, enabled) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -128,7 +142,7 @@ def freeze_when_compiling(device, amp):
     where packing the weights once for oneDNN pays. Elsewhere compile without freezing: inductor
     then caches the compiled code on disk and a later run with the same network reuses it
     (freezing bypasses that cache); fp32 on this project's CPU ran as fast either way."""
-    return device.type == "cpu" and amp and bf16_supported(device)
+    return device.type == "cpu" and precision(device, amp) == "bf16"
 
 
 class FrozenRunner:

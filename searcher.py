@@ -20,8 +20,8 @@ from common import PipelineError, file_digest
 from deep_rank_net import load_model
 from embedding_io import check_finite, read_embeddings, read_header
 from loaders import BadImages
-from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, bf16_supported, default_batch, embed_batches, prepare,
-                     resolve_device, want_compile)
+from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, default_batch, embed_batches, precision,
+                     prepare, resolve_device, want_compile)
 from search_index import NPROBE, ExactIndex, choose_kind, open_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
@@ -74,6 +74,8 @@ class Searcher:
             raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "
                                 f"re-embed the gallery with this checkpoint")
         self.model, self.dim = prepare(model, self.device), dim
+        # queries are embedded in the gallery's precision where this device runs it (DEEPRANK_FP32=1: fp32)
+        self.precision = precision(self.device, self.source["amp"] == "bf16")
         self.batch_size = batch_size or default_batch(self.device, model.image_size)
         self.gallery, self._index = None, None
         self._lock = threading.Lock()  # one forward pass at a time (the web server is threaded)
@@ -111,7 +113,7 @@ class Searcher:
         (default: this searcher's --on_bad_image policy, without a report file)."""
         bad_images = bad_images or BadImages(self.on_bad_image, None)
         tta = self.source["tta"]
-        amp = self.source["amp"] == "bf16" and bf16_supported(self.device)
+        amp = self.precision == "bf16"
         compile = want_compile(COMPILE, len(paths) * TTA_PASSES[tta], self.model.image_size, self.device)
         blocks, kept = [], []
         with self._lock:

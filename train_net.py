@@ -35,8 +35,8 @@ from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages,
                      preprocess_on_device, triplet_batch)
 from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
 from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, bf16_supported, embed_batches,
-                     freeze_when_compiling, frozen_rows, prepare, want_compile)
+from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, embed_batches,
+                     freeze_when_compiling, frozen_rows, precision, prepare, want_compile)
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -541,9 +541,9 @@ def train(args, out, cluster, device):
     optimizer = build_optimizer(model, args, ckpt)
 
     if cluster.main:
-        print_args("train_net.py", args)
+        print_args("train_net.py", args, precision=precision(device, not args.no_amp))
     say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
-        f"{'on' if not args.no_amp and bf16_supported(device) else 'off'}, {data.description}, "
+        f"{'on' if precision(device, not args.no_amp) == 'bf16' else 'off'}, {data.description}, "
         f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
     steps = data.steps_per_epoch
     local_batch = -(-data.images_per_batch // cluster.world_size)  # this process's share of a global batch

@@ -243,8 +243,23 @@ def test_eager_runner_passes_large_batches_in_chunks():
         assert torch.allclose(out, model(x), atol=1e-5)
 
 
+def test_fp32_switch_turns_bf16_off_for_the_whole_process(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(runtime.FP32_ENV, raising=False)
+    native = "bf16" if runtime.bf16_supported(cpu) else "fp32"
+    assert runtime.precision(cpu) == native and runtime.precision(cpu, amp=False) == "fp32"
+    for value, expected in (("1", "fp32"), ("0", native), ("", native)):
+        monkeypatch.setenv(runtime.FP32_ENV, value)
+        assert runtime.precision(cpu) == expected
+        with runtime.autocast(cpu):
+            assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+    monkeypatch.setenv(runtime.FP32_ENV, "1")
+    assert not runtime.freeze_when_compiling(cpu, amp=True)
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_compiled_runner_matches_eager_for_any_batch_size(freeze):
+    """fp32 on every CPU (no autocast here): compiled and eager agree to 1e-4."""
     if not runtime.compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     model = small().eval()

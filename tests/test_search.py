@@ -99,6 +99,18 @@ def test_a_query_folder_searches_every_image(world, tmp_path):
     assert len(found) == len(list(folder.rglob("*.JPEG"))) and all(len(item["results"]) == 2 for item in found)
 
 
+def test_fp32_switch_reaches_the_embedding_header_and_the_queries(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEEPRANK_FP32", "1")
+    gallery = tmp_path / "g.txt"
+    assert gen_embeddings.main(["--model", str(world["model"]), "--data", str(world["data"]), "--split", "val",
+                                "--num_workers", "0", "--test_out", str(gallery)]) == 0
+    assert "  precision: fp32" in capsys.readouterr().out
+    assert " amp=fp32 " in gallery.read_text().splitlines()[0]
+    assert run("--model", world["model"], "--gallery", gallery, "--num_workers", 0,
+               read_embeddings(gallery).paths[0]) == 0
+    assert "  precision: fp32" in capsys.readouterr().out
+
+
 def test_a_gallery_from_another_checkpoint_is_refused_unless_forced(world, tmp_path, capsys):
     other = tmp_path / "other.model"
     ckpt = torch.load(world["model"], weights_only=True)  # checkpoints are plain data

@@ -64,7 +64,8 @@ def test_training_lowers_the_loss_and_writes_checkpoints(triplets, tmp_path):
 
 def test_resume_equals_uninterrupted_run(triplets, tmp_path):
     train, _ = triplets
-    common = FAST + ["--triplets", str(train), "--augment", "flip", "--seed", "3", "--max_steps", "4"]
+    # fp32 on every CPU (--no_amp), as every equivalence test; both runs would share bf16 where it runs
+    common = FAST + ["--triplets", str(train), "--augment", "flip", "--seed", "3", "--max_steps", "4", "--no_amp"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = tmp_path / "a" / "final.model"

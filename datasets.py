@@ -344,6 +344,12 @@ def read_triple_csv(path):
     return images[0], images[1], images[2], flags
 
 
+def read_decision_codes(path, kind):
+    """read_image_codes of a pair ('pairs') or triple ('triples') CSV: (distinct paths, codes (N, 2 or 3),
+    0/1 flags)."""
+    return read_image_codes(path, PAIR_COLUMNS if kind == "pairs" else TRIPLE_COLUMNS, FLAG_COLUMN[kind])
+
+
 def csv_kind(path):
     """'triplets', 'pairs' or 'triples', from a CSV's header; a clear error for anything else."""
     try:
@@ -361,16 +367,26 @@ def csv_kind(path):
 def read_image_csv(path, columns, flag=None):
     """Arrays of absolute paths, one per image column, (and the 0/1 flag column as ints) of a CSV
     written by triplet_sampler.py; paths are relative to the CSV's folder."""
+    paths, codes, flags = read_image_codes(path, columns, flag)
+    arrays = tuple(paths[codes[:, column]] for column in range(len(columns)))
+    return arrays + ((flags,) if flag else ())
+
+
+def read_image_codes(path, columns, flag=None):
+    """(paths, codes, flags) of a CSV written by triplet_sampler.py: its distinct image paths
+    (absolute, an object array in order of first appearance, row by row), codes (N, len(columns))
+    int64 rows of paths, and the 0/1 flag column as ints (None without flag). Each distinct path
+    is resolved once (relative to the CSV's folder), however many rows name it."""
     path = Path(path).expanduser()
     kind = {TRIPLET_COLUMNS: "triplet", PAIR_COLUMNS: "pair", TRIPLE_COLUMNS: "triple"}.get(tuple(columns), "image")
     fix = f"rerun triplet_sampler.py{'' if kind == 'triplet' else f' --kind {kind}s'}"
     if not path.is_file():
         raise PipelineError(f"{kind} file {path} does not exist; run triplet_sampler.py first")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    wanted = list(columns) + ([flag] if flag else [])
+    try:  # only the columns it needs: a million-row CSV's other columns never become Python strings
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda name: name in wanted)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path} is not a readable CSV ({str(err).splitlines()[0]}); {fix}") from None
-    wanted = list(columns) + ([flag] if flag else [])
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise PipelineError(f"{path} lacks the column(s) {', '.join(missing)}: a {kind} CSV has the header "
@@ -385,16 +401,11 @@ def read_image_csv(path, columns, flag=None):
         raise PipelineError(f"{path} line {_line_of_row(path, row)} has an empty field or fewer than {len(wanted)} "
                             f"columns{' or a ' + flag + ' other than 0/1' if flag else ''}; a row is "
                             f"{','.join(wanted)}; {fix}")
+    codes, distinct = pd.factorize(frame[list(columns)].to_numpy().ravel())
     folder = str(path.resolve().parent)
-    cache = {}
-
-    def resolve(p):
-        if p not in cache:
-            cache[p] = resolve_in(p, folder)
-        return cache[p]
-
-    arrays = tuple(np.array([resolve(p) for p in frame[c].tolist()], dtype=object) for c in columns)
-    return arrays + ((frame[flag].astype(np.int64).to_numpy(),) if flag else ())
+    paths = np.array([resolve_in(p, folder) for p in distinct], dtype=object)
+    flags = frame[flag].astype(np.int64).to_numpy() if flag else None
+    return paths, codes.astype(np.int64).reshape(len(frame), len(columns)), flags
 
 
 def _line_of_row(path, row):

@@ -42,11 +42,20 @@ class Embeddings:
     def __len__(self):
         return len(self.paths)
 
-    def index_of(self, path):
-        """Row of an image path, or -1."""
+    def _rows(self):
+        """{path: row}, built once."""
         if self._index is None:
             self._index = {p: i for i, p in enumerate(self.paths)}
-        return self._index.get(path, -1)
+        return self._index
+
+    def index_of(self, path):
+        """Row of an image path, or -1."""
+        return self._rows().get(path, -1)
+
+    def rows_of(self, paths):
+        """int64 rows of many image paths (-1: not here), one look-up per path given."""
+        rows = self._rows()
+        return np.fromiter((rows.get(p, -1) for p in paths), dtype=np.int64, count=len(paths))
 
 
 def embedding_header(dim, normalized, model, source=None):

@@ -25,10 +25,10 @@ import torch
 
 from common import (TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, atomic_write,
                     check_output_path, non_negative_int, positive_int, print_args, run_cli, seed_flag)
-from datasets import csv_kind, read_pair_csv, read_triple_csv, read_triplet_csv, triplet_rows
+from datasets import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
 from embedding_io import read_embeddings
-from metrics import (KNN_PRECISIONS, best_threshold, decision_metrics, knn_scores, pair_scores, roc_auc,
-                     squared_distances, triple_scores, triplet_accuracy)
+from metrics import (DECISION_CHUNK_ELEMENTS, KNN_PRECISIONS, best_threshold, decision_metrics, gathered_scores,
+                     knn_scores, pair_scores, roc_auc, squared_distances, triple_scores, triplet_accuracy)
 from pictures import save_captioned_grid
 
 # ---------------------------------------------------------------- hyperparameters
@@ -130,6 +130,9 @@ def build_parser():
                              "chosen to maximise accuracy")
     parser.add_argument("--threshold", type=float, default=None,
                         help="a given squared-L2 threshold for --pairs and --triples instead of --calibrate")
+    parser.add_argument("--no_knn", action="store_true",
+                        help="skip the kNN retrieval metrics (score, precision at 1 / k, R-precision, MAP@R), e.g. "
+                             "when only --pairs / --triples are to be decided")
     parser.add_argument("--knn_precision", default=KNN_PRECISION, choices=KNN_PRECISIONS,
                         help="fp32: exact kNN; bf16: bf16 products with fp32 sums, faster on CPUs with AMX, "
                              "near-ties may swap (default: %(default)s)")
@@ -150,30 +153,42 @@ def score_triplets(train, test, args):
     return metrics
 
 
-READERS = {"pairs": (read_pair_csv, pair_scores), "triples": (read_triple_csv, triple_scores)}
+SCORES = {"pairs": pair_scores, "triples": triple_scores}
 
 
-def decision_scores(csv, kind, train, test):
+def decision_scores(csv, kind, train, test, chunk_elements=DECISION_CHUNK_ELEMENTS):
     """(distance scores, 1/0 labels) of a pair or triple CSV, each image looked up by path in the
-    test embeddings, then the train ones."""
-    read, score = READERS[kind]
-    *columns, labels = read(csv)
-    vectors = []
-    for column in columns:
-        rows = []
-        for path in column:
-            row = test.index_of(path)
-            rows.append(test.vectors[row] if row >= 0 else _train_vector(train, path, csv))
-        vectors.append(np.stack(rows))
-    return score(*vectors), labels
+    test embeddings, then the train ones: once per distinct path, then scored a block of rows at a
+    time (memory grows with the rows, not with rows x dim)."""
+    paths, codes, labels = read_decision_codes(csv, kind)
+    ids = vector_ids(paths, train, test, csv)[codes]
+    return gathered_scores(SCORES[kind], vectors_of(train, test), ids, test.vectors.shape[1], chunk_elements), labels
 
 
-def _train_vector(train, path, csv):
-    row = train.index_of(path)
-    if row < 0:
-        raise PipelineError(f"{csv} names {path}, which neither embedding file holds; rerun gen_embeddings.py on "
-                            f"the split it comes from")
-    return train.vectors[row]
+def vector_ids(paths, train, test, csv):
+    """Each path's row in test, else len(test) + its row in train (ids into test then train);
+    a path neither file holds is refused, naming csv."""
+    in_test, in_train = test.rows_of(paths), train.rows_of(paths)
+    missing = (in_test < 0) & (in_train < 0)
+    if missing.any():
+        raise PipelineError(f"{csv} names {paths[np.flatnonzero(missing)[0]]}, which neither embedding file holds; "
+                            f"rerun gen_embeddings.py on the split it comes from")
+    return np.where(in_test >= 0, in_test, len(test) + in_train)
+
+
+def vectors_of(train, test):
+    """take(ids) -> (n, D) float32 vectors of vector_ids' ids."""
+    first = len(test)
+
+    def take(ids):
+        in_test = ids < first
+        if in_test.all():
+            return test.vectors[ids]
+        out = np.empty((len(ids), test.vectors.shape[1]), dtype=np.float32)
+        out[in_test] = test.vectors[ids[in_test]]
+        out[~in_test] = train.vectors[ids[~in_test] - first]
+        return out
+    return take
 
 
 def score_decisions(train, test, args):
@@ -219,7 +234,9 @@ def main(argv=None):
     print_args("eval.py", args)
 
     train = read_embeddings(args.train_embeddings)
-    test = read_embeddings(args.test_embeddings)
+    same_file = os.path.exists(args.test_embeddings) and os.path.samefile(args.train_embeddings,
+                                                                          args.test_embeddings)
+    test = train if same_file else read_embeddings(args.test_embeddings)  # one file: read (and held) once
     if train.vectors.shape[1] != test.vectors.shape[1]:
         raise PipelineError(f"{args.train_embeddings} has dim={train.vectors.shape[1]} but {args.test_embeddings} "
                             f"has dim={test.vectors.shape[1]}; rerun gen_embeddings.py with one checkpoint for both")
@@ -227,11 +244,12 @@ def main(argv=None):
         raise PipelineError("an embedding file has no rows; rerun gen_embeddings.py")
     metrics = score_triplets(train, test, args)
     metrics.update(score_decisions(train, test, args))
-    metrics.update(knn_scores(train, test, args.k, args.knn_precision))
-    if metrics["k"] < args.k:
-        print(f"warning: --k {args.k} is more than the {metrics['k']} train images a query can retrieve; "
-              f"scoring at k = {metrics['k']}", file=sys.stderr)
-    metrics["knn_precision"] = args.knn_precision
+    if not args.no_knn:
+        metrics.update(knn_scores(train, test, args.k, args.knn_precision))
+        if metrics["k"] < args.k:
+            print(f"warning: --k {args.k} is more than the {metrics['k']} train images a query can retrieve; "
+                  f"scoring at k = {metrics['k']}", file=sys.stderr)
+        metrics["knn_precision"] = args.knn_precision
     metrics["train_embeddings"] = str(args.train_embeddings)
     metrics["test_embeddings"] = str(args.test_embeddings)
     metrics["model"] = test.header["model"]

@@ -33,6 +33,7 @@ from searcher import Searcher
 # ---------------------------------------------------------------- hyperparameters
 K = 10              # neighbours shown per query
 BATCH_SIZE = None   # query images per forward pass; None: runtime.default_batch's (CPU: by image size)
+QUERY_CHUNK = 1024  # query images embedded, then searched, at a time (a folder of any size in bounded memory)
 PORT = 8000         # --serve
 HOST = "127.0.0.1"  # --serve binds to this machine only unless told otherwise
 MAX_UPLOAD_MB = 20  # --serve: larger uploads are refused
@@ -95,15 +96,17 @@ def check_args(parser, args):
 
 # ----------------------------------------------------------------------------- searching
 
-def search_queries(searcher, args):
-    """Embed the queries and search; [{"query", "results"}] in query order."""
+def search_queries(searcher, args, chunk):
+    """Embed the queries and search, `chunk` queries at a time (memory holds one chunk's vectors
+    and distances, whatever the number of queries); yield [{"query", "results"}] per chunk, in
+    query order."""
     paths = images_in(args.queries, "QUERY")
-    vectors, kept = searcher.embed(paths)
     gallery = searcher.load_gallery()
-    exclude = [gallery.index_of(p) for p in kept] if args.exclude_self else None
-    print(f"{len(kept)} queries against {len(gallery)} gallery images ({describe(searcher.index)})")
-    return [{"query": query, "results": results}
-            for query, results in zip(kept, searcher.search(vectors, args.k, exclude))]
+    print(f"{len(paths)} queries against {len(gallery)} gallery images ({describe(searcher.index)})")
+    for vectors, kept in searcher.embed_chunks(paths, rows=chunk):
+        exclude = gallery.rows_of(kept) if args.exclude_self else None
+        yield [{"query": query, "results": results}
+               for query, results in zip(kept, searcher.search(vectors, args.k, exclude))]
 
 
 def describe(index):
@@ -221,8 +224,10 @@ def main(argv=None):
         from search_web import serve
         serve(searcher, args.host, args.port, args.k, args.max_upload_mb)
     else:
-        found = search_queries(searcher, args)
-        print_results(found)
+        found = []
+        for chunk in search_queries(searcher, args, QUERY_CHUNK):
+            print_results(chunk)
+            found += chunk
         if args.json:
             write_json(args.json, found)
             print(f"wrote {args.json}")

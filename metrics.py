@@ -8,6 +8,8 @@ Reality Check" (Musgrave et al. 2020). D is the squared L2 distance throughout.
 """
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from common import PipelineError
 
 CHUNK_ELEMENTS = 1 << 25     # distance-matrix block size in floats (128 MB of float32)
 KNN_PRECISIONS = ("fp32", "bf16")  # fp32: exact search | bf16: bf16 products, fp32 sums
+# pair / triple scores: vector values gathered per block of rows (128 rows a column at 4096-d, in float64
+# 4 MB: the block stays in cache; bench/bench_pairs.py)
+DECISION_CHUNK_ELEMENTS = 1 << 19
 
 
 def squared_norms(rows, block=65536):
@@ -203,12 +208,34 @@ def roc_auc(scores, labels):
 
 
 def pair_scores(vectors_a, vectors_b):
-    """Squared L2 distance of each row pair: (N, D), (N, D) -> (N,)."""
-    a, b = np.asarray(vectors_a, dtype=np.float64), np.asarray(vectors_b, dtype=np.float64)
-    return ((a - b) ** 2).sum(1)
+    """Squared L2 distance of each row pair, in float64: (N, D), (N, D) -> (N,). The difference of
+    two float32 values is exact in float64, so no float64 copy of the inputs is made."""
+    d = np.subtract(vectors_a, vectors_b, dtype=np.float64)
+    np.square(d, out=d)
+    return d.sum(1)
 
 
 def triple_scores(vectors_a, vectors_b, vectors_c):
     """The smallest of the three pairwise squared L2 distances of each row triple: (N,)."""
     return np.minimum.reduce([pair_scores(vectors_a, vectors_b), pair_scores(vectors_a, vectors_c),
                               pair_scores(vectors_b, vectors_c)])
+
+
+def gathered_scores(score, take, ids, dim, chunk_elements=DECISION_CHUNK_ELEMENTS, workers=None):
+    """score(*vectors) of every row of ids (N, C) ints, C vector ids a row: take(ids of a column's
+    block) gives their (n, dim) vectors. A block of rows at a time, so that at most about
+    chunk_elements vector values are gathered per block (they stay in cache): memory grows with N,
+    not with N x dim. Blocks run on `workers` threads (default: one per core; numpy releases the
+    GIL). Each row's score is that of one whole call (row-wise sums)."""
+    ids = np.asarray(ids)
+    step = max(1, chunk_elements // (dim * ids.shape[1]))
+    out = np.empty(len(ids))
+
+    def block(start):
+        rows = ids[start:start + step]
+        out[start:start + step] = score(*(take(rows[:, column]) for column in range(ids.shape[1])))
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for _ in pool.map(block, range(0, len(ids), step)):  # re-raises a block's error
+            pass
+    return out

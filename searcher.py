@@ -111,19 +111,31 @@ class Searcher:
     def embed(self, paths, bad_images=None):
         """(vectors (n, D) float32, the n paths embedded): unreadable images go to bad_images
         (default: this searcher's --on_bad_image policy, without a report file)."""
+        blocks, kept = [], []
+        for vectors, done in self.embed_chunks(paths, bad_images):
+            blocks.append(vectors)
+            kept.extend(done)
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)
+        return vectors, kept
+
+    def embed_chunks(self, paths, bad_images=None, rows=None):
+        """As embed, in pieces: yield (vectors, paths) of about `rows` images at a time (default: one
+        forward pass's), from one loader over all the paths, so memory holds one piece."""
         bad_images = bad_images or BadImages(self.on_bad_image, None)
         tta = self.source["tta"]
-        amp = self.precision == "bf16"
         compile = want_compile(COMPILE, len(paths) * TTA_PASSES[tta], self.model.image_size, self.device)
         blocks, kept = [], []
         with self._lock:
-            for vectors, rows in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
-                                               amp, None, self.source["layer"], compile, tta, bad_images,
-                                               self.source["preprocess"] == "device"):
+            for vectors, found in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
+                                                self.precision == "bf16", None, self.source["layer"], compile, tta,
+                                                bad_images, self.source["preprocess"] == "device"):
                 blocks.append(vectors.numpy())
-                kept.extend(paths[i] for i in rows)
-        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)
-        return vectors, kept
+                kept.extend(paths[i] for i in found)
+                if len(kept) >= (rows or 1):
+                    yield np.concatenate(blocks), kept
+                    blocks, kept = [], []
+        if kept:
+            yield np.concatenate(blocks), kept
 
     def search(self, vectors, k, exclude=None):
         """Per query vector, its k nearest gallery rows: [{"rank", "distance", "label", "path",

@@ -15,9 +15,10 @@ import losses
 import metrics
 import train_net
 import triplet_sampler
-from common import PipelineError
+from common import PipelineError, run_cli
 from conftest import FAST, read_log
 from datasets import read_pair_csv, read_triple_csv
+from embedding_io import read_embeddings
 
 LABELS = ["a"] * 6 + ["b"] * 4 + ["c"] * 1 + ["d"] * 7 + ["e"] * 5
 
@@ -150,3 +151,106 @@ def test_contrastive_training_and_pair_and_triple_eval(prepared_master, tmp_path
     with pytest.raises(PipelineError, match="is the CSV being scored"):
         evaluation.main(files + ["--pairs", str(val_pairs), "--calibrate", str(val_pairs)])
     assert evaluation.main(files + ["--pairs", str(val_pairs), "--threshold", "0.5"]) == 0
+
+
+def _decision_world(tmp_path, dim=24):
+    """Train (60) and test (30) embedding files of 6 classes in tmp_path, and pair / triple CSVs over both files'
+    images (a path of both files is looked up in the test file first)."""
+    from embedding_io import EmbeddingWriter
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((6, dim)).astype(np.float32)
+    files = {}
+    for name, count in (("train", 60), ("test", 30)):
+        labels = rng.integers(0, 6, count)
+        vectors = centres[labels] + rng.standard_normal((count, dim)).astype(np.float32)
+        paths = [str(tmp_path / "images" / f"{name}_{i}.JPEG") for i in range(count)]
+        if name == "test":
+            paths[0] = files["train"][0][3]  # one image in both files
+        files[name] = (paths, [f"c{x}" for x in labels], vectors)
+        with EmbeddingWriter(tmp_path / f"{name}.txt", dim, False, "m") as out:
+            out.write(paths, files[name][1], vectors)
+    pool = [(p, lab) for name in ("test", "train") for p, lab in zip(files[name][0], files[name][1])]
+    csvs = {}
+    for kind, columns, flag, count in (("pairs", 2, "same", 500), ("triples", 3, "label", 400)):
+        for split in ("calibrate", "score"):
+            picks = rng.integers(0, len(pool), (count, columns))
+            classes = np.array([[pool[i][1] for i in row] for row in picks])
+            same = ((classes[:, 0] == classes[:, 1]) if columns == 2 else
+                    np.array([len(set(row)) < 3 for row in classes]))
+            header = ",".join([f"image{c + 1}" for c in range(columns)] + [flag])
+            lines = [",".join([pool[i][0] for i in row] + [str(int(s))]) for row, s in zip(picks, same)]
+            csvs[kind, split] = tmp_path / f"{kind}_{split}.csv"
+            csvs[kind, split].write_text("\n".join([header] + lines) + "\n")
+    return csvs
+
+
+def _one_pass_scores(csv, folder):
+    """The scores as eval computed them before chunking: each path looked up in a Python loop (test
+    file first), every row's vectors stacked, one float64 pass."""
+    import pandas as pd
+    frame = pd.read_csv(csv, dtype=str)
+    lookup = {}
+    for name in ("train", "test"):  # test last: it wins for a path of both files
+        embeddings = read_embeddings(folder / f"{name}.txt")
+        lookup.update({p: embeddings.vectors[i] for i, p in enumerate(embeddings.paths)})
+    columns = [np.stack([lookup[p] for p in frame[c]]).astype(np.float64) for c in frame.columns[:-1]]
+    pairs = [((a - b) ** 2).sum(1) for a, b in
+             ([(columns[0], columns[1])] if len(columns) == 2 else
+              [(columns[0], columns[1]), (columns[0], columns[2]), (columns[1], columns[2])])]
+    return np.minimum.reduce(pairs), frame[frame.columns[-1]].astype(int).to_numpy()
+
+
+def test_chunked_pair_and_triple_scores_equal_one_pass(tmp_path):
+    csvs = _decision_world(tmp_path)
+    train, test = (read_embeddings(tmp_path / f"{name}.txt") for name in ("train", "test"))
+    for kind in ("pairs", "triples"):
+        want, labels = _one_pass_scores(csvs[kind, "score"], tmp_path)
+        for chunk in (1, 24 * 3 * 5, 10 ** 9):  # one row a block, 5 rows a block, everything at once
+            scores, got_labels = evaluation.decision_scores(csvs[kind, "score"], kind, train, test, chunk)
+            assert np.array_equal(scores, want) and np.array_equal(got_labels, labels), (kind, chunk)
+    # eval's whole printout of a calibrated run: the threshold, accuracy and AUC of the one-pass scores
+    out = tmp_path / "m.json"
+    assert evaluation.main(["--train_embeddings", str(tmp_path / "train.txt"), "--test_embeddings",
+                            str(tmp_path / "test.txt"), "--pairs", str(csvs["pairs", "score"]), "--triples",
+                            str(csvs["triples", "score"]), "--calibrate", str(csvs["pairs", "calibrate"]),
+                            str(csvs["triples", "calibrate"]), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for kind, prefix in (("pairs", "pair"), ("triples", "triple")):
+        threshold = metrics.best_threshold(*_one_pass_scores(csvs[kind, "calibrate"], tmp_path))
+        scores, labels = _one_pass_scores(csvs[kind, "score"], tmp_path)
+        assert result[f"{prefix}_threshold"] == threshold
+        decided = metrics.decision_metrics(scores, labels, threshold)
+        assert result[f"{prefix}_accuracy"] == decided["accuracy"] and result[f"{prefix}_f1"] == decided["f1"]
+        assert 0.5 < decided["accuracy"] < 1  # the classes separate, not perfectly: the threshold matters
+    assert result["pair_roc_auc"] == metrics.roc_auc(*_one_pass_scores(csvs["pairs", "score"], tmp_path))
+
+
+def test_a_path_neither_embedding_file_holds_is_one_line(tmp_path, capsys):
+    csvs = _decision_world(tmp_path)
+    lines = csvs["pairs", "score"].read_text().splitlines()
+    lost = str(tmp_path / "images" / "lost.JPEG")
+    lines[300] = f"{lost},{lines[300].split(',')[1]},0"
+    csvs["pairs", "score"].write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m.json"
+    argv = ["--train_embeddings", str(tmp_path / "train.txt"), "--test_embeddings", str(tmp_path / "test.txt"),
+            "--pairs", str(csvs["pairs", "score"]), "--threshold", "1.0", "--no_knn", "--json", str(out)]
+    assert run_cli(evaluation.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {csvs['pairs', 'score']} names {lost}, which neither embedding file holds; rerun "
+                   f"gen_embeddings.py on the split it comes from"]
+    assert not out.exists()
+
+
+def test_no_knn_decides_pairs_alone_and_one_file_serves_both_sides(tmp_path):
+    import pandas as pd
+    csvs = _decision_world(tmp_path)
+    rows = pd.read_csv(csvs["pairs", "score"])
+    rows = rows[rows.image1.str.contains("/train_") & rows.image2.str.contains("/train_")]
+    rows.to_csv(tmp_path / "train_pairs.csv", index=False)
+    out = tmp_path / "m.json"
+    both = str(tmp_path / "train.txt")
+    assert evaluation.main(["--train_embeddings", both, "--test_embeddings", both, "--pairs",
+                            str(tmp_path / "train_pairs.csv"), "--threshold", "40", "--no_knn", "--json",
+                            str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "map_at_r" not in result and "precision_at_1" not in result and result["pair_count"] == len(rows) > 100

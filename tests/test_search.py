@@ -99,6 +99,24 @@ def test_a_query_folder_searches_every_image(world, tmp_path):
     assert len(found) == len(list(folder.rglob("*.JPEG"))) and all(len(item["results"]) == 2 for item in found)
 
 
+def test_queries_searched_in_small_chunks_give_the_results_of_one_chunk(world, tmp_path, monkeypatch):
+    folder = world["data"] / "val"
+    searched = []  # queries per search call
+    search = image_search.Searcher.search
+    monkeypatch.setattr(image_search.Searcher, "search",
+                        lambda self, vectors, *a, **kw: searched.append(len(vectors)) or search(self, vectors, *a, **kw))
+    results = {}
+    for chunk in (3, 10 ** 6):  # 3 queries at a time (passes of 2 images: 4 a chunk), and all at once
+        monkeypatch.setattr(image_search, "QUERY_CHUNK", chunk)
+        out_json = tmp_path / f"hits{chunk}.json"
+        assert run("--model", world["model"], "--gallery", world["train"], "--k", 5, "--json", out_json,
+                   "--num_workers", 0, "--batch_size", 2, "--exclude_self", folder) == 0
+        results[chunk] = json.loads(out_json.read_text())
+    queries = len(list(folder.rglob("*.JPEG")))
+    assert searched == [4] * (queries // 4) + [queries] and queries > 4
+    assert results[3] == results[10 ** 6]
+
+
 def test_fp32_switch_reaches_the_embedding_header_and_the_queries(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEEPRANK_FP32", "1")
     gallery = tmp_path / "g.txt"

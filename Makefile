@@ -18,6 +18,7 @@ $(VENV)/.installed: $(REQS)
 venv: $(VENV)/.installed
 
 test: venv
+	"$(PY)" -m ruff check .
 	bash tests/install_browser.sh
 	"$(PY)" -m pytest -q tests
 

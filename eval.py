@@ -23,13 +23,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError, atomic_write,
-                    check_output_path, non_negative_int, positive_int, print_args, run_cli, seed_flag)
-from datasets import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
-from embedding_io import read_embeddings
-from metrics import (DECISION_CHUNK_ELEMENTS, KNN_PRECISIONS, best_threshold, decision_metrics, gathered_scores,
-                     knn_scores, pair_scores, roc_auc, squared_distances, triple_scores, triplet_accuracy)
-from pictures import save_captioned_grid
+from deeprank.common import (
+    TEST_EMBEDDINGS,
+    TRAIN_EMBEDDINGS,
+    TRAIN_TRIPLETS,
+    VAL_TRIPLETS,
+    PipelineError,
+    atomic_write,
+    check_output_path,
+    non_negative_int,
+    positive_int,
+    print_args,
+    run_cli,
+    seed_flag,
+)
+from deeprank.datasets import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
+from deeprank.embedding_io import read_embeddings
+from deeprank.metrics import (
+    DECISION_CHUNK_ELEMENTS,
+    KNN_PRECISIONS,
+    best_threshold,
+    decision_metrics,
+    gathered_scores,
+    knn_scores,
+    pair_scores,
+    roc_auc,
+    squared_distances,
+    triple_scores,
+    triplet_accuracy,
+)
+from deeprank.pictures import save_captioned_grid
 
 # ---------------------------------------------------------------- hyperparameters
 K = 30                       # neighbours for score_at_k / precision_at_k (the original's top-30)
@@ -74,8 +97,8 @@ def show_queries(train, test, count, folder, seed=0):
             d[self_row] = float("nan")
         valid = (~torch.isnan(d)).nonzero().flatten()
         order = valid[torch.sort(d[valid], stable=True).indices]
-        pick = lambda rows: [(train.paths[j], train.labels[j], float(d[j])) for j in rows.tolist()]  # noqa: E731
-        ranked = {"nearest": pick(order[:10]), "farthest": pick(order.flip(0)[:10])}
+        ranked = {title: [(train.paths[j], train.labels[j], float(d[j])) for j in rows.tolist()]
+                  for title, rows in (("nearest", order[:10]), ("farthest", order.flip(0)[:10]))}
         name = f"{i:05d}_{test.labels[i]}_{Path(test.paths[i]).stem}.png"
         save_query_grid(folder / name, test.paths[i], test.labels[i], ranked)
         written.append(folder / name)

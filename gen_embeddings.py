@@ -21,18 +21,49 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (MODEL, TEST_EMBEDDINGS, TRAIN_EMBEDDINGS, TRAIN_TRIPLETS, VAL_TRIPLETS, PipelineError,
-                    bad_image_flag, check_output_path, dataset_flags, device_flag, file_digest, positive_int,
-                    preprocess_flag, print_args, run_cli, workers_flag)
-from datasets import (Dataset, check_images_exist, class_of, read_triplet_csv, readable_triplets, triplet_rows,
-                      unique_in_order)
-from deep_rank_net import load_model
-from distributed import Cluster
-from embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
-from loaders import BadImages, preprocess_on_device
-from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, TTA_CHOICES, TTA_PASSES, default_batch, embed_batches,
-                     precision, prepare, want_compile)
+from deeprank.checkpoints import load_model
+from deeprank.common import (
+    MODEL,
+    TEST_EMBEDDINGS,
+    TRAIN_EMBEDDINGS,
+    TRAIN_TRIPLETS,
+    VAL_TRIPLETS,
+    PipelineError,
+    bad_image_flag,
+    check_output_path,
+    dataset_flags,
+    device_flag,
+    file_digest,
+    positive_int,
+    preprocess_flag,
+    print_args,
+    run_cli,
+    workers_flag,
+)
+from deeprank.datasets import (
+    ImageSource,
+    check_images_exist,
+    class_of,
+    read_triplet_csv,
+    readable_triplets,
+    triplet_rows,
+    unique_in_order,
+)
+from deeprank.distributed import Cluster
+from deeprank.embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
+from deeprank.loaders import BadImages, preprocess_on_device
+from deeprank.metrics import triplet_accuracy
+from deeprank.runtime import (
+    COMPILE,
+    COMPILE_CHOICES,
+    TTA_CHOICES,
+    TTA_PASSES,
+    default_batch,
+    embed_batches,
+    precision,
+    prepare,
+    want_compile,
+)
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = None               # images per forward pass; None: runtime.default_batch's (CPU: by image size)
@@ -70,15 +101,15 @@ def build_parser():
 
 def plan_outputs(args):
     """([(output file, [image paths], triplet columns or None)] for the files to write, {path:
-    label} from --data (None: labels are the class folders), the Dataset or None)."""
+    label} from --data (None: labels are the class folders), the ImageSource or None)."""
     plans, labels = [], None
     if args.data:
         splits = {"train": [("train", args.train_out)], "val": [("val", args.test_out)],
                   "both": [("train", args.train_out), ("val", args.test_out)]}[args.split]
-        dataset, labels = Dataset.from_args(args), {}
+        dataset, labels = ImageSource.from_args(args), {}
         for split, out in splits:
             paths, split_labels = dataset.split(split)
-            labels.update(zip(paths, split_labels))
+            labels.update(zip(paths, split_labels, strict=True))
             plans.append((out, paths, None))
         return plans, labels, dataset
     else:
@@ -120,7 +151,7 @@ class Outputs:
 
     def _write_rows(self, paths, batch):
         labels = [self.label_of[p] for p in paths]
-        for writer, member in zip(self.writers, self.members):
+        for writer, member in zip(self.writers, self.members, strict=True):
             keep = [i for i, p in enumerate(paths) if p in member]
             if keep:
                 writer.write([paths[i] for i in keep], [labels[i] for i in keep], batch[keep])
@@ -240,7 +271,7 @@ def embed_run(args, cluster, device):
     vectors, row, counts = result
     if dataset is not None and dataset.write_selection(first.with_name(f"{first.stem}_selection.csv")):
         print(f"wrote the --top_classes / --per_class selection to {first.with_name(f'{first.stem}_selection.csv')}")
-    for (out, paths, columns), name, count in zip(plans, ("train", "test"), counts):
+    for (out, _, columns), name, count in zip(plans, ("train", "test"), counts, strict=False):
         print(f"wrote {count} embeddings to {out}")
         if columns is not None:
             columns, dropped = readable_triplets(columns, row)

@@ -22,13 +22,25 @@ import json
 import os
 import sys
 
-from common import (MODEL, TRAIN_EMBEDDINGS, PipelineError, atomic_write, bad_image_flag, check_output_path,
-                    device_flag, non_negative_int, positive_int, print_args, run_cli, workers_flag)
-from datasets import class_of, images_in
-from embedding_io import EmbeddingWriter, check_names, read_embeddings
-from pictures import save_captioned_grid
-from search_index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
-from searcher import Searcher
+from deeprank.common import (
+    MODEL,
+    TRAIN_EMBEDDINGS,
+    PipelineError,
+    atomic_write,
+    bad_image_flag,
+    check_output_path,
+    device_flag,
+    non_negative_int,
+    positive_int,
+    print_args,
+    run_cli,
+    workers_flag,
+)
+from deeprank.datasets import class_of, images_in
+from deeprank.embedding_io import EmbeddingWriter, check_names, read_embeddings
+from deeprank.pictures import save_captioned_grid
+from deeprank.search.index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
+from deeprank.search.searcher import Searcher
 
 # ---------------------------------------------------------------- hyperparameters
 K = 10              # neighbours shown per query
@@ -106,7 +118,7 @@ def search_queries(searcher, args, chunk):
     for vectors, kept in searcher.embed_chunks(paths, rows=chunk):
         exclude = gallery.rows_of(kept) if args.exclude_self else None
         yield [{"query": query, "results": results}
-               for query, results in zip(kept, searcher.search(vectors, args.k, exclude))]
+               for query, results in zip(kept, searcher.search(vectors, args.k, exclude), strict=True)]
 
 
 def describe(index):
@@ -221,7 +233,7 @@ def main(argv=None):
     elif args.add:
         add_to_gallery(searcher, args)
     elif args.serve:
-        from search_web import serve
+        from deeprank.search.web import serve
         serve(searcher, args.host, args.port, args.k, args.max_upload_mb)
     else:
         found = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PipelineError, non_negative_int, positive_int, print_args, run_cli
+from deeprank.common import PipelineError, non_negative_int, positive_int, print_args, run_cli
 
 # ---------------------------------------------------------------- hyperparameters
 CLASSES = 6            # number of classes (at most len(SHAPES) * len(TEXTURES))

@@ -15,28 +15,80 @@ import argparse
 import json
 import math
 import sys
-import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (MODEL, SAMPLE_FILES, TRAIN_TRIPLETS, PipelineError, atomic_write, bad_image_flag,
-                    check_output_path, dataset_flags, device_flag, non_negative_float, non_negative_int,
-                    positive_float, positive_int, preprocess_flag, print_args, run_cli, seed_flag, workers_flag)
-from datasets import (Dataset, check_images_exist, read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows,
-                      unique_in_order)
-from distributed import Cluster
-from deep_rank_net import (BACKBONE, BACKBONES, EMBED_DIM, IMAGE_SIZE, TRAINABLE, TRAINABLE_CHOICES, DeepRank,
-                           PooledFeatures, build_backbone, check_image_size, load_checkpoint, model_from_checkpoint,
-                           save_checkpoint, trainable_parameters)
-from loaders import (AUGMENTS, BadImages, LabelledImages, Normalize, PairImages, PKBatchSampler,
-                     RankSlices, TripletImages, labelled_batch, load_size, make_augment, make_loader, pair_batch,
-                     preprocess_on_device, triplet_batch)
-from losses import DISTANCES, MINERS, neighbour_kl, pair_loss, ranking_loss
-from metrics import triplet_accuracy
-from runtime import (COMPILE, COMPILE_CHOICES, FrozenRunner, autocast, embed_batches,
-                     freeze_when_compiling, frozen_rows, precision, prepare, want_compile)
+from deep_rank_net import (
+    BACKBONE,
+    BACKBONES,
+    EMBED_DIM,
+    IMAGE_SIZE,
+    TRAINABLE,
+    TRAINABLE_CHOICES,
+    DeepRank,
+    PooledFeatures,
+    build_backbone,
+    check_image_size,
+    trainable_parameters,
+)
+from deeprank.checkpoints import load_checkpoint, model_errors, model_from_checkpoint, save_checkpoint
+from deeprank.common import (
+    MODEL,
+    SAMPLE_FILES,
+    TRAIN_TRIPLETS,
+    PipelineError,
+    atomic_write,
+    bad_image_flag,
+    check_output_path,
+    dataset_flags,
+    device_flag,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    preprocess_flag,
+    print_args,
+    run_cli,
+    seed_flag,
+    workers_flag,
+)
+from deeprank.datasets import check_images_exist, read_triplet_csv, readable_triplets, triplet_rows, unique_in_order
+from deeprank.distributed import Cluster
+from deeprank.loaders import (
+    AUGMENTS,
+    BadImages,
+    Normalize,
+    RankSlices,
+    load_size,
+    make_augment,
+    make_loader,
+    preprocess_on_device,
+)
+from deeprank.losses import DISTANCES, MINERS, neighbour_kl
+from deeprank.metrics import triplet_accuracy
+from deeprank.runtime import (
+    COMPILE,
+    COMPILE_CHOICES,
+    FrozenRunner,
+    autocast,
+    embed_batches,
+    freeze_when_compiling,
+    frozen_rows,
+    precision,
+    prepare,
+    want_compile,
+)
+from deeprank.training import (
+    OPTIMS,
+    EpochStats,
+    Schedule,
+    TrainedLayers,
+    build_optimizer,
+    collapsed,
+    compile_trained_layers,
+    training_mode,
+)
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -45,7 +97,6 @@ EPOCHS = 1                 # passes over the triplet CSV
 OPTIM = "sgd"              # sgd (Nesterov, momentum 0.9) | adam | rms, as the original
 BATCH_SIZE = 25            # triplets per step (75 images per forward pass)
 LEARNING_RATE = 0.001      # the original's
-MOMENTUM = 0.9             # SGD / RMSprop momentum
 WEIGHT_DECAY = 0.0         # L2 weight regularisation (the paper's); 0 as the original
 HEAD_LR_MULT = 1.0         # LR multiplier of the new layers over the pretrained backbone's
 SCHEDULE = "constant"      # constant | cosine (after WARMUP_EPOCHS of linear warm-up)
@@ -63,7 +114,6 @@ DISTILL = 0.0              # weight of the pull toward the pretrained backbone's
 DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distributions (standardised similarities)
 # ----------------------------------------------------------------
 
-OPTIMS = ("sgd", "adam", "rms")
 LOSSES = ("triplet", "contrastive")
 SCHEDULES = ("constant", "cosine")
 
@@ -136,10 +186,12 @@ def build_parser():
     return parser
 
 
-def check_flags(args):
+def check_flags(args, cluster, device):
     """Refuse flag combinations no run can use, before anything is read or written (argparse
-    already refused values out of range)."""
-    check_image_size(args.image_size)
+    already refused values out of range): the loss's, --distill's, --sync_bn's on this device,
+    and under torchrun the global batch's split into equal shares (P x K: whole classes)."""
+    with model_errors():
+        check_image_size(args.image_size)
     if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
         raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
                             f"P x K batch (--mining batch_all), not --mining {args.mining}")
@@ -149,6 +201,15 @@ def check_flags(args):
     if args.distill and args.weights == "none":
         raise PipelineError("--distill keeps the pretrained backbone's neighbourhoods: it needs --weights imagenet "
                             "or PATH, not none")
+    if args.sync_bn and device.type != "cuda":
+        raise PipelineError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on CPUs); on CPUs "
+                            "each process normalises its own share of the batch")
+    if cluster.distributed and args.mining == "none" and args.batch_size % cluster.world_size:
+        raise PipelineError(f"--batch_size {args.batch_size} is the global batch: make it a multiple of the "
+                            f"{cluster.world_size} processes")
+    if cluster.distributed and args.mining != "none" and args.classes_per_batch % cluster.world_size:
+        raise PipelineError(f"--classes_per_batch {args.classes_per_batch} is the global P: make it a multiple of the "
+                            f"{cluster.world_size} processes, so that each takes whole classes")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -164,44 +225,25 @@ def build_model(args, ckpt):
             raise PipelineError(f"{args.resume} already finished epoch {start_epoch}; pass --epochs > {start_epoch}")
         return model, start_epoch
     torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
-    model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
-                     trainable=args.trainable, weights=args.weights, branches=not args.no_branches)
+    with model_errors():
+        model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
+                         trainable=args.trainable, weights=args.weights, branches=not args.no_branches)
     return model, 0
 
 
 class TrainingData:
-    """The batches of one run: triplet-CSV rows, pair-CSV rows (--loss contrastive), or P x K
-    batches of the train split (--mining). A batch is (uint8 images (N, 3, S, S), labels (N,),
-    same (N / 2,) or None, [Unreadable]), see loaders.py."""
+    """The batches of one run, in its mode (deeprank.training: CSV triplets, CSV pairs, or P x K
+    batches of the train split). A batch is (uint8 images (N, 3, S, S), labels (N,), same (N / 2,)
+    or None, [Unreadable]), see loaders.py."""
 
-    def __init__(self, args, image_size, on_device=False):
+    def __init__(self, args, mode, image_size, on_device=False):
         # --preprocess device: the workers decode to the load size, the device resizes and augments
         augment = None if on_device else make_augment(args.augment, image_size)
         size = (lambda paths: load_size(paths, image_size)) if on_device else (lambda paths: image_size)
-        self.sampler, self.collate, self.source = None, labelled_batch, None
-        empty_ok = args.on_bad_image == "skip"
-        if args.mining == "none" and args.loss == "contrastive":
-            first, second, same = read_pair_csv(args.pairs)
-            check_images_exist(unique_in_order(first, second), args.pairs, empty_ok=empty_ok)
-            self.dataset = PairImages(first, second, same, size(first), augment)
-            self.images_per_batch, self.collate = 2 * args.batch_size, pair_batch
-            steps = math.ceil(len(self.dataset) / args.batch_size)
-            self.description = f"{len(self.dataset)} pairs"
-        elif args.mining == "none":
-            q, p, n = read_triplet_csv(args.triplets)
-            check_images_exist(unique_in_order(q, p, n), args.triplets, empty_ok=empty_ok)
-            self.dataset, self.images_per_batch = TripletImages(q, p, n, size(q), augment), 3 * args.batch_size
-            self.collate = triplet_batch
-            steps = math.ceil(len(self.dataset) / args.batch_size)
-            self.description = f"{len(self.dataset)} triplets"
-        else:
-            self.source = Dataset.from_args(args)
-            paths, labels = self.source.split("train")
-            codes = np.unique(np.asarray(labels), return_inverse=True)[1]
-            self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
-            self.dataset = LabelledImages(paths, codes, size(paths), augment)
-            self.images_per_batch, steps = args.classes_per_batch * args.images_per_class, len(self.sampler)
-            self.description = f"{len(self.dataset)} images"
+        self.dataset, self.sampler, self.collate = mode.dataset(size, augment), mode.sampler, mode.collate
+        self.images_per_batch = mode.images_per_batch
+        steps = len(self.sampler) if self.sampler is not None else math.ceil(len(self.dataset) / args.batch_size)
+        self.description = f"{len(self.dataset)} {'images' if self.sampler is not None else mode.unit}"
         self.steps_per_epoch = min(steps, args.max_steps) if args.max_steps else steps
         self.batch_size, self.num_workers, self.seed = args.batch_size, args.num_workers, args.seed
 
@@ -225,112 +267,15 @@ class TrainingData:
                            generator=generator, collate_fn=self.collate)
 
 
-def parameter_groups(model, lr, head_lr_mult=1.0):
-    """Optimiser groups: trainable backbone layers at lr, the new layers (heads, branches) at lr * mult."""
-    backbone = [p for p in model.features.parameters() if p.requires_grad]
-    owned = {id(p) for p in model.features.parameters()}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
-    groups = [{"params": head, "lr": lr * head_lr_mult}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr})
-    return groups
-
-
-def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM, fused=False):
-    """The original's three optimisers; weight decay is the paper's L2 regularisation. fused: one
-    kernel for the whole update (CUDA; SGD and Adam)."""
-    extra = {"fused": True} if fused else {}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, **extra)
-    if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
-    if name == "rms":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise PipelineError(f"unknown --optim {name}; choose {', '.join(OPTIMS)}")
-
-
-def build_optimizer(model, args, ckpt):
-    """The optimiser over the trainable layers, with --resume's state when there is one."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    optimizer = make_optimizer(args.optim, parameter_groups(model, args.lr, args.head_lr_mult), args.lr,
-                               args.weight_decay, fused=cuda)
-    if ckpt is not None and ckpt.get("optimizer"):
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise PipelineError(f"{args.resume}'s optimizer state does not fit --optim {args.optim} "
-                                f"--trainable {args.trainable} ({err}); resume with the run's flags") from None
-    return optimizer
-
-
-def lr_factor(step, total_steps, warmup_steps, schedule):
-    """Learning-rate multiplier at a global step: linear warm-up, then constant or cosine."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-class Schedule:
-    """The learning rate of each global step. With --max_minutes the run's length in steps is
-    re-estimated every step from the pace so far, so a cosine schedule spans the time budget."""
-
-    def __init__(self, optimizer, args, steps_per_epoch, start_epoch, cluster=None):
-        self.optimizer, self.kind, self.start_step = optimizer, args.schedule, start_epoch * steps_per_epoch
-        self.cluster = cluster or Cluster()
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        self.total_steps = steps_per_epoch * args.epochs
-        self.warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-        self.budget = args.max_minutes * 60
-        self.start = time.perf_counter()
-
-    def set_lr(self, step):
-        """Set every group's learning rate for global step `step`."""
-        if self.budget:
-            spent = self.spent()
-            done = step - self.start_step
-            self.total_steps = max(step + 1, int(step + (self.budget - spent) * done / max(spent, 1e-9)))
-        factor = lr_factor(step, self.total_steps, self.warmup_steps, self.kind)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-
-    def spent(self):
-        """Seconds since the start; under torchrun the slowest rank's, so every rank agrees."""
-        return self.cluster.maximum(time.perf_counter() - self.start)
-
-    def out_of_time(self):
-        return bool(self.budget) and self.spent() >= self.budget
-
-
-class TrainedLayers(torch.nn.Module):
-    """The layers that train, as one module (what DistributedDataParallel wraps): the trainable
-    backbone layers after the frozen trunk, then the head."""
-
-    def __init__(self, model, tail):
-        super().__init__()
-        self.model, self.tail = model, tail
-
-    def forward(self, features, images):
-        return self.model.head(self.tail(features), images)
-
-
-def compile_trained_layers(device):
-    """Whether the layers that train are compiled too (forward and backward) when compiling: on
-    CUDA. On this project's CPU it did not pay: ResNet-50 at 96 px, 48 images per step, fp32,
-    43.5 img/s eager against 46.3 compiled, after 50 s of compiling."""
-    return device.type == "cuda"
-
-
 class Network:
     """The model as training runs it: the frozen backbone layers without autograd (compiled when
     that pays), then the trained layers (in DistributedDataParallel under torchrun); plus, with
     --distill, a frozen copy of the pretrained backbone as teacher. images_per_run sizes the
     compile decision. Under torchrun the loss is computed on the gathered global batch."""
 
-    def __init__(self, model, args, device, images_per_batch, images_per_run, cluster):
+    def __init__(self, model, args, mode, device, images_per_batch, images_per_run, cluster):
         self.model, self.device, self.amp, self.args, self.cluster = model, device, not args.no_amp, args, cluster
+        self.mode = mode
         on_device = preprocess_on_device(args.preprocess, device)
         self.normalize = Normalize(device, model.image_size, args.augment) if on_device else Normalize(device)
         compile = want_compile(args.compile, images_per_run, model.image_size, device)
@@ -350,12 +295,11 @@ class Network:
                 print("trained layers: compiled")
         self.teacher = None
         if args.distill:  # a frozen copy of the pretrained backbone, as --weights gives it
-            features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
+            with model_errors():
+                features = build_backbone(model.model_args["backbone"], args.weights, model.image_size)[0]
             self.teacher = FrozenRunner(prepare(PooledFeatures(features), device),
                                         frozen_rows(device, images_per_batch, model.image_size),
                                         compile, freeze_when_compiling(device, self.amp))
-        # rows of a batch per example: CSV triplets 3 (columns first), CSV pairs 2, P x K images 1
-        self.columns = (2 if args.loss == "contrastive" else 3) if args.mining == "none" else 1
 
     def embed(self, images):
         """Embeddings of normalised images: frozen trunk (no autograd), then the trained layers."""
@@ -367,20 +311,14 @@ class Network:
         or contrastive loss, plus --distill's neighbourhood term; of the global batch under torchrun
         (stats["images"]: the images it holds)."""
         images = self.normalize(images)
-        gather = self.cluster.gather
-        emb = gather(self.embed(images), self.columns)
+        gather, a = self.cluster.gather, self.args
+        emb = gather(self.embed(images), self.mode.columns)
         if labels is not None:
-            labels = gather(labels.to(self.device), 1 if self.args.mining == "none" else self.columns, grad=False)
-        a = self.args
-        if a.loss == "contrastive" and a.mining == "none":  # labels: the pair CSV's same flags
-            loss, stats = pair_loss(emb, None, labels, a.margin)
-        elif a.loss == "contrastive":
-            loss, stats = pair_loss(emb, labels, None, a.margin)
-        else:
-            loss, stats = ranking_loss(emb, labels, a.mining, a.margin, a.distance, a.soft_margin)
+            labels = gather(labels.to(self.device), self.mode.label_columns, grad=False)
+        loss, stats = self.mode.loss(emb, labels, a)
         if self.teacher is not None:
             with autocast(self.device, self.amp):
-                target = gather(self.teacher(images), self.columns, grad=False)
+                target = gather(self.teacher(images), self.mode.columns, grad=False)
             kl = neighbour_kl(emb, target, a.distill_temperature)
             loss = loss + a.distill * kl
             stats["distill"] = float(kl.detach())
@@ -389,50 +327,6 @@ class Network:
 
 
 # ----------------------------------------------------------------------------- one epoch
-
-class EpochStats:
-    """Running totals of one epoch's steps; row() is its line in the log."""
-
-    def __init__(self):
-        self.losses, self.d_pos, self.d_neg, self.distill = [], [], [], []
-        self.active = self.count = self.images = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss, stats, images):
-        """Count one step: its loss, the loss's stats, the images it saw."""
-        self.losses.append(loss)
-        self.active += stats["active"]
-        self.count += stats["count"]
-        self.d_pos.append(stats["d_pos"])
-        self.d_neg.append(stats["d_neg"])
-        if "distill" in stats:
-            self.distill.append(stats["distill"])
-        self.images += images
-
-    def postfix(self):
-        """The progress bar's loss (last 50 steps) and images per second."""
-        return {"loss": f"{np.mean(self.losses[-50:]):.4f}",
-                "img_s": f"{self.images / (time.perf_counter() - self.start):.1f}"}
-
-    def row(self, epoch, lr):
-        """The epoch's metrics (epoch counted from 1)."""
-        elapsed = time.perf_counter() - self.start
-        row = {"epoch": epoch, "steps": len(self.losses),
-               "loss": float(np.mean(self.losses)) if self.losses else None,
-               "active_share": self.active / max(1, self.count),
-               "zero_loss_share": 1 - self.active / max(1, self.count),
-               "mean_pos_distance": float(np.nanmean(self.d_pos)) if self.d_pos else None,
-               "mean_neg_distance": float(np.nanmean(self.d_neg)) if self.d_neg else None,
-               "seconds": round(elapsed, 2), "images_per_s": round(self.images / max(elapsed, 1e-9), 2), "lr": lr}
-        if self.distill:
-            row["distill_kl"] = float(np.mean(self.distill))
-        return row
-
-
-def collapsed(row):
-    """Whether an epoch's embedding has collapsed: every distance near zero."""
-    return max(row["mean_pos_distance"], row["mean_neg_distance"]) < 1e-3
-
 
 def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good, total_epochs, bad_images):
     """Train one epoch of at most `steps` steps; (EpochStats, stopped for the time budget).
@@ -512,7 +406,6 @@ def report_epoch(row, total_epochs, skipped="", unit="triplets"):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_flags(args)
     out = check_output_path(args.out)
     cluster, device = Cluster.start(args.device)
     return cluster.run(train, args, out, cluster, device)
@@ -525,15 +418,13 @@ def train(args, out, cluster, device):
     say = print if cluster.main else (lambda *a, **k: None)
 
     # --- inputs, all checked before anything is written
+    check_flags(args, cluster, device)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     model, start_epoch = build_model(args, ckpt)
     if args.sync_bn:
-        if device.type != "cuda":
-            raise PipelineError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on CPUs); on CPUs "
-                                "each process normalises its own share of the batch")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    data = TrainingData(args, model.image_size, preprocess_on_device(args.preprocess, device))
-    check_world(args, cluster)
+    mode = training_mode(args)
+    data = TrainingData(args, mode, model.image_size, preprocess_on_device(args.preprocess, device))
     if args.val_triplets:
         check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets,
                            empty_ok=args.on_bad_image == "skip")
@@ -547,10 +438,11 @@ def train(args, out, cluster, device):
         f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
     steps = data.steps_per_epoch
     local_batch = -(-data.images_per_batch // cluster.world_size)  # this process's share of a global batch
-    network = Network(model, args, device, local_batch, local_batch * steps * (args.epochs - start_epoch), cluster)
+    network = Network(model, args, mode, device, local_batch, local_batch * steps * (args.epochs - start_epoch),
+                      cluster)
     config, metrics, last_good = dict(vars(args)), {}, args.resume
     log = earlier_log(log_path, start_epoch)
-    if cluster.main and data.source is not None and data.source.write_selection(folder / f"{out.stem}_selection.csv"):
+    if cluster.main and mode.source is not None and mode.source.write_selection(folder / f"{out.stem}_selection.csv"):
         print(f"wrote the --top_classes / --per_class selection to {folder / f'{out.stem}_selection.csv'}")
     bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt" if cluster.main else None)
     schedule = Schedule(optimizer, args, steps, start_epoch, cluster)
@@ -574,8 +466,7 @@ def train(args, out, cluster, device):
             log.append(metrics)
             with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
                 handle.write("".join(json.dumps(row) + "\n" for row in log))
-            report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(),
-                         "pairs" if args.loss == "contrastive" else "triplets")
+            report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(), mode.unit)
         last_good = str(temp)
         if out_of_time:  # every rank at the same step: the ranks agree on the time spent
             say(f"stopping: --max_minutes {args.max_minutes} reached")
@@ -586,18 +477,6 @@ def train(args, out, cluster, device):
         print(f"wrote {out} (log: {log_path})")
     cluster.barrier()  # every rank ends after rank 0 has written the model
     return 0
-
-
-def check_world(args, cluster):
-    """Under torchrun: the global batch must split into equal shares (P x K: whole classes)."""
-    if not cluster.distributed:
-        return
-    if args.mining == "none" and args.batch_size % cluster.world_size:
-        raise PipelineError(f"--batch_size {args.batch_size} is the global batch: make it a multiple of the "
-                            f"{cluster.world_size} processes")
-    if args.mining != "none" and args.classes_per_batch % cluster.world_size:
-        raise PipelineError(f"--classes_per_batch {args.classes_per_batch} is the global P: make it a multiple of the "
-                            f"{cluster.world_size} processes, so that each takes whole classes")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from common import PipelineError, data_flag, print_args, run_cli
-from datasets import is_image, read_wnids, split_root
+from deeprank.common import PipelineError, data_flag, print_args, run_cli
+from deeprank.datasets import is_image, read_wnids, split_root
 
 MAX_LISTED = 10  # problems listed by name; the rest are counted
 

@@ -22,10 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (SAMPLE_FILES, PipelineError, check_output_path, dataset_flags, positive_int, print_args,
-                    run_cli, seed_flag)
-from datasets import (FLAG_COLUMN, PAIR_COLUMNS, TRIPLE_COLUMNS, Dataset, need_classes, write_image_csv,
-                      write_triplet_csv)
+from deeprank.common import (
+    SAMPLE_FILES,
+    PipelineError,
+    check_output_path,
+    dataset_flags,
+    positive_int,
+    print_args,
+    run_cli,
+    seed_flag,
+)
+from deeprank.datasets import (
+    FLAG_COLUMN,
+    PAIR_COLUMNS,
+    TRIPLE_COLUMNS,
+    ImageSource,
+    need_classes,
+    write_image_csv,
+    write_triplet_csv,
+)
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image
@@ -250,7 +265,7 @@ def main(argv=None):
     split = "train" if args.training else "val"
 
     start = time.perf_counter()
-    dataset = Dataset.from_args(args)
+    dataset = ImageSource.from_args(args)
     paths, labels = dataset.split(split)
     need_classes(labels, dataset.root(split), count=3 if args.kind == "triples" else 2)
     if args.kind == "triplets":

@@ -18,7 +18,7 @@ Prints images/s of each (median of --repeats runs), ours/bare, ours/bare_compile
 ours/naive in triplet rows per second; then the peak memory of gen_embeddings with 1x and 16x
 the images (small model) to show that it does not grow with the number of images.
 
-    python bench/bench_embed.py --images 2048 --repeats 3
+    python -m bench.bench_embed --images 2048 --repeats 3
 """
 
 import argparse
@@ -33,17 +33,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import gen_embeddings
+import synthetic_data
+import transform_validation
+import triplet_sampler
+from deep_rank_net import DeepRank
+from deeprank.checkpoints import save_checkpoint
+from deeprank.datasets import read_triplet_csv, unique_in_order
+from deeprank.loaders import Normalize
+from deeprank.runtime import FrozenRunner, autocast, prepare
 
-import gen_embeddings  # noqa: E402
-import synthetic_data  # noqa: E402
-import transform_validation  # noqa: E402
-import triplet_sampler  # noqa: E402
-from datasets import read_triplet_csv, unique_in_order  # noqa: E402
-from deep_rank_net import DeepRank, save_checkpoint  # noqa: E402
-from loaders import Normalize  # noqa: E402
-from runtime import FrozenRunner, autocast, prepare  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_data(root, images, classes=8):
@@ -105,13 +105,12 @@ def time_naive(model, rows, size):
 def peak_memory(model_path, train_csv, val_csv, out_dir):
     """Peak RSS (MB) of a separate gen_embeddings.py process (Linux: /proc/self/status)."""
     # VmHWM is this process's own peak (ru_maxrss would start from the parent's peak at fork)
-    code = ("import sys; sys.path.insert(0, %r); import gen_embeddings; "
-            "gen_embeddings.main(sys.argv[1:]); "
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])") % str(ROOT)
+    code = ("import sys, gen_embeddings; gen_embeddings.main(sys.argv[1:]); "  # python -c: the cwd (ROOT) on sys.path
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     result = subprocess.run([sys.executable, "-c", code, "--model", str(model_path), "--train_triplets",
                              str(train_csv), "--test_triplets", str(val_csv), "--train_out",
                              str(out_dir / "m_train.txt"), "--test_out", str(out_dir / "m_test.txt"),
-                             "--num_workers", "0"], capture_output=True, text=True, check=True)
+                             "--num_workers", "0"], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 

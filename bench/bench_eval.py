@@ -18,7 +18,7 @@ in one run measures:
 Prints one JSON line. The default size is the issue's (100,000 x 4,096 train, 10,000 test):
 about 5.4 GB of text; --train/--test/--dim scale it down.
 
-    python bench/bench_eval.py --train 100000 --test 10000 --dim 4096
+    python -m bench.bench_eval --train 100000 --test 10000 --dim 4096
 """
 
 import argparse
@@ -35,12 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import eval as evaluation
+from deeprank import metrics
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 
-import eval as evaluation  # noqa: E402
-import metrics  # noqa: E402
-from embedding_io import EmbeddingWriter, read_embeddings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_files(folder, count, dim, classes, name, seed):

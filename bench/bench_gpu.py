@@ -8,8 +8,8 @@ times, as whole processes with the GPU's utilisation sampled by nvidia-smi every
 Training img/s: the log's second epoch (steady: the first includes compiling) and the whole
 process. Embedding: whole-job seconds for each size, and steady img/s from their difference.
 
-    python bench/bench_gpu.py                          # ResNet-101 at 224 px, bf16 (the issue's table)
-    python bench/bench_gpu.py --device cpu --backbone resnet18 --image_size 64 --classes 4 --per_class 40 \\
+    python -m bench.bench_gpu                          # ResNet-101 at 224 px, bf16 (the issue's table)
+    python -m bench.bench_gpu --device cpu --backbone resnet18 --image_size 64 --classes 4 --per_class 40 \\
         --embed_small 100 --embed_large 200 --batch_size 8 --workers 2     # a smoke run of this script on a CPU
 """
 
@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    stage = lambda name: str(ROOT / name)  # noqa: E731
+    stage = lambda name: str(ROOT / name)  # noqa: E731 - a one-line helper, named for the lines below
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         data = os.path.join(folder, "data")
         subprocess.run([sys.executable, stage("synthetic_data.py"), "--out", data, "--classes", str(args.classes),

@@ -12,8 +12,8 @@ CSV over one set of images.
   --before COMMIT  runs that commit's eval.py (git archive into a temp folder) the same way as
             'full' (it has no --no_knn): the before / after row
 
-    python bench/bench_pairs.py                                  # 24,000 x 4,096, 1,048,576 pairs
-    python bench/bench_pairs.py --dim 512 --runs full --before 4bdf823
+    python -m bench.bench_pairs                                  # 24,000 x 4,096, 1,048,576 pairs
+    python -m bench.bench_pairs --dim 512 --runs full --before 4bdf823
 """
 
 import argparse
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from deeprank.datasets import write_image_csv
+from deeprank.embedding_io import embedding_header
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from datasets import write_image_csv  # noqa: E402
-from embedding_io import embedding_header  # noqa: E402
 
 
 def make_inputs(folder, images, dim, classes, pairs, seed=0):
@@ -111,7 +111,7 @@ def main():
         cpu = "bf16" if "bf16" in open("/proc/cpuinfo").read() else "fp32 only"
         print(f"medians of {args.repeats}, {os.cpu_count()} cores ({cpu} CPU):")
         for name, runs in results.items():
-            seconds, rss = zip(*runs)
+            seconds, rss = zip(*runs, strict=True)
             print(f"  {name:<24} {statistics.median(seconds):7.2f} s  peak RSS {statistics.median(rss):8.0f} MB  "
                   f"(runs: {', '.join(f'{s:.2f}' for s in seconds)} s)")
 

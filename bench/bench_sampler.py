@@ -3,7 +3,7 @@
 The files are empty (the sampler only lists paths). Prints the median wall time of the
 whole stage (listing + sampling + CSV writing) and of sampling alone, over --repeats runs.
 
-    python bench/bench_sampler.py --num_pos_images 2 --num_neg_images 2
+    python -m bench.bench_sampler --num_pos_images 2 --num_neg_images 2
 """
 
 import argparse
@@ -13,11 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import triplet_sampler
+from deeprank.datasets import list_split
 
-import triplet_sampler  # noqa: E402
-from datasets import list_split  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_tree(root, classes, images):

@@ -8,8 +8,8 @@ that each reports its own peak memory (VmHWM):
   exact   the gallery loaded whole; the same queries by exact search (metrics.knn, as eval.py)
 recall@10: share of each query's exact 10 nearest that the index returns in its 10.
 
-    python bench/bench_search.py                       # the README's table (about 5 minutes here)
-    python bench/bench_search.py --rows 200000 --nprobe 32
+    python -m bench.bench_search                       # the README's table (about 5 minutes here)
+    python -m bench.bench_search --rows 200000 --nprobe 32
 """
 
 import argparse
@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import embedding_io  # noqa: E402
-import search_index  # noqa: E402
+from deeprank import embedding_io
+from deeprank.search import index as search_index
 
 
 def peak_mb():
@@ -68,7 +66,7 @@ def phase_build(args):
     start = time.perf_counter()
     search_index.CELLS_PER_SQRT = args.cells_per_sqrt
     rows = search_index.row_source(vectors, args.gallery)
-    sample = lambda count, seed: search_index.random_rows(rows, count, seed)  # noqa: E731
+    sample = lambda count, seed: search_index.random_rows(rows, count, seed)  # noqa: E731 - a one-line helper, named for the lines below
     index = search_index.build_faiss(search_index.row_blocks(vectors, args.gallery), len(vectors),
                                      vectors.shape[1], sample)
     built = time.perf_counter() - start
@@ -149,11 +147,11 @@ def main():
         print(f"exact: {exact}", flush=True)
         found = np.load(os.path.join(folder, "faiss_rows.npy"))
         truth = np.load(os.path.join(folder, "exact_rows.npy"))
-        recall = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found.tolist(), truth.tolist())])
+        recall = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found.tolist(), truth.tolist(), strict=True)])
     print()
     print(f"| {build['index']} | build {build['build_s']:.1f} s (+{build['save_s']:.1f} s save), "
           f"peak {build['peak_mb']:.0f} MB |")
-    print("| search | load | 1 query | batch of %d | peak memory |" % args.batch)
+    print(f"| search | load | 1 query | batch of {args.batch} | peak memory |")
     print("|---|---|---|---|---|")
     for name, r in (("faiss", fast), ("exact", exact)):
         print(f"| {name} | {r['load_s']:.1f} s | {r['one_query_ms']:.1f} ms | {r['batch_s']:.2f} s | "

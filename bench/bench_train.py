@@ -13,7 +13,7 @@ trainable as the original's best run), the same batch size (25 triplets) and opt
 Prints training triplets/s of each (median of --repeats runs) and their ratio, then the
 top operators of one profiled step of ours (torch.profiler, self CPU time).
 
-    python bench/bench_train.py --steps 6 --repeats 3
+    python -m bench.bench_train --steps 6 --repeats 3
 """
 
 import argparse
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train_net
+from bench.bench_embed import make_data
+from deep_rank_net import DeepRank
+from deeprank import training
+from deeprank.loaders import Normalize
+from deeprank.losses import ranking_loss
+from deeprank.runtime import FrozenRunner, autocast, prepare
 
-import train_net  # noqa: E402
-from bench_embed import make_data  # noqa: E402
-from deep_rank_net import DeepRank  # noqa: E402
-from loaders import Normalize  # noqa: E402
-from losses import ranking_loss  # noqa: E402
-from runtime import FrozenRunner, autocast, prepare  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ours_triplets_per_s(csv, out_dir, args):
@@ -59,7 +59,7 @@ def naive_triplets_per_s(args):
     """Triplets/s of the naive reference: fp32, three forward passes, same trainable layers."""
     torch.manual_seed(0)
     model = DeepRank(backbone=args.backbone, image_size=args.image_size, weights="none", trainable="conv5").train()
-    opt = train_net.make_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.001, 0.0)
+    opt = training.make_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.001, 0.0)
     q, p, n = (torch.randn(args.batch_size, 3, args.image_size, args.image_size) for _ in range(3))
 
     def step():
@@ -80,7 +80,7 @@ def profile_step(args):
     the frozen trunk as train_net runs it)."""
     device = torch.device("cpu")
     model = prepare(DeepRank(backbone=args.backbone, image_size=args.image_size, weights="none"), device).train()
-    opt = train_net.make_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.001, 0.0)
+    opt = training.make_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.001, 0.0)
     batch = torch.randint(0, 255, (3 * args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
     normalize = Normalize(device)
     trunk, tail = model.frozen_split()

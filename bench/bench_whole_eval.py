@@ -4,11 +4,11 @@ Writes --train x --dim train and --test x --dim test text embedding files (bench
 clustered unit vectors), then times each whole process (start-up, imports, parsing, search,
 metrics), --repeats times, and prints the medians:
   ours       python eval.py --train_embeddings ... --test_embeddings ... (exact kNN, every metric)
-  reference  python bench/bench_whole_eval.py --reference TRAIN TEST: the lines split and the
+  reference  python -m bench.bench_whole_eval --reference TRAIN TEST: the lines split and the
              floats read by Python, scikit-learn NearestNeighbors(brute), score@k, P@1 and P@k
              with numpy (fewer metrics than eval.py computes)
 
-    python bench/bench_whole_eval.py                   # 10,000 x 1,000 x 4,096 (about 0.5 GB of text)
+    python -m bench.bench_whole_eval                   # 10,000 x 1,000 x 4,096 (about 0.5 GB of text)
 """
 
 import argparse
@@ -49,7 +49,7 @@ def reference(train_path, test_path, k=30):
 def wall(command):
     """Seconds one whole process takes (its output discarded; its stderr in the error if it fails)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)  # -m bench.X
     return time.perf_counter() - start
 
 
@@ -79,9 +79,7 @@ def main():
     args = parser.parse_args()
     if args.reference:
         return reference(*args.reference)
-    sys.path.insert(0, str(ROOT / "bench"))
-    sys.path.insert(0, str(ROOT))
-    from bench_eval import write_files
+    from bench.bench_eval import write_files
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         train = write_files(folder, args.train, args.dim, 200, "train", seed=0)[0]
@@ -89,7 +87,7 @@ def main():
         size = (train.stat().st_size + test.stat().st_size) / 1e6
         ours_command = [sys.executable, str(ROOT / "eval.py"), "--train_embeddings", str(train),
                         "--test_embeddings", str(test)]
-        ref_command = [sys.executable, __file__, "--reference", str(train), str(test)]
+        ref_command = [sys.executable, "-m", "bench.bench_whole_eval", "--reference", str(train), str(test)]
         times = alternate(ours_command, ref_command, args.repeats)  # the untimed first run fills numba's cache
     print(f"{args.train:,} x {args.test:,} x {args.dim} text embeddings ({size:.0f} MB); whole processes, "
           f"medians of {args.repeats}")

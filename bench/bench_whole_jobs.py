@@ -21,8 +21,8 @@ after one untimed run of ours (inductor's on-disk cache then serves later runs; 
 the first run, compiling cold).
 Prints the medians and ratios.
 
-    python bench/bench_whole_jobs.py                          # both jobs, the whole mini set
-    python bench/bench_whole_jobs.py --jobs embed --classes 4 --repeats 3
+    python -m bench.bench_whole_jobs                          # both jobs, the whole mini set
+    python -m bench.bench_whole_jobs --jobs embed --classes 4 --repeats 3
 """
 
 import argparse
@@ -76,7 +76,8 @@ def memory_format_of(name):
 def plain_precision():
     """bf16 autocast where the CPU runs it fast (the same rule as ours), else fp32."""
     import torch
-    from runtime import autocast
+
+    from deeprank.runtime import autocast
     return autocast(torch.device("cpu"))
 
 
@@ -84,7 +85,8 @@ def reference_embed(model_path, list_path, out_path, batch, memory_format):
     """The bare eager process: every listed image through the network once, vectors as text."""
     import numpy as np
     import torch
-    from deep_rank_net import load_model
+
+    from deeprank.checkpoints import load_model
     fmt = memory_format_of(memory_format)
     model = load_model(model_path)[0].eval().to(memory_format=fmt)
     paths = Path(list_path).read_text().splitlines()
@@ -97,9 +99,10 @@ def reference_embed(model_path, list_path, out_path, batch, memory_format):
 def reference_train(csv_path, out_path, batch, image_size, backbone):
     """The naive training process: fp32, three forward passes per step, the original's loss and SGD."""
     import torch
-    from datasets import read_triplet_csv
+
     from deep_rank_net import DeepRank
-    rows = list(zip(*(column.tolist() for column in read_triplet_csv(csv_path))))
+    from deeprank.datasets import read_triplet_csv
+    rows = list(zip(*(column.tolist() for column in read_triplet_csv(csv_path)), strict=True))
     torch.manual_seed(0)
     model = DeepRank(backbone=backbone, image_size=image_size, weights="none", trainable="conv5").train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9, nesterov=True)
@@ -125,9 +128,11 @@ def quietly(function, *args):
 def make_inputs(folder, data, classes, image_size, backbone):
     """A copy of the mini set (the first `classes` wnids), its train triplet CSV and a checkpoint."""
     import torch
+
     import transform_validation
     import triplet_sampler
-    from deep_rank_net import DeepRank, save_checkpoint
+    from deep_rank_net import DeepRank
+    from deeprank.checkpoints import save_checkpoint
     copy = folder / "data"
     wnids = (data / "wnids.txt").read_text().split()[:classes]
     (copy / "train").mkdir(parents=True)
@@ -154,7 +159,8 @@ def make_inputs(folder, data, classes, image_size, backbone):
 def best_plain_forward(model_path, repeats=3):
     """(batch, memory format) at which a bare eager forward runs fastest here, and every img/s."""
     import torch
-    from deep_rank_net import load_model
+
+    from deeprank.checkpoints import load_model
     model = load_model(model_path)[0].eval()
     speeds = {}
     with torch.inference_mode(), plain_precision():
@@ -190,21 +196,20 @@ def main():
     parser.add_argument("--ref_format", choices=FORMATS, help="the reference's memory format (default: probed)")
     parser.add_argument("--reference", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "bench"))
     if args.reference:
         kind, *rest = args.reference
         if kind == "embed":
             return reference_embed(rest[0], rest[1], rest[2], int(rest[3]), rest[4])
         return reference_train(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
     import torch
-    from bench_whole_eval import alternate
+
+    from bench.bench_whole_eval import alternate
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "backbone": args.backbone,
               "image_size": args.image_size}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         data, csv, model_path, images = make_inputs(folder, args.data, args.classes, args.image_size, args.backbone)
-        me = [sys.executable, str(Path(__file__).resolve()), "--reference"]
+        me = [sys.executable, "-m", "bench.bench_whole_jobs", "--reference"]
         if "embed" in args.jobs:
             batch, fmt, speeds = best_plain_forward(model_path)
             batch, fmt = args.ref_batch or batch, args.ref_format or fmt

@@ -22,8 +22,8 @@ threshold calibrated on one half of the val pairs / triples and scored on the ot
 untrained, recommended (triplet-trained) and contrastive (the recommended recipe with
 --loss contrastive: every pair of each P x K batch).
 
-    python bench/quality.py --data ../shared/data/tiny-imagenet-mini --minutes 30
-    python bench/quality.py --data mini-imagefolder --task pairs --minutes 30
+    python -m bench.quality --data ../shared/data/tiny-imagenet-mini --minutes 30
+    python -m bench.quality --data mini-imagefolder --task pairs --minutes 30
 """
 
 import argparse
@@ -35,18 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
+import eval as evaluation
+import gen_embeddings
+import train_net
+import transform_validation
+import triplet_sampler
+from deeprank.datasets import detect_layout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import pandas as pd  # noqa: E402
-
-import eval as evaluation  # noqa: E402
-import gen_embeddings  # noqa: E402
-import train_net  # noqa: E402
-import transform_validation  # noqa: E402
-import triplet_sampler  # noqa: E402
-from datasets import detect_layout  # noqa: E402
-
 # ---------------------------------------------------------------- the recommended recipe
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image_size", "160"]
 RECOMMENDED = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_per_class", "4",
@@ -171,7 +169,7 @@ def main(argv=None):
         if args.task != "triplets":
             return main_decisions(args, work, data, time.perf_counter() - begin)
         csvs = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
-        for training, csv in zip((1, 0), csvs):
+        for training, csv in zip((1, 0), csvs, strict=False):
             stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
                                          "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
         common = BACKBONE + ["--data", str(data), "--seed", str(args.seed), "--triplets", str(csvs[0])]

@@ -13,8 +13,8 @@ import pytest
 import synthetic_data
 import transform_validation
 import triplet_sampler
-from common import PipelineError
-from datasets import class_of, list_split, read_triplet_csv
+from deeprank.common import PipelineError
+from deeprank.datasets import class_of, list_split, read_triplet_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_transform_moves_every_image_to_its_class(synthetic):
     assert not (synthetic / "val/images").exists()
     paths, labels = list_split(synthetic, "val")
     assert len(paths) == len(annotations)
-    assert all(class_of(p) == label for p, label in zip(paths, labels))
+    assert all(class_of(p) == label for p, label in zip(paths, labels, strict=True))
 
 
 def test_transform_rerun_changes_nothing(synthetic, capsys):
@@ -171,7 +171,7 @@ def test_sampler_cli_writes_csv_and_warns(prepared_master, tmp_path, capsys):
     assert not any(os.path.isabs(p) for p in frame["query"])  # relative to the CSV's folder
     q, p, n = read_triplet_csv(out)
     assert all(os.path.isfile(x) for x in set(q) | set(p) | set(n))
-    assert all(class_of(a) == class_of(b) != class_of(c) for a, b, c in zip(q, p, n))
+    assert all(class_of(a) == class_of(b) != class_of(c) for a, b, c in zip(q, p, n, strict=True))
     # same seed, same CSV
     again = tmp_path / "again.csv"
     triplet_sampler.main(["--data", str(prepared_master), "--training", "0", "--num_pos_images", "5",
@@ -238,5 +238,5 @@ def test_data_stages_on_real_tiny_imagenet_sample(mini_copy, tmp_path):
                                  "--num_neg_images", "2", "--out", str(out)]) == 0
     q, p, n = read_triplet_csv(out)
     assert len(q) == 21 * 200 * 4
-    assert all(class_of(a) == class_of(b) != class_of(c) for a, b, c in zip(q, p, n))
+    assert all(class_of(a) == class_of(b) != class_of(c) for a, b, c in zip(q, p, n, strict=True))
     assert not (q == p).any()

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
-import runtime
 import train_net
 from conftest import ROOT, read_log
-from loaders import PKBatchSampler, RankSlices
+from deeprank import distributed, runtime
+from deeprank.loaders import PKBatchSampler, RankSlices
 
 # the equivalence runs: BN frozen (--trainable head: per-process batch statistics would differ,
 # and SyncBatchNorm runs on GPUs only), no augmentation (its random draws follow the loader workers),
@@ -160,12 +159,12 @@ def test_rank_slices_cover_each_global_batch_once_and_split_pk_classes():
     labels = np.repeat(np.arange(8), 5)
     sampler = PKBatchSampler(labels, classes_per_batch=4, images_per_class=2, seed=1)
     shares = [list(RankSlices(sampler, rank, 2)) for rank in (0, 1)]
-    for whole, first, second in zip(sampler, *shares):
+    for whole, first, second in zip(sampler, *shares, strict=True):
         assert first + second == whole  # in order, nothing lost or repeated
         assert not set(labels[first]) & set(labels[second])  # each rank its own classes
         assert len(set(labels[first])) == len(set(labels[second])) == 2
     batches = torch.utils.data.BatchSampler(range(11), 4, drop_last=False)
-    assert [a + b for a, b in zip(RankSlices(batches, 0, 2), RankSlices(batches, 1, 2))] == list(batches)
+    assert [a + b for a, b in zip(RankSlices(batches, 0, 2), RankSlices(batches, 1, 2), strict=True)] == list(batches)
 
 
 def test_one_process_cluster_is_a_no_op():

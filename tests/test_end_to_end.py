@@ -13,8 +13,9 @@ import synthetic_data
 import train_net
 import transform_validation
 import triplet_sampler
-from datasets import read_triplet_csv, unique_in_order
-from embedding_io import read_embeddings
+from deeprank.checkpoints import save_checkpoint
+from deeprank.datasets import read_triplet_csv, unique_in_order
+from deeprank.embedding_io import read_embeddings
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "64",
         "--num_workers", "0"]
@@ -91,13 +92,13 @@ def test_pipeline_on_synthetic_data(tmp_path, capsys, monkeypatch):
 
 def test_gen_embeddings_whole_split(prepared_master, tmp_path):
     model = tmp_path / "m.model"
-    deep_rank_net.save_checkpoint(model, deep_rank_net.DeepRank(backbone="resnet18", image_size=32, embed_dim=8))
+    save_checkpoint(model, deep_rank_net.DeepRank(backbone="resnet18", image_size=32, embed_dim=8))
     out = tmp_path / "val.txt"
     assert gen_embeddings.main(["--model", str(model), "--data", str(prepared_master), "--split", "val",
                                 "--test_out", str(out), "--num_workers", "0"]) == 0
     emb = read_embeddings(out)
     assert len(emb) == 16 and emb.vectors.shape == (16, 8)
-    assert all(Path(p).parent.parent.name == label for p, label in zip(emb.paths, emb.labels))
+    assert all(Path(p).parent.parent.name == label for p, label in zip(emb.paths, emb.labels, strict=True))
     assert not (tmp_path / "train_embedding.txt").exists()
 
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import eval as evaluation
-import fastparse
-import metrics
-from common import PipelineError
-from embedding_io import Embeddings, EmbeddingWriter, read_embeddings
+from deeprank import fastparse, metrics
+from deeprank.common import PipelineError
+from deeprank.embedding_io import Embeddings, EmbeddingWriter, read_embeddings
 
 
 def emb(paths, labels, vectors):

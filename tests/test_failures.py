@@ -22,12 +22,13 @@ import eval as evaluation
 import gen_embeddings
 import train_net
 import triplet_sampler
-from common import PipelineError, atomic_write
 from conftest import FAST, ROOT, read_log
-from datasets import list_split, read_triplet_csv
-from deep_rank_net import DeepRank, load_model, save_checkpoint
-from embedding_io import EmbeddingWriter, read_embeddings
-from loaders import load_rgb
+from deep_rank_net import DeepRank
+from deeprank.checkpoints import load_model, save_checkpoint
+from deeprank.common import PipelineError, atomic_write
+from deeprank.datasets import list_split, read_triplet_csv
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.loaders import load_rgb
 
 SMALL_MODEL = dict(backbone="resnet18", image_size=32, embed_dim=8, weights="none")
 
@@ -352,7 +353,7 @@ def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(triplets, tmp_pa
     a, b = (torch.load(folder / "m.model", weights_only=True) for folder in (straight, killed))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(group_a[k], group_b[k]) for k in group_a)
     assert [row["epoch"] for row in read_log(killed / "m_log.jsonl")] == [1, 2, 3]
     assert not [p.name for p in killed.iterdir() if p.name.endswith(".tmp")]  # a killed write's temp: swept

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import losses
 import train_net
 import triplet_sampler
-from common import PipelineError
 from conftest import FAST, read_log
-from loaders import PKBatchSampler
+from deeprank import losses, training
+from deeprank.common import PipelineError
+from deeprank.loaders import PKBatchSampler
 
 
 def random_batch(seed, classes=3, per_class=3, dim=5):
@@ -39,9 +39,9 @@ def brute(emb, labels, kind, margin, distance, soft):
     """Enumerate every triplet of the batch in Python and apply the miner's definition."""
     labels = labels.tolist()
     n = len(labels)
-    pos = lambda a: [p for p in range(n) if p != a and labels[p] == labels[a]]  # noqa: E731
-    neg = lambda a: [x for x in range(n) if labels[x] != labels[a]]  # noqa: E731
-    d = lambda i, j: dist(emb, i, j, distance)  # noqa: E731
+    pos = lambda a: [p for p in range(n) if p != a and labels[p] == labels[a]]  # noqa: E731 - a one-line helper, named for the lines below
+    neg = lambda a: [x for x in range(n) if labels[x] != labels[a]]  # noqa: E731 - a one-line helper, named for the lines below
+    d = lambda i, j: dist(emb, i, j, distance)  # noqa: E731 - a one-line helper, named for the lines below
     if kind == "batch_all":
         values = [(d(a, p), d(a, x)) for a in range(n) for p in pos(a) for x in neg(a)]
         losses = [loss_of(dp, dn, margin, soft) for dp, dn in values]
@@ -144,14 +144,14 @@ def test_online_mining_run_lowers_the_loss(prepared_master, tmp_path, kind):
 
 
 def test_collapse_is_warned(capsys):
-    epoch = train_net.EpochStats()
+    epoch = training.EpochStats()
     epoch.add(0.0, {"active": 0, "count": 16, "d_pos": 0.0, "d_neg": 1e-4}, images=16)
     row = epoch.row(1, 0.001)
-    assert train_net.collapsed(row) and row["zero_loss_share"] == 1.0
+    assert training.collapsed(row) and row["zero_loss_share"] == 1.0
     train_net.report_epoch(row, total_epochs=1)
     assert "collapsed" in capsys.readouterr().err
     epoch.add(0.5, {"active": 8, "count": 16, "d_pos": 0.2, "d_neg": 0.9}, images=16)
-    assert not train_net.collapsed(epoch.row(1, 0.001))
+    assert not training.collapsed(epoch.row(1, 0.001))
 
 
 def test_epochs_zero_writes_the_initial_model(prepared_master, tmp_path):
@@ -165,12 +165,12 @@ def test_parameter_groups_split_backbone_and_head():
     from deep_rank_net import DeepRank
 
     model = DeepRank(backbone="resnet18", image_size=32, embed_dim=8, trainable="conv5")
-    groups = train_net.parameter_groups(model, 0.01, head_lr_mult=10)
+    groups = training.parameter_groups(model, 0.01, head_lr_mult=10)
     assert groups[0]["lr"] == pytest.approx(0.1) and groups[1]["lr"] == 0.01
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in model.features.layer4.parameters()} <= {id(p) for p in groups[1]["params"]}
-    head_only = train_net.parameter_groups(DeepRank(backbone="resnet18", image_size=32, trainable="head"), 0.01)
+    head_only = training.parameter_groups(DeepRank(backbone="resnet18", image_size=32, trainable="head"), 0.01)
     assert len(head_only) == 1
 
 

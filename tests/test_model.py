@@ -7,9 +7,10 @@ import torch
 import torchvision
 
 import deep_rank_net
-import runtime
-from common import PipelineError
-from deep_rank_net import DeepRank, branch_dims, load_model, save_checkpoint, trainable_parameters
+from deep_rank_net import DeepRank, ModelError, branch_dims, trainable_parameters
+from deeprank import runtime
+from deeprank.checkpoints import load_model, save_checkpoint
+from deeprank.common import PipelineError
 
 
 def small(**kwargs):
@@ -23,7 +24,7 @@ def small(**kwargs):
 def test_branch_sizes_follow_image_size():
     assert sum(branch_dims(224)) == 3072  # the original's hard-coded size at 224 px
     assert branch_dims(64) == [96 * 1 * 1, 96 * 2 * 2]
-    with pytest.raises(PipelineError, match="too small"):
+    with pytest.raises(ModelError, match="too small"):
         branch_dims(4)
 
 
@@ -41,7 +42,7 @@ def test_backbone_flag_takes_effect():
     assert a.features.fc.__class__ is torch.nn.Identity
     assert a.conv_fc.in_features == 512 and b.conv_fc.in_features == 2048
     assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in b.parameters())
-    with pytest.raises(PipelineError, match="unknown --backbone"):
+    with pytest.raises(ModelError, match="unknown --backbone"):
         small(backbone="vgg11")
 
 
@@ -132,9 +133,9 @@ def test_local_weights_file(tmp_path):
     torch.save(reference.state_dict(), path)
     model = small(weights=str(path))
     assert torch.equal(model.features.conv1.weight, reference.conv1.weight)
-    with pytest.raises(PipelineError, match="does not fit resnet34"):
+    with pytest.raises(ModelError, match="does not fit resnet34"):
         small(backbone="resnet34", weights=str(path))
-    with pytest.raises(PipelineError, match="no such file"):
+    with pytest.raises(ModelError, match="no such file"):
         small(weights=str(tmp_path / "missing.pth"))
 
 
@@ -143,16 +144,16 @@ def test_imagenet_weights_offline_fail_with_one_clear_line(monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(PipelineError, match="--weights PATH") as info:
+    with pytest.raises(ModelError, match="--weights PATH") as info:
         small(weights="imagenet")
     assert "\n" not in str(info.value)
 
 
 def test_efficientnet_lite_needs_its_package_or_says_so():
     try:
-        import efficientnet_lite_pytorch  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401 - imported to see whether it is installed
     except ImportError:
-        with pytest.raises(PipelineError, match="requirements-pretrained.txt"):
+        with pytest.raises(ModelError, match="requirements-pretrained.txt"):
             small(backbone="efficientnet_lite0")
         return
     model = small(backbone="efficientnet_lite0").eval()
@@ -282,8 +283,8 @@ def test_fresh_head_starts_from_the_backbone():
 
 
 def test_flip_tta_is_mirror_invariant(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -327,5 +328,5 @@ def test_no_branches_ablation_and_small_cnn_round_trip(tmp_path):
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
         assert torch.allclose(model.eval()(x), loaded(x), atol=1e-6)
-    with pytest.raises(PipelineError, match="small_cnn has no pretrained weights"):
+    with pytest.raises(ModelError, match="small_cnn has no pretrained weights"):
         small(backbone="small_cnn", weights="imagenet")

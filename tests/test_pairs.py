@@ -11,14 +11,13 @@ import torch
 
 import eval as evaluation
 import gen_embeddings
-import losses
-import metrics
 import train_net
 import triplet_sampler
-from common import PipelineError, run_cli
 from conftest import FAST, read_log
-from datasets import read_pair_csv, read_triple_csv
-from embedding_io import read_embeddings
+from deeprank import losses, metrics
+from deeprank.common import PipelineError, run_cli
+from deeprank.datasets import read_pair_csv, read_triple_csv
+from deeprank.embedding_io import read_embeddings
 
 LABELS = ["a"] * 6 + ["b"] * 4 + ["c"] * 1 + ["d"] * 7 + ["e"] * 5
 
@@ -43,12 +42,12 @@ def test_triples_are_balanced_and_negatives_have_three_classes():
     triples, label = triplet_sampler.sample_triples(LABELS, 60, seed=2)
     assert len(triples) == 60 and label.sum() == 30
     classes = [len(set(codes[t].tolist())) for t in triples]
-    assert all((n < 3) == bool(y) for n, y in zip(classes, label))  # positive iff two share a class
+    assert all((n < 3) == bool(y) for n, y in zip(classes, label, strict=True))  # positive iff two share a class
     assert all(len(set(t)) == 3 for t in triples.tolist())
     assert len({tuple(sorted(t)) for t in triples.tolist()}) == 60
     # the shared class is not always in the same two positions
     positions = Counter(next(i for i in range(3) if codes[t[i]] == codes[t[(i + 1) % 3]])
-                        for t, y in zip(triples, label) if y and len(set(codes[t].tolist())) == 2)
+                        for t, y in zip(triples, label, strict=True) if y and len(set(codes[t].tolist())) == 2)
     assert len(positions) == 3
     with pytest.raises(PipelineError, match="three classes"):
         triplet_sampler.sample_triples(["a"] * 4 + ["b"] * 4, 10)
@@ -156,7 +155,7 @@ def test_contrastive_training_and_pair_and_triple_eval(prepared_master, tmp_path
 def _decision_world(tmp_path, dim=24):
     """Train (60) and test (30) embedding files of 6 classes in tmp_path, and pair / triple CSVs over both files'
     images (a path of both files is looked up in the test file first)."""
-    from embedding_io import EmbeddingWriter
+    from deeprank.embedding_io import EmbeddingWriter
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((6, dim)).astype(np.float32)
     files = {}
@@ -169,7 +168,7 @@ def _decision_world(tmp_path, dim=24):
         files[name] = (paths, [f"c{x}" for x in labels], vectors)
         with EmbeddingWriter(tmp_path / f"{name}.txt", dim, False, "m") as out:
             out.write(paths, files[name][1], vectors)
-    pool = [(p, lab) for name in ("test", "train") for p, lab in zip(files[name][0], files[name][1])]
+    pool = [(p, lab) for name in ("test", "train") for p, lab in zip(files[name][0], files[name][1], strict=True)]
     csvs = {}
     for kind, columns, flag, count in (("pairs", 2, "same", 500), ("triples", 3, "label", 400)):
         for split in ("calibrate", "score"):
@@ -178,7 +177,7 @@ def _decision_world(tmp_path, dim=24):
             same = ((classes[:, 0] == classes[:, 1]) if columns == 2 else
                     np.array([len(set(row)) < 3 for row in classes]))
             header = ",".join([f"image{c + 1}" for c in range(columns)] + [flag])
-            lines = [",".join([pool[i][0] for i in row] + [str(int(s))]) for row, s in zip(picks, same)]
+            lines = [",".join([pool[i][0] for i in row] + [str(int(s))]) for row, s in zip(picks, same, strict=True)]
             csvs[kind, split] = tmp_path / f"{kind}_{split}.csv"
             csvs[kind, split].write_text("\n".join([header] + lines) + "\n")
     return csvs

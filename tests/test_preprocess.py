@@ -12,8 +12,8 @@ import gen_embeddings
 import image_search
 import train_net
 from conftest import FAST
-from embedding_io import read_embeddings, read_header
-from loaders import ImageList, Normalize, load_size, preprocess_on_device
+from deeprank.embedding_io import read_embeddings, read_header
+from deeprank.loaders import ImageList, Normalize, load_size, preprocess_on_device
 
 CPU = torch.device("cpu")
 

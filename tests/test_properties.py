@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import PipelineError
-from embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.common import PipelineError
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 from triplet_sampler import sample_triplets
 
 
@@ -63,4 +63,4 @@ def test_embedding_files_round_trip(tmp_path_factory, rows, dim, data):
             assert np.array_equal(back.vectors, vectors)
         else:  # 7 significant digits
             assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
-                       for a, b in zip(back.vectors.ravel().tolist(), vectors.ravel().tolist()))
+                       for a, b in zip(back.vectors.ravel().tolist(), vectors.ravel().tolist(), strict=True))

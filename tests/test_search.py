@@ -11,12 +11,12 @@ import torch
 
 import gen_embeddings
 import image_search
-import search_index
 import train_net
 import triplet_sampler
-from common import PipelineError
 from conftest import FAST
-from embedding_io import read_embeddings
+from deeprank.common import PipelineError
+from deeprank.embedding_io import read_embeddings
+from deeprank.search import index as search_index
 
 faiss_missing = not search_index.faiss_available()
 needs_faiss = pytest.mark.skipif(faiss_missing, reason="faiss-cpu is not installed (requirements-faiss.txt)")
@@ -103,8 +103,10 @@ def test_queries_searched_in_small_chunks_give_the_results_of_one_chunk(world, t
     folder = world["data"] / "val"
     searched = []  # queries per search call
     search = image_search.Searcher.search
-    monkeypatch.setattr(image_search.Searcher, "search",
-                        lambda self, vectors, *a, **kw: searched.append(len(vectors)) or search(self, vectors, *a, **kw))
+    def counting(self, vectors, *args, **kwargs):
+        searched.append(len(vectors))
+        return search(self, vectors, *args, **kwargs)
+    monkeypatch.setattr(image_search.Searcher, "search", counting)
     results = {}
     for chunk in (3, 10 ** 6):  # 3 queries at a time (passes of 2 images: 4 a chunk), and all at once
         monkeypatch.setattr(image_search, "QUERY_CHUNK", chunk)
@@ -172,7 +174,7 @@ def test_add_round_trip(world, tmp_path, suffix, capsys):
     if first_rows:
         assert gallery.read_bytes().splitlines()[:4] == first_rows
     for path, label, vector in zip(after.paths[len(before):], after.labels[len(before):],
-                                   after.vectors[len(before):]):
+                                   after.vectors[len(before):], strict=True):
         row = val_embedded.index_of(path)
         assert row >= 0 and label == val_embedded.labels[row]
         np.testing.assert_allclose(vector, val_embedded.vectors[row], atol=2e-6)  # as gen_embeddings embeds it
@@ -195,7 +197,7 @@ def test_faiss_recall_on_a_clustered_set_for_both_structures():
                                        structure=structure)
         index = search_index.FaissIndex(raw, gallery)
         distances, rows = index.search(queries, 10)
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), want.tolist())])
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), want.tolist(), strict=True)])
         assert recall >= 0.95, (structure, recall)
         found = rows >= 0
         exact = ((queries[:, None] - gallery[np.where(found, rows, 0)]) ** 2).sum(-1)
@@ -281,8 +283,8 @@ def test_missing_query_is_one_line(world, capsys):
 
 @pytest.fixture(scope="module")
 def client(world):
-    from search_web import create_app
-    from searcher import Searcher
+    from deeprank.search.searcher import Searcher
+    from deeprank.search.web import create_app
     searcher = Searcher(str(world["model"]), str(world["train"]), num_workers=0)
     app = create_app(searcher, k=5, max_upload_mb=1)
     return app.test_client()
@@ -350,7 +352,7 @@ def test_gallery_pages_and_images(client, world):
 
 @pytest.mark.parametrize("path", ["/image/../../../../etc/passwd", "/image/..%2f..%2fetc%2fpasswd",
                                   "/image/%2e%2e/%2e%2e/etc/passwd", "/image//etc/passwd", "/image/-1",
-                                  "/web/search.html", "/searcher.py"])
+                                  "/search.html", "/searcher.py"])
 def test_no_file_outside_the_gallery_is_served(client, path):
     answer = client.get(path)
     assert answer.status_code == 404 and b"root:" not in answer.data and b"import" not in answer.data
@@ -363,7 +365,7 @@ def test_missing_model_is_one_line(tmp_path, world, capsys):
 
 
 def test_searcher_refuses_a_row_outside_the_gallery(world):
-    from searcher import Searcher
+    from deeprank.search.searcher import Searcher
     with pytest.raises(PipelineError, match="not in the gallery"):
         Searcher(str(world["model"]), str(world["train"]), num_workers=0).row_vector(10 ** 6)
 
@@ -392,8 +394,8 @@ def live_server(world):
 
     from werkzeug.serving import make_server
 
-    from search_web import create_app
-    from searcher import Searcher
+    from deeprank.search.searcher import Searcher
+    from deeprank.search.web import create_app
     app = create_app(Searcher(str(world["model"]), str(world["train"]), num_workers=0), k=4)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

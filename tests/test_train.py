@@ -7,15 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-import losses
 import train_net
-from common import PipelineError
 from conftest import FAST as SMALL
 from conftest import read_log
-from deep_rank_net import DeepRank, load_model, save_checkpoint
-from distributed import Cluster
-from loaders import BadImages
-from runtime import compiler_available, resolve_device
+from deep_rank_net import DeepRank
+from deeprank import losses, training
+from deeprank.checkpoints import load_model, save_checkpoint
+from deeprank.common import PipelineError
+from deeprank.distributed import Cluster
+from deeprank.loaders import BadImages
+from deeprank.runtime import compiler_available, resolve_device
 
 FAST = SMALL + ["--batch_size", "16"]
 
@@ -36,12 +37,12 @@ def test_csv_batch_loss_by_hand():
 
 
 def test_lr_schedule():
-    assert train_net.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
-    assert train_net.lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
-    assert train_net.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
-    assert train_net.lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
-    assert train_net.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert train_net.lr_factor(50, 100, 0, "constant") == 1.0
+    assert training.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert training.lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert training.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert training.lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert training.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert training.lr_factor(50, 100, 0, "constant") == 1.0
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints(triplets, tmp_path):
@@ -154,7 +155,7 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
 
     batches = [(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), None, [])] * 5
     bad_images = BadImages("error", None)
-    schedule = train_net.Schedule(optimizer, flags, steps_per_epoch=4, start_epoch=0)
+    schedule = training.Schedule(optimizer, flags, steps_per_epoch=4, start_epoch=0)
     epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, schedule, 0, 4, None, 1,
                                                    bad_images)
     row = epoch.row(1, optimizer.param_groups[0]["lr"])
@@ -162,7 +163,7 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
     assert float(weight.detach()[0]) == pytest.approx(0.8 ** 4)  # four SGD steps on w . w at lr 0.1
     with pytest.raises(PipelineError, match="step 3; training stopped, last good checkpoint: temp_net7.model"):
         train_net.train_one_epoch(Network(2), optimizer, batches, schedule, 0, 4, "temp_net7.model", 1, bad_images)
-    budget = train_net.Schedule(optimizer, SimpleNamespace(**{**vars(flags), "max_minutes": 1e-9}), 4, 0)
+    budget = training.Schedule(optimizer, SimpleNamespace(**{**vars(flags), "max_minutes": 1e-9}), 4, 0)
     epoch, out_of_time = train_net.train_one_epoch(Network(99), optimizer, batches, budget, 0, 4, None, 1,
                                                    bad_images)
     assert out_of_time and epoch.row(1, 0.1)["steps"] == 1
@@ -198,16 +199,16 @@ def test_compiled_frozen_layers_train_like_eager_ones(triplets, tmp_path, capsys
 
 
 def test_compiled_trained_layers_give_the_eager_gradients():
-    """What --compile does to the layers that train on CUDA (train_net.compile_trained_layers),
+    """What --compile does to the layers that train on CUDA (training.compile_trained_layers),
     checked on the CPU: forward and backward through torch.compile match eager."""
     if not compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
-    assert train_net.compile_trained_layers(torch.device("cuda"))
-    assert not train_net.compile_trained_layers(torch.device("cpu"))
+    assert training.compile_trained_layers(torch.device("cuda"))
+    assert not training.compile_trained_layers(torch.device("cpu"))
     torch.manual_seed(0)
     model = DeepRank(backbone="small_cnn", embed_dim=16, image_size=32, trainable="conv5", weights="none")
     trunk, tail = model.frozen_split()
-    layers = train_net.TrainedLayers(model, tail)
+    layers = training.TrainedLayers(model, tail)
     images = torch.randn(6, 3, 32, 32)
     features = trunk(images)
 

@@ -184,7 +184,7 @@ def parse_block(data, size, dim, reserve=None):
         _KERNEL = False
         return None
     try:
-        paths = [data[s:t].decode("utf-8") for s, t in zip(starts.tolist(), tabs[:, 0].tolist())]
+        paths = [data[s:t].decode("utf-8") for s, t in zip(starts.tolist(), tabs[:, 0].tolist(), strict=True)]
         labels = [data[a + 1:b].decode("utf-8") for a, b in tabs.tolist()]
     except UnicodeDecodeError:
         return None

@@ -4,7 +4,7 @@ between stages (triplets, pairs, triples: read, written, and their paths as rows
 embedding array). torch-free, so the data stages start fast; the torch Datasets that load the
 images are in loaders.py.
 
-    dataset = Dataset.from_args(args)            # --data, --layout, --val_fraction, ...
+    dataset = ImageSource.from_args(args)            # --data, --layout, --val_fraction, ...
     paths, labels = dataset.split("train")       # sorted by label, then path
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import PipelineError, RelativeTo, atomic_write, resolve_in
+from deeprank.common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 LAYOUTS = ("tinyimagenet", "imagefolder", "csv")
@@ -194,9 +194,9 @@ def split_by_fraction(paths, labels, val_fraction, seed):
     return chosen
 
 
-class Dataset:
+class ImageSource:
     """A dataset of any layout as (paths, labels) per split ('train', 'val', 'test'), each sorted
-    by label, then path (the order the samplers need). Build it with Dataset.from_args(args)."""
+    by label, then path (the order the samplers need). Build it with ImageSource.from_args(args)."""
 
     def __init__(self, data, layout=None, val_fraction=0.2, split_seed=0, path_column="filename",
                  label_column="label", image_root=None, top_classes=0, per_class=0):
@@ -308,7 +308,7 @@ class Dataset:
         """{split: (paths, labels)} sorted by label, then path."""
         out = {}
         for name, indices in chosen.items():
-            rows = sorted(((labels[i], paths[i]) for i in indices))
+            rows = sorted((labels[i], paths[i]) for i in indices)
             out[name] = ([_checked_name(p) for _, p in rows], [label for label, _ in rows])
         return out
 
@@ -319,7 +319,7 @@ class Dataset:
             return None
         relative_to = RelativeTo(path)
         rows = [(relative_to(p), label, name) for name in SPLITS if name in self._splits
-                for p, label in zip(*self._splits[name])]
+                for p, label in zip(*self._splits[name], strict=True)]
         with atomic_write(path, newline="") as handle:
             pd.DataFrame(rows, columns=list(SELECTION_COLUMNS)).to_csv(handle, index=False, lineterminator="\n")
         return path
@@ -473,7 +473,8 @@ def write_image_csv(path, columns, paths, rows, flag=None):
 def readable_triplets(columns, embedded):
     """(the triplets whose three images are all in `embedded` (a dict or set of paths), how many
     were left out): a triplet naming a skipped image cannot be scored."""
-    keep = np.array([q in embedded and p in embedded and n in embedded for q, p, n in zip(*columns)], dtype=bool)
+    keep = np.array([q in embedded and p in embedded and n in embedded for q, p, n in zip(*columns, strict=True)],
+                    dtype=bool)
     return tuple(column[keep] for column in columns), int((~keep).sum())
 
 

@@ -6,8 +6,8 @@ image_search.py --grid draw with it).
 
 from PIL import Image, ImageDraw
 
-from common import atomic_write
-from loaders import load_rgb
+from deeprank.common import atomic_write
+from deeprank.loaders import load_rgb
 
 CELL = 96       # thumbnail side in pixels
 PAD = 4

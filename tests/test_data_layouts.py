@@ -11,17 +11,17 @@ import pytest
 import gen_embeddings
 import train_net
 import triplet_sampler
-from common import PipelineError
 from conftest import FAST
-from datasets import Dataset, detect_layout, list_split
-from embedding_io import read_embeddings
+from deeprank.common import PipelineError
+from deeprank.datasets import ImageSource, detect_layout, list_split
+from deeprank.embedding_io import read_embeddings
 
 
 def as_imagefolder(prepared, root, splits=True):
     """The prepared synthetic TinyImageNet tree as an ImageFolder export: ROOT/<split>/<class>/*.JPEG
     (or ROOT/<class>/*.JPEG with splits=False, train and val pooled)."""
     for split in ("train", "val"):
-        for path, label in zip(*list_split(prepared, split)):
+        for path, label in zip(*list_split(prepared, split), strict=True):
             folder = root / split / label if splits else root / label
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, folder / f"{split}_{Path(path).name}")
@@ -33,7 +33,7 @@ def as_label_csv(prepared, root, split_column=True, names=None):
     (root / "img").mkdir(parents=True)
     rows = []
     for split in ("train", "val"):
-        for path, label in zip(*list_split(prepared, split)):
+        for path, label in zip(*list_split(prepared, split), strict=True):
             name = f"{split}_{Path(path).name}"
             shutil.copy(path, root / "img" / name)
             rows.append({"filename": f"img/{name}", "label": (names or {}).get(label, label), "split": split})
@@ -61,27 +61,29 @@ def test_layouts_are_detected_and_refused_clearly(prepared_master, tmp_path):
 def test_every_layout_reads_into_the_same_lists(prepared_master, tmp_path):
     """Same images, same labels, same splits, whatever the layout."""
     names = {label: f"kind {i}, ü" for i, label in enumerate(sorted(set(list_split(prepared_master, "train")[1])))}
-    sources = {"imagefolder": Dataset(as_imagefolder(prepared_master, tmp_path / "if")),
-               "csv": Dataset(as_label_csv(prepared_master, tmp_path / "csv", names=names))}
+    sources = {"imagefolder": ImageSource(as_imagefolder(prepared_master, tmp_path / "if")),
+               "csv": ImageSource(as_label_csv(prepared_master, tmp_path / "csv", names=names))}
     for split in ("train", "val"):
         paths, labels = list_split(prepared_master, split)
-        expected = sorted((names[label], f"{split}_{Path(path).name}") for path, label in zip(paths, labels))
+        expected = sorted((names[label], f"{split}_{Path(path).name}")
+                          for path, label in zip(paths, labels, strict=True))
         for layout, dataset in sources.items():
             got_paths, got_labels = dataset.split(split)
             got_labels = [names.get(label, label) for label in got_labels]  # imagefolder keeps folder names
-            assert sorted(zip(got_labels, [Path(p).name for p in got_paths])) == expected, layout
+            assert sorted(zip(got_labels, [Path(p).name for p in got_paths], strict=True)) == expected, layout
             assert got_labels == sorted(got_labels), layout  # grouped by label, as the samplers need
 
 
 def test_layouts_without_splits_hold_out_a_share_of_each_class(prepared_master, tmp_path):
-    for dataset in (Dataset(as_imagefolder(prepared_master, tmp_path / "flat", splits=False), val_fraction=0.25),
-                    Dataset(as_label_csv(prepared_master, tmp_path / "csv", split_column=False), val_fraction=0.25)):
+    flat = as_imagefolder(prepared_master, tmp_path / "flat", splits=False)
+    csv = as_label_csv(prepared_master, tmp_path / "csv", split_column=False)
+    for dataset in (ImageSource(flat, val_fraction=0.25), ImageSource(csv, val_fraction=0.25)):
         train, val = dataset.split("train"), dataset.split("val")
         assert not set(train[0]) & set(val[0]) and len(train[0]) + len(val[0]) == 4 * 16
         assert all(val[1].count(label) == 4 for label in set(val[1]))  # 25% of each class's 16
-        again = Dataset(dataset.data, val_fraction=0.25).split("val")
+        again = ImageSource(dataset.data, val_fraction=0.25).split("val")
         assert again == val  # deterministic
-        assert Dataset(dataset.data, val_fraction=0.25, split_seed=1).split("val")[0] != val[0]
+        assert ImageSource(dataset.data, val_fraction=0.25, split_seed=1).split("val")[0] != val[0]
 
 
 def test_top_classes_selection_round_trip(prepared_master, tmp_path):
@@ -97,23 +99,23 @@ def test_top_classes_selection_round_trip(prepared_master, tmp_path):
     assert list(chosen.columns) == ["filename", "label", "split"]
     assert chosen["label"].nunique() == 3 and (chosen["label"].value_counts() == 10).all()
     assert frame["label"].iloc[0] not in set(chosen["label"])  # the smallest class is the one left out
-    reused = Dataset(selection)
-    first = Dataset(csv, top_classes=3, per_class=10)
+    reused = ImageSource(selection)
+    first = ImageSource(csv, top_classes=3, per_class=10)
     for split in ("train", "val"):
         assert reused.split(split) == first.split(split)
 
 
 def test_top_classes_and_per_class_select_in_folder_layouts_too(prepared_master, tmp_path):
     """TinyImageNet and ImageFolder trees with split folders honour the selection as CSVs do."""
-    full = Dataset(prepared_master)
-    chosen = Dataset(prepared_master, top_classes=2, per_class=3)
+    full = ImageSource(prepared_master)
+    chosen = ImageSource(prepared_master, top_classes=2, per_class=3)
     train, val = chosen.split("train"), chosen.split("val")
     assert len(train[0]) == 6 and sorted(set(train[1])) == sorted(set(full.split("train")[1]))[:2]  # ties by name
     assert set(val[1]) == set(train[1]) and len(val[0]) == 6  # the train split's classes, K of each
     assert set(train[0]) <= set(full.split("train")[0])
     selection = tmp_path / "s.csv"
     assert chosen.write_selection(selection) == selection
-    again = Dataset(selection)
+    again = ImageSource(selection)
     assert again.split("train") == train and again.split("val") == val
 
 
@@ -135,10 +137,10 @@ def test_bad_label_csvs(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("file,label\na.jpg,x\n")
     with pytest.raises(PipelineError, match="no column filename .*--path_column"):
-        Dataset(csv).split("train")
+        ImageSource(csv).split("train")
     csv.write_text("filename,label,split\na.jpg,x,train\nb.jpg,y,holdout\n")
     with pytest.raises(PipelineError, match="split column holds 'holdout'"):
-        Dataset(csv).split("train")
+        ImageSource(csv).split("train")
     csv.write_text("filename,label\na.jpg,x\nb.jpg,\n")
     with pytest.raises(PipelineError, match="line 3 has an empty filename or label"):
-        Dataset(csv).split("train")
+        ImageSource(csv).split("train")

@@ -2,7 +2,7 @@
 flags that several stages take, the default file names between stages, and the path and
 atomic-write rules of every file the pipeline writes.
 
-    from common import PipelineError, data_flag, print_args, run_cli
+    from deeprank.common import PipelineError, data_flag, print_args, run_cli
 
 Path rule: a relative path inside a file (triplet CSVs, embedding files) is relative to *that
 file's folder*, never to the current working directory, so the files work from anywhere and

@@ -18,8 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import PipelineError
-from runtime import resolve_device
+from deeprank.common import PipelineError
+from deeprank.runtime import resolve_device
 
 TIMEOUT_MINUTES = 30  # a collective that waits longer than this fails (a rank that hangs, not one that died)
 
@@ -90,7 +90,7 @@ class Cluster:
             padded = torch.cat([padded, pad], 1)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous())
-        parts = [part[:, :size] for part, size in zip(parts, all_sizes)]
+        parts = [part[:, :size] for part, size in zip(parts, all_sizes, strict=True)]
         if grad:
             parts[self.rank] = local
         return torch.cat(parts, 1).reshape(-1, *x.shape[1:])

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PipelineError, atomic_write
-from embedding_io import read_npy_header
-from metrics import knn
+from deeprank.common import PipelineError, atomic_write
+from deeprank.embedding_io import read_npy_header
+from deeprank.metrics import knn
 
 INDEX_KINDS = ("auto", "exact", "faiss")
 AUTO_EXACT_ROWS = 200_000  # --index auto: exact search below this many gallery rows, faiss from there
@@ -195,8 +195,8 @@ def index_paths(gallery):
 def gallery_stamp(gallery, rows):
     """What the side file records: each gallery file's size and modification time, and the rows."""
     stats = [os.stat(f) for f in gallery_files(gallery)]
-    return {"files": [[Path(f).name, s.st_size, s.st_mtime_ns] for f, s in zip(gallery_files(gallery), stats)],
-            "rows": int(rows)}
+    files = zip(gallery_files(gallery), stats, strict=True)
+    return {"files": [[Path(f).name, s.st_size, s.st_mtime_ns] for f, s in files], "rows": int(rows)}
 
 
 def save_faiss(index, gallery, rows):
@@ -294,7 +294,7 @@ def open_index(gallery, vectors, kind="auto", nprobe=NPROBE, log=print):
     index = load_fresh_faiss(gallery, len(vectors))
     if index is None:
         log(f"indexing {len(vectors)} gallery rows with faiss (saved to {index_paths(gallery)[0]})")
-        sample = lambda count, seed: random_rows(row_source(vectors, gallery), count, seed)  # noqa: E731
+        sample = lambda count, seed: random_rows(row_source(vectors, gallery), count, seed)  # noqa: E731 - a one-line helper, named for the lines below
         index = build_faiss(row_blocks(vectors, gallery), len(vectors), vectors.shape[1], sample)
         save_faiss(index, gallery, len(vectors))
     return FaissIndex(index, row_source(vectors, gallery), nprobe)

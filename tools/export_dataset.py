@@ -4,7 +4,7 @@ a flat ImageFolder tree (OUT/<class>/*, no split folders), or a label CSV (OUT/l
 filename,label,split and the images in OUT/images/). Images are hard-linked where the file
 system allows (no copy), else copied. Labels are the words.txt names when present.
 
-    python bench/export_dataset.py --data tiny-imagenet-mini --out mini-imagefolder --to imagefolder
+    python -m tools.export_dataset --data tiny-imagenet-mini --out mini-imagefolder --to imagefolder
 """
 
 import argparse
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from deeprank.common import PipelineError, run_cli
+from deeprank.datasets import list_split
 
-from common import PipelineError, run_cli  # noqa: E402
-from datasets import list_split  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def link(source, target):
@@ -55,7 +54,7 @@ def main(argv=None):
     names = class_names(args.data)
     rows = []
     for split in ("train", "val"):
-        for path, wnid in zip(*list_split(args.data, split)):
+        for path, wnid in zip(*list_split(args.data, split), strict=True):
             label = names.get(wnid, wnid)
             name = f"{split}_{Path(path).name}"
             if args.to == "csv":

@@ -15,24 +15,19 @@ import sys
 
 import torch
 
-from common import NUM_WORKERS, PipelineError
 from deep_rank_net import PooledFeatures, l2n, unwrap
-from loaders import BadImages, ImageList, Normalize, image_batch, load_size, make_loader
+from deeprank.common import NUM_WORKERS, PipelineError
+from deeprank.loaders import BadImages, ImageList, Normalize, image_batch, load_size, make_loader
 
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
-# --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type.
-# CPU: ~20 s of compiling against 2.5x on 37 img/s with bf16 (README speed table); an fp32 CPU breaks even at
-# about the same work for resnet101 (1,900 images warm, 3,200 cold; README, "Whole jobs on this CPU"). CUDA:
-# ~40 s of compiling against an eager forward of thousands of images a second: a few hundred thousand images
-# (an estimate from the H100 figures in the README, not a measurement of the break-even point).
+# --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type:
+# on a CPU about the break-even measured for resnet101; on CUDA an estimate, not a measurement (README, "Whole
+# jobs on this CPU" and "A busy GPU").
 COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
-# Images per forward pass where no flag chooses. A CPU runs a network fastest on passes of about 16 images at
-# 224 px (their activations stay in cache), and on more images of smaller ones; measured on this project's
-# 2-core fp32 CPU (README, "Whole jobs on this CPU"): efficientnet_lite0 at 160 px 56.9 img/s at 16, 58.9 at
-# 32, 37.7 at 64; resnet18 at 64 px 175 at 16, 223 at 64; whole jobs with resnet101 at 224 px 1.13x faster
-# at 16 than at 64. So a CPU pass holds CPU_PASS_PIXELS (16 images of 224 px), at most BATCH images, also
-# through frozen layers when a training batch is larger. CUDA passes BATCH (64, not measured).
+# Images per forward pass where no flag chooses: a CPU pass holds CPU_PASS_PIXELS (16 images of 224 px, more of
+# smaller ones, at most BATCH), also through frozen layers when a training batch is larger, the sizes measured
+# fastest there (README, "Whole jobs on this CPU"); CUDA passes BATCH (not measured).
 BATCH = 64
 CPU_PASS_PIXELS = 16 * 224 * 224
 TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image

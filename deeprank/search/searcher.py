@@ -16,13 +16,22 @@ import threading
 
 import numpy as np
 
-from common import PipelineError, file_digest
-from deep_rank_net import load_model
-from embedding_io import check_finite, read_embeddings, read_header
-from loaders import BadImages
-from runtime import (COMPILE, TTA_CHOICES, TTA_PASSES, default_batch, embed_batches, precision,
-                     prepare, resolve_device, want_compile)
-from search_index import NPROBE, ExactIndex, choose_kind, open_index
+from deeprank.checkpoints import load_model
+from deeprank.common import PipelineError, file_digest
+from deeprank.embedding_io import check_finite, read_embeddings, read_header
+from deeprank.loaders import BadImages
+from deeprank.runtime import (
+    COMPILE,
+    TTA_CHOICES,
+    TTA_PASSES,
+    default_batch,
+    embed_batches,
+    precision,
+    prepare,
+    resolve_device,
+    want_compile,
+)
+from deeprank.search.index import NPROBE, ExactIndex, choose_kind, open_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
 DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16", "preprocess": "cpu"}
@@ -143,9 +152,10 @@ class Searcher:
         gallery = self.load_gallery()
         distances, rows = self.index.search(vectors, k, exclude=exclude)
         results = []
-        for dist, found in zip(distances.tolist(), rows.tolist()):
+        for dist, found in zip(distances.tolist(), rows.tolist(), strict=True):
+            hits = enumerate(zip(dist, found, strict=True), start=1)
             results.append([{"rank": rank, "distance": d, "label": gallery.labels[row], "path": gallery.paths[row],
-                             "row": row} for rank, (d, row) in enumerate(zip(dist, found), start=1) if row >= 0])
+                             "row": row} for rank, (d, row) in hits if row >= 0])
         return results
 
     def row_vector(self, row):

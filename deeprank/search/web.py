@@ -1,6 +1,6 @@
 """The search page of image_search.py --serve: a small Flask app over a Searcher.
 
-    GET  /                          the page (web/search.html: plain HTML and JavaScript)
+    GET  /                          the page (search.html beside this module: plain HTML and JavaScript)
     GET  /api/info                  gallery size, model, index, k
     POST /api/search                multipart field "image": its k nearest gallery images
     GET  /api/search?row=N          the k nearest of gallery image N (itself left out)
@@ -21,10 +21,10 @@ from pathlib import Path
 from flask import Flask, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from common import PipelineError
-from loaders import BadImages, load_rgb
+from deeprank.common import PipelineError
+from deeprank.loaders import BadImages, load_rgb
 
-PAGE = Path(__file__).resolve().parent / "web" / "search.html"
+PAGE = Path(__file__).resolve().parent / "search.html"
 THUMBNAIL = 256  # longest side of a served image, in pixels
 PER_PAGE = 48    # gallery browser
 
@@ -34,18 +34,12 @@ def create_app(searcher, k=10, max_upload_mb=20):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb) << 20
     gallery = searcher.load_gallery()
-    searcher.index  # build or load the index now, not on the first request
+    _ = searcher.index  # build or load the index now, not on the first request
 
     def hits(results):
         return [{**{key: hit[key] for key in ("rank", "distance", "label", "row")},
                  "path": os.path.relpath(hit["path"], os.path.dirname(os.path.abspath(searcher.gallery_path))),
                  "url": f"/image/{hit['row']}"} for hit in results]
-
-    def want_k():
-        value = request.values.get("k", str(k))
-        if not value.isdigit() or not 1 <= int(value) <= 1000:
-            raise BadRequest(f"k must be a whole number from 1 to 1000, not {value!r}")
-        return int(value)
 
     @app.errorhandler(HTTPException)
     def http_error(err):
@@ -74,7 +68,7 @@ def create_app(searcher, k=10, max_upload_mb=20):
         if not data:
             raise BadRequest("the upload is empty")
         vectors = embed_upload(searcher, data, upload.filename or "upload")
-        return jsonify(results=hits(searcher.search(vectors, want_k())[0]))
+        return jsonify(results=hits(searcher.search(vectors, requested_k(k))[0]))
 
     @app.get("/api/search")
     def search_row():
@@ -82,7 +76,7 @@ def create_app(searcher, k=10, max_upload_mb=20):
         if not row.isdigit() or int(row) >= len(gallery):
             raise BadRequest(f"row must be a gallery row from 0 to {len(gallery) - 1}, not {row!r}", 404)
         row = int(row)
-        results = searcher.search(searcher.row_vector(row), want_k(), exclude=[row])[0]
+        results = searcher.search(searcher.row_vector(row), requested_k(k), exclude=[row])[0]
         return jsonify(query={"row": row, "label": gallery.labels[row], "url": f"/image/{row}"},
                        results=hits(results))
 
@@ -101,17 +95,30 @@ def create_app(searcher, k=10, max_upload_mb=20):
     def image(row):
         if row >= len(gallery):
             raise BadRequest(f"no gallery image {row}", 404)
-        try:
-            picture = load_rgb(gallery.paths[row])
-        except PipelineError as err:
-            raise BadRequest(str(err), 404) from None
-        picture.thumbnail((THUMBNAIL, THUMBNAIL))
-        out = io.BytesIO()
-        picture.save(out, format="JPEG", quality=90)
-        out.seek(0)
-        return send_file(out, mimetype="image/jpeg", max_age=3600)
+        return send_file(thumbnail_jpeg(gallery.paths[row]), mimetype="image/jpeg", max_age=3600)
 
     return app
+
+
+def requested_k(default):
+    """The request's k (neighbours to return), checked; default when it names none."""
+    value = request.values.get("k", str(default))
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise BadRequest(f"k must be a whole number from 1 to 1000, not {value!r}")
+    return int(value)
+
+
+def thumbnail_jpeg(path):
+    """A gallery image as a JPEG of at most THUMBNAIL pixels a side, in memory (404 if unreadable)."""
+    try:
+        picture = load_rgb(path)
+    except PipelineError as err:
+        raise BadRequest(str(err), 404) from None
+    picture.thumbnail((THUMBNAIL, THUMBNAIL))
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=90)
+    out.seek(0)
+    return out
 
 
 class BadRequest(Exception):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import BAD_IMAGE_POLICIES, PREPROCESS_CHOICES, PipelineError, atomic_write, first_line
+from deeprank.common import BAD_IMAGE_POLICIES, PREPROCESS_CHOICES, PipelineError, atomic_write, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,7 +131,7 @@ class TripletImages(torch.utils.data.Dataset):
 
     def __init__(self, q, p, n, image_size, augment=None):
         self.images = ImageList([], image_size, augment)
-        self.rows = list(zip(q, p, n))
+        self.rows = list(zip(q, p, n, strict=True))
 
     def __len__(self):
         return len(self.rows)
@@ -146,7 +146,7 @@ class PairImages(torch.utils.data.Dataset):
 
     def __init__(self, first, second, same, image_size, augment=None):
         self.images = ImageList([], image_size, augment)
-        self.rows = list(zip(first, second))
+        self.rows = list(zip(first, second, strict=True))
         self.same = [int(x) for x in same]
 
     def __len__(self):
@@ -381,7 +381,7 @@ class Normalize:
         # ColorJitter(0.2, 0.2, 0.2): brightness, contrast, saturation factors in [0.8, 1.2], each
         # a blend with black, the image's mean grey, and its grey image
         luma = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
-        factor = lambda: self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)  # noqa: E731
+        factor = lambda: self._uniform(n, 0.8, 1.2).view(n, 1, 1, 1)  # noqa: E731 - a one-line helper, named for the lines below
         out = out * factor()
         mean_gray = (out * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         out = mean_gray + (out - mean_gray) * factor()

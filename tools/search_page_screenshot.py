@@ -4,25 +4,22 @@ Serves --gallery with --model on a free localhost port, uploads --query through 
 file input, waits for the results' thumbnails, and saves the window as a PNG. Needs Debian's
 chromium and chromedriver (tests/install_browser.sh) and selenium (requirements-dev.txt).
 
-    python bench/search_page_screenshot.py --model m.model --gallery g.npy --query q.jpg --out docs/search_page.png
+    python -m tools.search_page_screenshot --model m.model --gallery g.npy --query q.jpg --out docs/search_page.png
 """
 
 import argparse
 import shutil
-import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from werkzeug.serving import make_server
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
-
-from search_web import create_app  # noqa: E402
-from searcher import Searcher  # noqa: E402
+from deeprank.search.searcher import Searcher
+from deeprank.search.web import create_app
 
 
 def main():

@@ -13,6 +13,7 @@ this module) or, failing that, by numpy's C parser on every core.
     embeddings = read_embeddings("train_embedding.txt")   # .paths, .labels, .vectors (N, D)
 """
 
+import itertools
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-import fastparse
-from common import PipelineError, RelativeTo, atomic_write, resolve_in
+from deeprank import fastparse
+from deeprank.common import PipelineError, RelativeTo, atomic_write, resolve_in
 
 EMBEDDING_MAGIC = "# deep-ranking embeddings v1"
 OLD_SOURCE_SUFFIX = re.compile(r" (layer|tta)=(\w+)$")
@@ -100,7 +101,7 @@ def parse_embedding_header(line, path):
 def check_names(paths, labels):
     """Refuse a path or label that the format cannot hold (a tab or a line break in it), before
     anything is embedded."""
-    for path, label in zip(paths, labels):
+    for path, label in zip(paths, labels, strict=True):
         for kind, text in (("image path", path), ("label", label)):
             if "\t" in text or "\n" in text or "\r" in text:
                 raise PipelineError(f"the {kind} {text!r} holds a tab or a line break, which an embedding file "
@@ -170,7 +171,7 @@ class EmbeddingWriter:
         after its header) before the rows written next: how a gallery grows."""
         existing = Path(existing)
         names = paths_file_of(existing) if self.binary else existing
-        with open(names, "r", encoding="utf-8", newline="\n") as handle:
+        with open(names, encoding="utf-8", newline="\n") as handle:
             handle.readline()
             shutil.copyfileobj(handle, self._handle, 1 << 24)  # every row our writer wrote ends in a newline
         if self.binary:
@@ -184,13 +185,14 @@ class EmbeddingWriter:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(paths):
             raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
-        names = [f"{self._relative(p)}\t{label}" for p, label in zip(paths, labels)]
+        names = [f"{self._relative(p)}\t{label}" for p, label in zip(paths, labels, strict=True)]
         if self.binary:
             self._raw.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
             self._handle.write("".join(f"{name}\n" for name in names))
         else:
             row = self._row
-            self._handle.write("".join(f"{name}\t{row % tuple(v)}\n" for name, v in zip(names, vectors.tolist())))
+            lines = zip(names, vectors.tolist(), strict=True)
+            self._handle.write("".join(f"{name}\t{row % tuple(v)}\n" for name, v in lines))
         self.count += len(names)
 
 
@@ -262,7 +264,7 @@ def _parse_compiled(path, begin, end, dim, chunk_bytes):
                     buf[size] = 10
                 cut = size = size + 1
             if cut:
-                part = fastparse.parse_block(buf, cut, dim, lambda n: rows.take(n, cut))
+                part = fastparse.parse_block(buf, cut, dim, lambda n, cut=cut: rows.take(n, cut))
                 if part is None:
                     return None
                 paths += part[0]
@@ -303,7 +305,7 @@ def _line_ranges(path, begin, end, pieces):
             handle.readline()  # to the start of the next line
             cuts.append(min(handle.tell(), end))
     cuts.append(end)
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def _parse_parallel(path, ranges, dim, chunk_bytes):
@@ -379,7 +381,7 @@ def read_header(path):
     names = paths_file_of(path) if path.suffix.lower() == ".npy" else path
     if not names.is_file():
         raise PipelineError(f"embedding file {names} does not exist; rerun gen_embeddings.py first")
-    with open(names, "r", encoding="utf-8", errors="replace", newline="\n") as handle:
+    with open(names, encoding="utf-8", errors="replace", newline="\n") as handle:
         return parse_embedding_header(handle.readline(), names)
 
 
@@ -390,7 +392,7 @@ def _read_npy_embeddings(path, mmap=False):
     names = paths_file_of(path)
     if not names.is_file():
         raise PipelineError(f"{names} (the paths and labels of {path}) does not exist; {rerun}")
-    with open(names, "r", encoding="utf-8", newline="\n") as handle:
+    with open(names, encoding="utf-8", newline="\n") as handle:
         header = parse_embedding_header(handle.readline(), names)
         rows = handle.read().splitlines()
     paths, labels = [], []

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common import PipelineError
+from deeprank.common import PipelineError
 
 CHUNK_ELEMENTS = 1 << 25     # distance-matrix block size in floats (128 MB of float32)
 KNN_PRECISIONS = ("fp32", "bf16")  # fp32: exact search | bf16: bf16 products, fp32 sums

@@ -1,0 +1,246 @@
+"""Training, shared by train_net.py's parts: the three modes a run trains in (CSV triplets, CSV
+pairs, P x K batches with online mining), the optimiser and learning-rate schedule, the layers
+that train, and an epoch's running statistics.
+
+    mode = training_mode(args)          # its dataset, batch layout and loss, decided once
+    loss, stats = mode.loss(embeddings, labels, args)
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from deeprank.common import PipelineError
+from deeprank.datasets import ImageSource, check_images_exist, read_pair_csv, read_triplet_csv, unique_in_order
+from deeprank.distributed import Cluster
+from deeprank.loaders import (
+    LabelledImages,
+    PairImages,
+    PKBatchSampler,
+    TripletImages,
+    labelled_batch,
+    pair_batch,
+    triplet_batch,
+)
+from deeprank.losses import pair_loss, ranking_loss
+
+MOMENTUM = 0.9             # SGD / RMSprop momentum
+OPTIMS = ("sgd", "adam", "rms")
+
+
+# ----------------------------------------------------------------------------- modes
+
+class CsvTriplets:
+    """--mining none, --loss triplet: rows of a triplet CSV; a batch is B queries | B positives |
+    B negatives (columns first), and the loss takes the rows' own triplets."""
+
+    unit, columns, label_columns = "triplets", 3, 1
+
+    def __init__(self, args, empty_ok):
+        self.rows = read_triplet_csv(args.triplets)
+        check_images_exist(unique_in_order(*self.rows), args.triplets, empty_ok=empty_ok)
+        self.images_per_batch, self.collate, self.sampler, self.source = 3 * args.batch_size, triplet_batch, None, None
+
+    def dataset(self, size, augment):
+        q, p, n = self.rows
+        return TripletImages(q, p, n, size(q), augment)
+
+    def loss(self, emb, labels, args):
+        return ranking_loss(emb, None, args.mining, args.margin, args.distance, args.soft_margin)
+
+
+class CsvPairs:
+    """--mining none, --loss contrastive: rows of a pair CSV; a batch is B first | B second images,
+    and its labels are the rows' same flags."""
+
+    unit, columns, label_columns = "pairs", 2, 1
+
+    def __init__(self, args, empty_ok):
+        self.rows = read_pair_csv(args.pairs)
+        check_images_exist(unique_in_order(*self.rows[:2]), args.pairs, empty_ok=empty_ok)
+        self.images_per_batch, self.collate, self.sampler, self.source = 2 * args.batch_size, pair_batch, None, None
+
+    def dataset(self, size, augment):
+        first, second, same = self.rows
+        return PairImages(first, second, same, size(first), augment)
+
+    def loss(self, emb, same, args):
+        return pair_loss(emb, None, same, args.margin)
+
+
+class PKBatches:
+    """--mining batch_*: P classes x K images of --data's train split a batch, labelled by class;
+    the loss mines its triplets (or, contrastive, takes every pair) inside the batch."""
+
+    columns = label_columns = 1
+
+    def __init__(self, args, empty_ok):
+        self.source = ImageSource.from_args(args)
+        self.paths, labels = self.source.split("train")
+        self.codes = np.unique(np.asarray(labels), return_inverse=True)[1]
+        self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
+        self.images_per_batch, self.collate = args.classes_per_batch * args.images_per_class, labelled_batch
+        self.unit = "pairs" if args.loss == "contrastive" else "triplets"
+
+    def dataset(self, size, augment):
+        return LabelledImages(self.paths, self.codes, size(self.paths), augment)
+
+    def loss(self, emb, labels, args):
+        if args.loss == "contrastive":
+            return pair_loss(emb, labels, None, args.margin)
+        return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
+
+
+def training_mode(args):
+    """The mode of a run's flags: its inputs read and checked (every listed image exists)."""
+    mode = PKBatches if args.mining != "none" else CsvPairs if args.loss == "contrastive" else CsvTriplets
+    return mode(args, empty_ok=args.on_bad_image == "skip")
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+
+def parameter_groups(model, lr, head_lr_mult=1.0):
+    """Optimiser groups: trainable backbone layers at lr, the new layers (heads, branches) at lr * mult."""
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
+    owned = {id(p) for p in model.features.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+    groups = [{"params": head, "lr": lr * head_lr_mult}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr})
+    return groups
+
+
+def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM, fused=False):
+    """The original's three optimisers; weight decay is the paper's L2 regularisation. fused: one
+    kernel for the whole update (CUDA; SGD and Adam)."""
+    extra = {"fused": True} if fused else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay, **extra)
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
+    if name == "rms":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise PipelineError(f"unknown --optim {name}; choose {', '.join(OPTIMS)}")
+
+
+def build_optimizer(model, args, ckpt):
+    """The optimiser over the trainable layers, with --resume's state when there is one."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    optimizer = make_optimizer(args.optim, parameter_groups(model, args.lr, args.head_lr_mult), args.lr,
+                               args.weight_decay, fused=cuda)
+    if ckpt is not None and ckpt.get("optimizer"):
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise PipelineError(f"{args.resume}'s optimizer state does not fit --optim {args.optim} "
+                                f"--trainable {args.trainable} ({err}); resume with the run's flags") from None
+    return optimizer
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule):
+    """Learning-rate multiplier at a global step: linear warm-up, then constant or cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class Schedule:
+    """The learning rate of each global step. With --max_minutes the run's length in steps is
+    re-estimated every step from the pace so far, so a cosine schedule spans the time budget."""
+
+    def __init__(self, optimizer, args, steps_per_epoch, start_epoch, cluster=None):
+        self.optimizer, self.kind, self.start_step = optimizer, args.schedule, start_epoch * steps_per_epoch
+        self.cluster = cluster or Cluster()
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.total_steps = steps_per_epoch * args.epochs
+        self.warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+        self.budget = args.max_minutes * 60
+        self.start = time.perf_counter()
+
+    def set_lr(self, step):
+        """Set every group's learning rate for global step `step`."""
+        if self.budget:
+            spent = self.spent()
+            done = step - self.start_step
+            self.total_steps = max(step + 1, int(step + (self.budget - spent) * done / max(spent, 1e-9)))
+        factor = lr_factor(step, self.total_steps, self.warmup_steps, self.kind)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def spent(self):
+        """Seconds since the start; under torchrun the slowest rank's, so every rank agrees."""
+        return self.cluster.maximum(time.perf_counter() - self.start)
+
+    def out_of_time(self):
+        return bool(self.budget) and self.spent() >= self.budget
+
+
+# ----------------------------------------------------------------------------- the layers that train
+
+class TrainedLayers(torch.nn.Module):
+    """The layers that train, as one module (what DistributedDataParallel wraps): the trainable
+    backbone layers after the frozen trunk, then the head."""
+
+    def __init__(self, model, tail):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, features, images):
+        return self.model.head(self.tail(features), images)
+
+
+def compile_trained_layers(device):
+    """Whether the layers that train are compiled too (forward and backward) when compiling: on
+    CUDA only; on a CPU it did not repay its compiling time (README, "Speed benchmarks")."""
+    return device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- one epoch's statistics
+
+class EpochStats:
+    """Running totals of one epoch's steps; row() is its line in the log."""
+
+    def __init__(self):
+        self.losses, self.d_pos, self.d_neg, self.distill = [], [], [], []
+        self.active = self.count = self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss, stats, images):
+        """Count one step: its loss, the loss's stats, the images it saw."""
+        self.losses.append(loss)
+        self.active += stats["active"]
+        self.count += stats["count"]
+        self.d_pos.append(stats["d_pos"])
+        self.d_neg.append(stats["d_neg"])
+        if "distill" in stats:
+            self.distill.append(stats["distill"])
+        self.images += images
+
+    def postfix(self):
+        """The progress bar's loss (last 50 steps) and images per second."""
+        return {"loss": f"{np.mean(self.losses[-50:]):.4f}",
+                "img_s": f"{self.images / (time.perf_counter() - self.start):.1f}"}
+
+    def row(self, epoch, lr):
+        """The epoch's metrics (epoch counted from 1)."""
+        elapsed = time.perf_counter() - self.start
+        row = {"epoch": epoch, "steps": len(self.losses),
+               "loss": float(np.mean(self.losses)) if self.losses else None,
+               "active_share": self.active / max(1, self.count),
+               "zero_loss_share": 1 - self.active / max(1, self.count),
+               "mean_pos_distance": float(np.nanmean(self.d_pos)) if self.d_pos else None,
+               "mean_neg_distance": float(np.nanmean(self.d_neg)) if self.d_neg else None,
+               "seconds": round(elapsed, 2), "images_per_s": round(self.images / max(elapsed, 1e-9), 2), "lr": lr}
+        if self.distill:
+            row["distill_kl"] = float(np.mean(self.distill))
+        return row
+
+
+def collapsed(row):
+    """Whether an epoch's embedding has collapsed: every distance near zero."""
+    return max(row["mean_pos_distance"], row["mean_neg_distance"]) < 1e-3

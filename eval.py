@@ -17,12 +17,14 @@ broken by reference order (earlier rows of the train file first).
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deeprank.class_names import ClassNames
 from deeprank.common import (
     TEST_EMBEDDINGS,
     TRAIN_EMBEDDINGS,
@@ -70,21 +72,29 @@ DECISION_KEYS = ("pair_accuracy", "pair_precision", "pair_recall", "pair_f1", "p
 
 # ----------------------------------------------------------------------------- pictures
 
-def save_query_grid(path, query_path, query_label, ranked):
-    """PNG: the query, then its nearest and farthest references, captioned with class and distance
-    (green: the query's class, red: another).
+def save_query_grid(path, query_path, query_label, ranked, names=None):
+    """PNG: the query, then its nearest and farthest references, captioned with class (its name,
+    where names knows one) and distance (green: the query's class, red: another).
 
     ranked: {"nearest": [(path, label, distance)], "farthest": [...]}.
     """
+    names = names or ClassNames()
     rows = []
     for title in ("nearest", "farthest"):
-        rows.append([(query_path, f"query ({title})", "black")] + [
-            (p, f"{lab}\nd={dist:.3f}", "green" if lab == query_label else "red") for p, lab, dist in ranked[title]])
+        rows.append([(query_path, f"query ({title})\n{names.name(query_label) or query_label}", "black")] + [
+            (p, f"{names.name(lab) or lab}\nd={dist:.3f}", "green" if lab == query_label else "red")
+            for p, lab, dist in ranked[title]])
     save_captioned_grid(path, rows)
 
 
-def show_queries(train, test, count, folder, seed=0):
-    """Save grids for `count` test queries spread over the file; returns the PNG paths."""
+def safe_name(text):
+    """A file name without spaces, commas or other characters a shell or a URL would need quoted."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "query"
+
+
+def show_queries(train, test, count, folder, seed=0, names=None):
+    """Save grids for `count` test queries spread over the file (captions: class names where names
+    knows them); returns the PNG paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     picks = np.random.default_rng(seed).choice(len(test), size=min(count, len(test)), replace=False)
@@ -99,8 +109,8 @@ def show_queries(train, test, count, folder, seed=0):
         order = valid[torch.sort(d[valid], stable=True).indices]
         ranked = {title: [(train.paths[j], train.labels[j], float(d[j])) for j in rows.tolist()]
                   for title, rows in (("nearest", order[:10]), ("farthest", order.flip(0)[:10]))}
-        name = f"{i:05d}_{test.labels[i]}_{Path(test.paths[i]).stem}.png"
-        save_query_grid(folder / name, test.paths[i], test.labels[i], ranked)
+        name = safe_name(f"{i:05d}_{test.labels[i]}_{Path(test.paths[i]).stem}") + ".png"
+        save_query_grid(folder / name, test.paths[i], test.labels[i], ranked, names)
         written.append(folder / name)
     return written
 
@@ -142,6 +152,9 @@ def build_parser():
     parser.add_argument("--json", default=None, help="also write the metrics here (fractions in [0, 1])")
     parser.add_argument("--show", type=non_negative_int, default=SHOW, help="save N query grids (default: %(default)s)")
     parser.add_argument("--show_dir", default=SHOW_DIR, help="folder for --show PNGs (default: %(default)s)")
+    parser.add_argument("--class_names", default=None, metavar="FILE",
+                        help="id<TAB>name lines naming the labels in --show's captions (default: TinyImageNet's "
+                             "words.txt, found from the image paths; without names, labels stand for themselves)")
     parser.add_argument("--pairs", default=None,
                         help="pair CSV (image1,image2,same) to decide: same class when the distance is below the "
                              "threshold; its images are looked up in the embedding files")
@@ -286,7 +299,8 @@ def main(argv=None):
             handle.write("\n")
         print(f"wrote {args.json}")
     if args.show > 0:
-        written = show_queries(train, test, args.show, args.show_dir, args.seed)
+        names = ClassNames.for_paths(train.paths + test.paths, args.class_names)
+        written = show_queries(train, test, args.show, args.show_dir, args.seed, names)
         print(f"saved {len(written)} query grids to {args.show_dir}/")
     return 0
 

@@ -109,6 +109,7 @@ def plan_outputs(args):
         dataset, labels = ImageSource.from_args(args), {}
         for split, out in splits:
             paths, split_labels = dataset.split(split)
+            check_images_exist(paths, f"--data {args.data} ({split})", empty_ok=args.on_bad_image == "skip")
             labels.update(zip(paths, split_labels, strict=True))
             plans.append((out, paths, None))
         return plans, labels, dataset
@@ -251,8 +252,8 @@ def main(argv=None):
 
 def embed_run(args, cluster, device):
     """The run, once the process (group) is up: rank 0 alone prints and writes the outputs."""
+    plans, label_of, dataset = plan_outputs(args)  # every listed image checked before the model loads
     model, ckpt = load_model(args.model)
-    plans, label_of, dataset = plan_outputs(args)
     args.batch_size = args.batch_size or default_batch(device, model.image_size)
     if cluster.main:
         print_args("gen_embeddings.py", args, precision=precision(device, not args.no_amp))

@@ -38,6 +38,7 @@ from deeprank.common import (
 )
 from deeprank.datasets import class_of, images_in
 from deeprank.embedding_io import EmbeddingWriter, check_names, read_embeddings
+from deeprank.loaders import BadImages
 from deeprank.pictures import save_captioned_grid
 from deeprank.search.index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
 from deeprank.search.searcher import Searcher
@@ -49,6 +50,7 @@ QUERY_CHUNK = 1024  # query images embedded, then searched, at a time (a folder 
 PORT = 8000         # --serve
 HOST = "127.0.0.1"  # --serve binds to this machine only unless told otherwise
 MAX_UPLOAD_MB = 20  # --serve: larger uploads are refused
+LABEL_WIDTH = 32    # the printout's label column (a longer class name is cut short)
 # ----------------------------------------------------------------
 
 
@@ -72,6 +74,9 @@ def build_parser():
       help="faiss IVF cells searched per query: more finds more of the true neighbours, slower "
            "(default: %(default)s)")
     a("--force", action="store_true", help="search a gallery that another checkpoint wrote")
+    a("--class_names", default=None, metavar="FILE",
+      help="id<TAB>name lines naming the gallery's labels (default: TinyImageNet's words.txt, found from the gallery's "
+           "image paths; without names, labels stand for themselves)")
     a("--batch_size", type=positive_int, default=BATCH_SIZE,
       help="images per forward pass (default: 64 on CUDA; on a CPU 16 at 224 px, more for smaller images, at most 64)")
     mode = parser.add_mutually_exclusive_group()
@@ -88,9 +93,23 @@ def build_parser():
                            help="--pair: the pair_threshold that eval.py --pairs --calibrate wrote to its --json")
     a("--host", default=HOST, help="--serve: address to listen on (default: %(default)s, this machine only)")
     a("--port", type=non_negative_int, default=PORT, help="--serve: port (default: %(default)s)")
+    a("--dev_server", action="store_true",
+      help="--serve: Flask's development server instead of waitress (for debugging the page)")
     a("--max_upload_mb", type=positive_int, default=MAX_UPLOAD_MB,
       help="--serve: largest upload accepted (default: %(default)s MB)")
     return parser
+
+
+SERVE_FLAGS = ("host", "port", "max_upload_mb", "dev_server")
+SEARCH_FLAGS = ("k", "exclude_self", "json", "grid", "index", "nprobe", "class_names")
+
+
+def unused_flags(args):
+    """The flags this run does not read (left out of its printed arguments)."""
+    unused = ("threshold", "threshold_from") if not args.pair else SEARCH_FLAGS
+    if not args.serve:
+        unused += SERVE_FLAGS
+    return unused + (() if args.queries else ("queries",))
 
 
 def check_args(parser, args):
@@ -102,6 +121,8 @@ def check_args(parser, args):
         parser.error("give query images or folders (or --pair A B, --add IMAGES, --serve)")
     if (args.threshold is not None or args.threshold_from) and not args.pair:
         parser.error("--threshold and --threshold_from go with --pair")
+    if args.dev_server and not args.serve:
+        parser.error("--dev_server goes with --serve")
     for path in filter(None, (args.json, args.grid)):
         check_output_path(path)
 
@@ -115,10 +136,17 @@ def search_queries(searcher, args, chunk):
     paths = images_in(args.queries, "QUERY")
     gallery = searcher.load_gallery()
     print(f"{len(paths)} queries against {len(gallery)} gallery images ({describe(searcher.index)})")
-    for vectors, kept in searcher.embed_chunks(paths, rows=chunk):
+    if args.k > len(gallery) - int(args.exclude_self):
+        print(f"warning: --k {args.k} is more than the {len(gallery) - int(args.exclude_self)} gallery images a query "
+              f"can get; each gets them all", file=sys.stderr)
+    skipped = BadImages(args.on_bad_image, None)
+    for vectors, kept in searcher.embed_chunks(paths, skipped, rows=chunk):
         exclude = gallery.rows_of(kept) if args.exclude_self else None
         yield [{"query": query, "results": results}
                for query, results in zip(kept, searcher.search(vectors, args.k, exclude), strict=True)]
+    if skipped.found:  # --on_bad_image skip: say which queries were left out
+        shown = ", ".join(f"{path} ({reason})" for path, reason in sorted(skipped.found.items())[:10])
+        print(f"warning: skipped {len(skipped.found)} unreadable query image(s): {shown}", file=sys.stderr)
 
 
 def describe(index):
@@ -129,14 +157,27 @@ def print_results(found, stream=None):
     stream = stream or sys.stdout
     for item in found:
         print(f"\nquery: {item['query']}", file=stream)
-        print(f"{'rank':>5}  {'distance':>10}  {'label':<20} path", file=stream)
+        print(f"{'rank':>5}  {'distance':>10}  {'label':<{LABEL_WIDTH}} path", file=stream)
         for hit in item["results"]:
-            print(f"{hit['rank']:>5}  {hit['distance']:>10.6f}  {hit['label']:<20} {hit['path']}", file=stream)
+            print(f"{hit['rank']:>5}  {hit['distance']:>10.6f}  {shown(hit):<{LABEL_WIDTH}} {hit['path']}", file=stream)
+
+
+def shown(hit, width=LABEL_WIDTH):
+    """A hit's class as printed, at most `width` characters: its name (cut short with '…' where
+    needed) and id, or the label alone."""
+    if not hit.get("name"):
+        return hit["label"]
+    text = f"{hit['name']} ({hit['label']})"
+    if len(text) <= width:
+        return text
+    room = max(1, width - len(hit["label"]) - 4)
+    return f"{hit['name'][:room]}… ({hit['label']})"
 
 
 def write_json(path, found):
-    """[{"query": path, "results": [{"rank", "distance", "label", "path"}]}], atomically."""
-    keys = ("rank", "distance", "label", "path")
+    """[{"query": path, "results": [{"rank", "distance", "label", "name", "path"}]}], atomically (name: the
+    label's class name, or null)."""
+    keys = ("rank", "distance", "label", "name", "path")
     clean = [{"query": item["query"], "results": [{key: hit[key] for key in keys} for hit in item["results"]]}
              for item in found]
     with atomic_write(path) as handle:
@@ -144,13 +185,29 @@ def write_json(path, found):
         handle.write("\n")
 
 
-def save_grid(path, found):
-    """One row per query: the query, then its neighbours captioned with label and distance."""
-    rows = [[(item["query"], f"query\n{class_of(item['query'])}", "black")] +
-            [(hit["path"], f"{hit['label']}\nd={hit['distance']:.3f}",
-              "green" if hit["label"] == class_of(item["query"]) else "red") for hit in item["results"]]
-            for item in found]
+def save_grid(path, found, gallery):
+    """One row per query: the query, then its neighbours captioned with class and distance, green
+    where a neighbour has the query's label and red where not; without a known label (see
+    query_label), no colour."""
+    labels = set(gallery.labels)
+    rows = []
+    for item in found:
+        label = query_label(item["query"], gallery, labels)
+        rows.append([(item["query"], f"query\n{label or ''}", "black")] +
+                    [(hit["path"], f"{hit['name'] or hit['label']}\nd={hit['distance']:.3f}",
+                      "black" if label is None else "green" if hit["label"] == label else "red")
+                     for hit in item["results"]])
     save_captioned_grid(path, rows)
+
+
+def query_label(query, gallery, labels):
+    """A query's label where it is known: its own gallery row's, else its class folder's name when
+    the gallery has that label (an image of a labelled tree); None otherwise."""
+    row = gallery.index_of(query)
+    if row >= 0:
+        return gallery.labels[row]
+    folder = class_of(query)
+    return folder if folder in labels else None
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -175,6 +232,9 @@ def read_threshold(args):
 def compare_pair(searcher, args):
     """The squared distance between two images and, with a threshold, same or different."""
     threshold = read_threshold(args)
+    for item in args.pair:
+        if os.path.isdir(item):
+            raise PipelineError(f"--pair {item} is a folder; --pair takes two image files")
     paths = images_in(args.pair, "--pair")
     if len(paths) != 2:
         raise PipelineError("--pair needs two different image files")
@@ -184,6 +244,9 @@ def compare_pair(searcher, args):
     if threshold is not None:
         print(f"{'same' if distance < threshold else 'different'} "
               f"(threshold {threshold:.6g}: same class when the distance is below it)")
+    else:
+        print("no threshold: to decide same or different, pass --threshold T, or --threshold_from metrics.json that "
+              "eval.py --pairs PAIRS --calibrate OTHER_PAIRS --json metrics.json wrote")
 
 
 # ----------------------------------------------------------------------------- adding
@@ -226,15 +289,15 @@ def main(argv=None):
         faiss_module()  # a clear message now, not after embedding
     pair_gallery = args.gallery if not args.pair or os.path.exists(args.gallery) else None
     searcher = Searcher(args.model, pair_gallery, args.device, args.index, args.nprobe, args.force, args.batch_size,
-                        args.num_workers, args.on_bad_image)
-    print_args("image_search.py", args, precision=searcher.precision)
+                        args.num_workers, args.on_bad_image, names_file=args.class_names)
+    print_args("image_search.py", args, skip=unused_flags(args), precision=searcher.precision)
     if args.pair:
         compare_pair(searcher, args)
     elif args.add:
         add_to_gallery(searcher, args)
     elif args.serve:
         from deeprank.search.web import serve
-        serve(searcher, args.host, args.port, args.k, args.max_upload_mb)
+        serve(searcher, args.host, args.port, args.k, args.max_upload_mb, args.dev_server)
     else:
         found = []
         for chunk in search_queries(searcher, args, QUERY_CHUNK):
@@ -244,7 +307,7 @@ def main(argv=None):
             write_json(args.json, found)
             print(f"wrote {args.json}")
         if args.grid:
-            save_grid(args.grid, found)
+            save_grid(args.grid, found, searcher.load_gallery())
             print(f"saved {args.grid}")
     return 0
 

@@ -38,7 +38,6 @@ from deeprank.common import (
     SAMPLE_FILES,
     TRAIN_TRIPLETS,
     PipelineError,
-    atomic_write,
     bad_image_flag,
     check_output_path,
     dataset_flags,
@@ -88,7 +87,9 @@ from deeprank.training import (
     collapsed,
     compile_trained_layers,
     training_mode,
+    unused_flags,
 )
+from deeprank.training_log import LOG_EVERY, TrainingLog, check_tensorboard
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -180,6 +181,11 @@ def build_parser():
            "enough to repay compiling (default: %(default)s)")
     a("--max_minutes", type=non_negative_float, default=0,
       help="stop training after this many minutes (0: no limit); a cosine schedule then spans the budget")
+    a("--log_every", type=positive_int, default=LOG_EVERY,
+      help="a step record in the log (and, when stdout is not a terminal, a progress line) every N steps, and at "
+           "least every 30 s (default: %(default)s)")
+    a("--tensorboard", default=None, metavar="DIR",
+      help="also write the log's scalars for TensorBoard into DIR (needs: pip install tensorboard)")
     a("--sync_bn", action="store_true",
       help="under torchrun on GPUs: batch norm statistics over the whole global batch (SyncBatchNorm), as one "
            "process would compute them; without it each process normalises its own share")
@@ -192,6 +198,7 @@ def check_flags(args, cluster, device):
     and under torchrun the global batch's split into equal shares (P x K: whole classes)."""
     with model_errors():
         check_image_size(args.image_size)
+    check_tensorboard(args.tensorboard)
     if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
         raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
                             f"P x K batch (--mining batch_all), not --mining {args.mining}")
@@ -328,10 +335,12 @@ class Network:
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good, total_epochs, bad_images):
+def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good, total_epochs, bad_images,
+                    log=None):
     """Train one epoch of at most `steps` steps; (EpochStats, stopped for the time budget).
     A non-finite loss stops the run, naming the last good checkpoint; unreadable images go to
-    bad_images (which stops the run or leaves them out of their batch)."""
+    bad_images (which stops the run or leaves them out of their batch); log (rank 0's TrainingLog)
+    gets every step, to write step records."""
     stats = EpochStats()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="step", dynamic_ncols=True,
                leave=False, disable=None if network.cluster.main else True)
@@ -352,6 +361,8 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
         optimizer.step()
         stats.add(loss.item(), batch_stats, batch_stats.pop("images"))
         bar.set_postfix(stats.postfix())
+        if log is not None:
+            log.step(epoch, step + 1, steps, epoch * steps + step + 1, stats, optimizer.param_groups[0]["lr"])
         if schedule.out_of_time():
             out_of_time = True
             break
@@ -417,8 +428,10 @@ def train(args, out, cluster, device):
     log_path = folder / f"{out.stem}_log.jsonl"
     say = print if cluster.main else (lambda *a, **k: None)
 
-    # --- inputs, all checked before anything is written
+    # --- inputs, all checked before anything is written (the arguments printed first: reading can take a while)
     check_flags(args, cluster, device)
+    if cluster.main:
+        print_args("train_net.py", args, skip=unused_flags(args), precision=precision(device, not args.no_amp))
     ckpt = load_checkpoint(args.resume) if args.resume else None
     model, start_epoch = build_model(args, ckpt)
     if args.sync_bn:
@@ -430,9 +443,6 @@ def train(args, out, cluster, device):
                            empty_ok=args.on_bad_image == "skip")
     model = prepare(model, device)
     optimizer = build_optimizer(model, args, ckpt)
-
-    if cluster.main:
-        print_args("train_net.py", args, precision=precision(device, not args.no_amp))
     say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
         f"{'on' if precision(device, not args.no_amp) == 'bf16' else 'off'}, {data.description}, "
         f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
@@ -441,7 +451,8 @@ def train(args, out, cluster, device):
     network = Network(model, args, mode, device, local_batch, local_batch * steps * (args.epochs - start_epoch),
                       cluster)
     config, metrics, last_good = dict(vars(args)), {}, args.resume
-    log = earlier_log(log_path, start_epoch)
+    log = TrainingLog(log_path, earlier_log(log_path, start_epoch), folder / f"{out.stem}_curves.png", config,
+                      args.log_every, args.tensorboard) if cluster.main else None
     if cluster.main and mode.source is not None and mode.source.write_selection(folder / f"{out.stem}_selection.csv"):
         print(f"wrote the --top_classes / --per_class selection to {folder / f'{out.stem}_selection.csv'}")
     bad_images = BadImages(args.on_bad_image, folder / f"{out.stem}_bad_images.txt" if cluster.main else None)
@@ -452,7 +463,7 @@ def train(args, out, cluster, device):
         loader = data.loader(epoch, device, cluster)
         network.normalize.reseed(args.seed * 100003 + epoch * 1009 + cluster.rank)  # --preprocess device's draws
         stats, out_of_time = train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good,
-                                             args.epochs, bad_images)
+                                             args.epochs, bad_images, log)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])
         metrics["world_size"] = cluster.world_size
         bad_images.merge(cluster.gather_objects(bad_images.found))  # every rank's skips, for rank 0's report
@@ -463,9 +474,7 @@ def train(args, out, cluster, device):
             save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
             if args.keep_last and epoch + 1 - args.keep_last >= 1:
                 (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
-            log.append(metrics)
-            with atomic_write(log_path) as handle:  # a run that fails or is killed never leaves half a log
-                handle.write("".join(json.dumps(row) + "\n" for row in log))
+            log.epoch(metrics, (epoch + 1) * steps)
             report_epoch(metrics, args.epochs, bad_images.write_report() and bad_images.summary(), mode.unit)
         last_good = str(temp)
         if out_of_time:  # every rank at the same step: the ranks agree on the time spent
@@ -474,7 +483,8 @@ def train(args, out, cluster, device):
 
     if cluster.main:
         save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
-        print(f"wrote {out} (log: {log_path})")
+        log.close()
+        print(f"wrote {out} (log: {log_path}, curves: {log.curves_path})")
     cluster.barrier()  # every rank ends after rank 0 has written the model
     return 0
 

@@ -37,6 +37,7 @@ from deeprank.datasets import (
     PAIR_COLUMNS,
     TRIPLE_COLUMNS,
     ImageSource,
+    check_images_exist,
     need_classes,
     write_image_csv,
     write_triplet_csv,
@@ -176,9 +177,10 @@ def sample_pairs(labels, count, seed=0):
     total, same_wanted = len(codes), count // 2
     if len(sizes) < 2 or sizes.max() < 2:
         raise PipelineError("pairs need at least two classes and a class with two images")
-    if same_wanted > int((sizes * (sizes - 1) // 2).sum()):
-        raise PipelineError(f"--count {count} asks for {same_wanted} same-class pairs; the split has fewer; "
-                            f"lower --count")
+    available = int((sizes * (sizes - 1) // 2).sum())
+    if same_wanted > available:
+        raise PipelineError(f"--count {count} asks for {same_wanted} same-class pairs (half of the pairs); the split "
+                            f"has {available}; pass --count {2 * available} or less")
     eligible = np.flatnonzero(sizes[codes] >= 2)
 
     def same_round(rng):
@@ -267,7 +269,9 @@ def main(argv=None):
     start = time.perf_counter()
     dataset = ImageSource.from_args(args)
     paths, labels = dataset.split(split)
-    need_classes(labels, dataset.root(split), count=3 if args.kind == "triples" else 2)
+    # a listed image must be a file (an empty one is the later stages' --on_bad_image to decide)
+    check_images_exist(paths, f"--data {args.data} ({split})", empty_ok=True)
+    need_classes(labels, dataset.root(split), count=3 if args.kind == "triples" else 2, kind=args.kind)
     if args.kind == "triplets":
         num_pos, num_neg = args.num_pos_images or NUM_POS_IMAGES, args.num_neg_images or NUM_NEG_IMAGES
         rows, short = sample_triplets(labels, num_pos, num_neg, args.seed)

@@ -157,13 +157,15 @@ def preprocess_flag():
                         "CUDA (default: %(default)s)")
 
 
-def print_args(stage, args, stream=None, **resolved):
-    """Print a stage's arguments once, sorted, so a log shows exactly what ran; resolved: values the
-    stage decided from them and the machine (e.g. precision=bf16), printed among them."""
+def print_args(stage, args, stream=None, skip=(), **resolved):
+    """Print a stage's arguments once, sorted, so a log shows exactly what ran; skip: flags this run
+    does not read (left out); resolved: values the stage decided from them and the machine (e.g.
+    precision=bf16), printed among them."""
     stream = stream or sys.stdout
     print(f"{stage} arguments:", file=stream)
     for key, value in sorted({**vars(args), **resolved}.items()):
-        print(f"  {key}: {value}", file=stream)
+        if key not in skip:
+            print(f"  {key}: {value}", file=stream)
 
 
 # ----------------------------------------------------------------------------- paths and files

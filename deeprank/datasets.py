@@ -8,7 +8,9 @@ images are in loaders.py.
     paths, labels = dataset.split("train")       # sorted by label, then path
 """
 
+import contextlib
 import os
+import stat
 import sys
 import zlib
 from pathlib import Path
@@ -138,12 +140,12 @@ def _images_by_class(root, class_dirs):
     return paths, labels
 
 
-def need_classes(labels, root, count=2):
-    """Refuse a split with fewer than `count` classes, naming its folder."""
+def need_classes(labels, root, count=2, kind="triplets"):
+    """Refuse a split with fewer than `count` classes for `kind` (triplets, pairs, triples), naming its folder."""
     found = sorted(set(labels))
     if len(found) < count:
         raise PipelineError(f"{root} has {len(found)} class folder(s) with images ({', '.join(found)}); "
-                            f"triplets need at least {count} classes: check --data")
+                            f"{kind} need at least {count} classes: check --data")
 
 
 def read_wnids(data):
@@ -220,7 +222,7 @@ class ImageSource:
 
     def split(self, name):
         """(paths, labels) of one split, sorted by label then path; an error when it is empty."""
-        if self.layout == "tinyimagenet" or (self.layout == "imagefolder" and (self.data / "train").is_dir()):
+        if self._split_folders():
             return self._split_folder(name)
         if self._splits is None:
             self._splits = self._read_csv() if self.layout == "csv" else self._read_flat_folder()
@@ -229,6 +231,10 @@ class ImageSource:
             raise PipelineError(f"{self.data} has no {name} images (layout {self.layout}, --val_fraction "
                                 f"{self.val_fraction}); check --data")
         return paths, labels
+
+    def _split_folders(self):
+        """Whether the splits are folders (TinyImageNet, ImageFolder with train/ and val/)."""
+        return self.layout == "tinyimagenet" or (self.layout == "imagefolder" and (self.data / "train").is_dir())
 
     def _split_folder(self, name):
         """A split folder's images (TinyImageNet, ImageFolder with train/ and val/), selected by
@@ -317,6 +323,11 @@ class ImageSource:
         as a CSV that --data can take again; returns its path, or None when nothing was selected."""
         if not (self.top_classes or self.per_class) or not self._splits:
             return None
+        if self._split_folders():  # every split folder, not only the ones this run read
+            for name in SPLITS:
+                if (self.data / name).is_dir():
+                    with contextlib.suppress(PipelineError):  # e.g. a val/ not yet transformed: left out
+                        self._split_folder(name)
         relative_to = RelativeTo(path)
         rows = [(relative_to(p), label, name) for name in SPLITS if name in self._splits
                 for p, label in zip(*self._splits[name], strict=True)]
@@ -426,16 +437,21 @@ def unique_in_order(*arrays):
 
 
 def check_images_exist(paths, source, limit=10, empty_ok=False):
-    """Fail with up to `limit` missing (or, unless empty_ok, empty) image files listed, before any
-    training or embedding starts: one stat per file, no decoding."""
-    missing, empty = [], []
+    """Fail with up to `limit` missing, not-a-file (a folder) or, unless empty_ok, empty image files
+    listed, before any model loads, training or embedding starts: one stat per file, no decoding."""
+    missing, folders, empty = [], [], []
     for path in paths:
         try:
-            if os.stat(path).st_size == 0:
-                empty.append(path)
+            status = os.stat(path)
         except OSError:
             missing.append(path)
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            folders.append(path)
+        elif status.st_size == 0:
+            empty.append(path)
     for found, what, fix in ((missing, "do not exist", "fix --data or rerun triplet_sampler.py"),
+                             (folders, "are not files (folders?)", "name image files, not folders"),
                              ([] if empty_ok else empty, "are empty files",
                               "replace them, or pass --on_bad_image skip to leave them out")):
         if found:

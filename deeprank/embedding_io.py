@@ -134,9 +134,11 @@ class EmbeddingWriter:
         self.path = Path(path)
         self.dim = int(dim)
         self.binary = self.path.suffix.lower() == ".npy"
+        self._relative = RelativeTo(self.path)
+        # a checkpoint path is written relative to this file, like every other path in it
+        model = self._relative(model) if model and os.path.isabs(str(model)) else model
         self._header = embedding_header(dim, normalized, model, source)
         self._text = atomic_write(paths_file_of(self.path) if self.binary else self.path)
-        self._relative = RelativeTo(self.path)
         self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
         self.count = 0
 

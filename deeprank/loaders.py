@@ -253,15 +253,20 @@ class PKBatchSampler(torch.utils.data.Sampler):
     draw depends only on (seed, epoch): set_epoch() makes resumed runs replay it.
     """
 
-    def __init__(self, labels, classes_per_batch, images_per_class, seed=0):
+    def __init__(self, labels, classes_per_batch, images_per_class, seed=0, source="--data"):
         names, codes = np.unique(np.asarray(labels), return_inverse=True)
         self.members = [np.flatnonzero(codes == c) for c in range(len(names))]
         self.eligible = np.array([c for c, m in enumerate(self.members) if len(m) >= 2])
         if images_per_class < 2:
             raise PipelineError("--images_per_class must be at least 2 (a positive needs a partner)")
-        if classes_per_batch < 2 or len(self.eligible) < classes_per_batch:
-            raise PipelineError(f"--classes_per_batch {classes_per_batch} needs that many classes with >= 2 images "
-                                f"(found {len(self.eligible)}) and at least 2")
+        found = len(self.eligible)
+        if found < 2:
+            raise PipelineError(f"{source} has {found} class(es) with 2 or more images; P x K batches need at least "
+                                f"2: check --data")
+        if classes_per_batch < 2 or found < classes_per_batch:
+            raise PipelineError(f"--classes_per_batch {classes_per_batch}: P x K batches need 2 to {found} classes "
+                                f"(the classes of {source} with 2 or more images); pass --classes_per_batch {found} "
+                                f"or less")
         self.p, self.k, self.seed, self.epoch = classes_per_batch, images_per_class, seed, 0
         self.batches = max(1, len(labels) // (classes_per_batch * images_per_class))
 

@@ -31,12 +31,16 @@ OPTIMS = ("sgd", "adam", "rms")
 
 
 # ----------------------------------------------------------------------------- modes
+# the dataset flags (common.dataset_flags) that the CSV modes do not read
+DATASET_FLAGS = ("data", "layout", "val_fraction", "split_seed", "path_column", "label_column", "image_root",
+                 "top_classes", "per_class")
 
 class CsvTriplets:
     """--mining none, --loss triplet: rows of a triplet CSV; a batch is B queries | B positives |
     B negatives (columns first), and the loss takes the rows' own triplets."""
 
     unit, columns, label_columns = "triplets", 3, 1
+    unused = ("pairs", "classes_per_batch", "images_per_class") + DATASET_FLAGS  # flags it does not read
 
     def __init__(self, args, empty_ok):
         self.rows = read_triplet_csv(args.triplets)
@@ -56,6 +60,7 @@ class CsvPairs:
     and its labels are the rows' same flags."""
 
     unit, columns, label_columns = "pairs", 2, 1
+    unused = ("triplets", "classes_per_batch", "images_per_class", "distance", "soft_margin") + DATASET_FLAGS
 
     def __init__(self, args, empty_ok):
         self.rows = read_pair_csv(args.pairs)
@@ -75,12 +80,15 @@ class PKBatches:
     the loss mines its triplets (or, contrastive, takes every pair) inside the batch."""
 
     columns = label_columns = 1
+    unused = ("triplets", "pairs", "batch_size")
 
     def __init__(self, args, empty_ok):
         self.source = ImageSource.from_args(args)
         self.paths, labels = self.source.split("train")
         self.codes = np.unique(np.asarray(labels), return_inverse=True)[1]
-        self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed)
+        check_images_exist(self.paths, f"--data {args.data} (train)", empty_ok=empty_ok)
+        self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed,
+                                      f"--data {self.source.root('train')}")
         self.images_per_batch, self.collate = args.classes_per_batch * args.images_per_class, labelled_batch
         self.unit = "pairs" if args.loss == "contrastive" else "triplets"
 
@@ -93,10 +101,19 @@ class PKBatches:
         return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
 
 
+def mode_of(args):
+    """The mode class a run's flags choose."""
+    return PKBatches if args.mining != "none" else CsvPairs if args.loss == "contrastive" else CsvTriplets
+
+
+def unused_flags(args):
+    """The flags this run does not read (its mode's, and --distill's temperature without --distill)."""
+    return mode_of(args).unused + (() if args.distill else ("distill_temperature",))
+
+
 def training_mode(args):
     """The mode of a run's flags: its inputs read and checked (every listed image exists)."""
-    mode = PKBatches if args.mining != "none" else CsvPairs if args.loss == "contrastive" else CsvTriplets
-    return mode(args, empty_ok=args.on_bad_image == "skip")
+    return mode_of(args)(args, empty_ok=args.on_bad_image == "skip")
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
@@ -207,6 +224,7 @@ class EpochStats:
 
     def __init__(self):
         self.losses, self.d_pos, self.d_neg, self.distill = [], [], [], []
+        self.actives, self.counts = [], []
         self.active = self.count = self.images = 0
         self.start = time.perf_counter()
 
@@ -215,11 +233,24 @@ class EpochStats:
         self.losses.append(loss)
         self.active += stats["active"]
         self.count += stats["count"]
+        self.actives.append(stats["active"])
+        self.counts.append(stats["count"])
         self.d_pos.append(stats["d_pos"])
         self.d_neg.append(stats["d_neg"])
         if "distill" in stats:
             self.distill.append(stats["distill"])
         self.images += images
+
+    def window(self, since):
+        """The means of the steps after the first `since` of this epoch (a step record's figures)."""
+        d_pos, d_neg = self.d_pos[since:], self.d_neg[since:]
+        return {"loss": float(np.mean(self.losses[since:])),
+                "active_share": sum(self.actives[since:]) / max(1, sum(self.counts[since:])),
+                "mean_pos_distance": float(np.nanmean(d_pos)) if d_pos else None,
+                "mean_neg_distance": float(np.nanmean(d_neg)) if d_neg else None}
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
 
     def postfix(self):
         """The progress bar's loss (last 50 steps) and images per second."""

@@ -119,6 +119,22 @@ def test_top_classes_and_per_class_select_in_folder_layouts_too(prepared_master,
     assert again.split("train") == train and again.split("val") == val
 
 
+@pytest.mark.parametrize("layout", ["tinyimagenet", "imagefolder"])
+def test_a_train_only_run_keeps_the_val_images_in_its_selection(prepared_master, tmp_path, layout):
+    """triplet_sampler --training 1 reads only train/, yet its selection lists every split, so that
+    reusing it as --data gives the same images and splits again (gen_embeddings needs val)."""
+    data = prepared_master if layout == "tinyimagenet" else as_imagefolder(prepared_master, tmp_path / "if")
+    out = tmp_path / "t.csv"
+    assert triplet_sampler.main(["--data", str(data), "--training", "1", "--top_classes", "2", "--per_class", "3",
+                                 "--out", str(out)]) == 0
+    chosen = pd.read_csv(tmp_path / "t_selection.csv")
+    assert (chosen["split"].value_counts().to_dict()) == {"train": 6, "val": 6}
+    first = ImageSource(data, top_classes=2, per_class=3)
+    reused = ImageSource(tmp_path / "t_selection.csv")
+    for split in ("train", "val"):
+        assert reused.split(split) == first.split(split)
+
+
 def test_stages_run_on_a_label_csv(prepared_master, tmp_path):
     names = {label: f"class {i}" for i, label in enumerate(sorted(set(list_split(prepared_master, "train")[1])))}
     csv = as_label_csv(prepared_master, tmp_path / "csv", names=names)

@@ -332,3 +332,9 @@ def test_without_numba_the_numpy_parser_reads(tmp_path, monkeypatch):
     assert not fastparse.available()
     back = read_embeddings(out, fast=True)
     assert back.paths == paths and np.abs(back.vectors - vectors).max() < 1e-6
+
+
+def test_query_grid_file_names_hold_no_spaces_or_commas():
+    name = evaluation.safe_name("00001_Yorkshire terrier, 433_n02094433_12")
+    assert name == "00001_Yorkshire_terrier_433_n02094433_12"
+    assert evaluation.safe_name(" , ") == "query"

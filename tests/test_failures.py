@@ -125,6 +125,31 @@ def test_skip_leaves_unreadable_images_out_and_reports_them(dataset_with_bad_ima
     assert listed == {str(victim), str(bomb)}
 
 
+def test_every_stage_that_reads_data_checks_its_files_before_the_model_loads(dataset_with_bad_image, tmp_path):
+    data, _, _, victim = dataset_with_bad_image
+    spoil(victim, "empty")
+    missing_model = tmp_path / "no_such.model"  # were the model read first, this would be the error
+    with pytest.raises(PipelineError, match=f"empty files: .*{victim.name}.*--on_bad_image skip"):
+        gen_embeddings.main(["--model", str(missing_model), "--data", str(data), "--split", "train",
+                             "--train_out", str(tmp_path / "e.txt")])
+    with pytest.raises(PipelineError, match=f"--data {data} \\(train\\) are empty files: .*{victim.name}"):
+        train_net.main(FAST + ["--data", str(data), "--mining", "batch_all", "--classes_per_batch", "2",
+                               "--images_per_class", "2", "--out", str(tmp_path / "m.model")])
+    assert not (tmp_path / "e.txt").exists() and not (tmp_path / "m.model").exists()
+
+
+def test_a_label_csv_row_naming_a_folder_is_refused_by_the_sampler(prepared_master, tmp_path):
+    paths, labels = list_split(prepared_master, "train")
+    rows = [f"{p},{label}" for p, label in zip(paths, labels, strict=True)]
+    rows[3] = f"{Path(paths[3]).parent},{labels[3]}"  # a folder where an image belongs
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PipelineError, match="are not files \\(folders\\?\\): .*name image files, not folders"):
+        triplet_sampler.main(["--data", str(csv), "--training", "1", "--val_fraction", "0.2",
+                              "--out", str(tmp_path / "t.csv")])
+    assert not (tmp_path / "t.csv").exists()
+
+
 def test_empty_image_is_refused_before_training_starts(dataset_with_bad_image, tmp_path):
     _, train, _, victim = dataset_with_bad_image
     spoil(victim, "empty")

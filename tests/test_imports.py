@@ -11,13 +11,14 @@ import pytest
 from conftest import ROOT
 
 STAGES = {"synthetic_data", "transform_validation", "triplet_sampler", "train_net", "gen_embeddings", "eval",
-          "image_search"}
+          "image_search", "plot_log"}
 MODEL = "deep_rank_net"  # the architecture, at the root beside the stages
 # package module -> the package modules it may import (its place in the one-way order)
 PACKAGE = {
     "deeprank.common": set(),
     "deeprank.fastparse": set(),
     "deeprank.datasets": {"deeprank.common"},
+    "deeprank.class_names": {"deeprank.common"},
     "deeprank.embedding_io": {"deeprank.common", "deeprank.fastparse"},
     "deeprank.loaders": {"deeprank.common"},
     "deeprank.losses": set(),
@@ -25,12 +26,15 @@ PACKAGE = {
     "deeprank.checkpoints": {"deeprank.common"},
     "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
+    "deeprank.curves": {"deeprank.common"},
+    "deeprank.training_log": {"deeprank.common", "deeprank.curves"},
     "deeprank.training": {"deeprank.common", "deeprank.datasets", "deeprank.distributed", "deeprank.loaders",
                           "deeprank.losses"},
     "deeprank.pictures": {"deeprank.common", "deeprank.loaders"},
     "deeprank.search.index": {"deeprank.common", "deeprank.embedding_io", "deeprank.metrics"},
-    "deeprank.search.searcher": {"deeprank.checkpoints", "deeprank.common", "deeprank.embedding_io",
-                                 "deeprank.loaders", "deeprank.runtime", "deeprank.search.index"},
+    "deeprank.search.searcher": {"deeprank.checkpoints", "deeprank.class_names", "deeprank.common",
+                                 "deeprank.embedding_io", "deeprank.loaders", "deeprank.runtime",
+                                 "deeprank.search.index"},
     "deeprank.search.web": {"deeprank.common", "deeprank.loaders"},
 }
 TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.embedding_io", "deeprank.fastparse", "synthetic_data",

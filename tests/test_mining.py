@@ -232,3 +232,26 @@ def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_pa
                                    "1", "--out", str(tmp_path / "csv" / "m.model")]) == 0
     (row,) = read_log(tmp_path / "csv" / "m_log.jsonl")
     assert math.isfinite(row["loss"]) and row["distill_kl"] > 0
+
+
+def test_too_many_classes_per_batch_says_the_largest_that_works(prepared_master, tmp_path):
+    from deeprank.common import PipelineError
+    with pytest.raises(PipelineError, match=r"--classes_per_batch 16: .* 2 to 4 classes \(the classes of --data "
+                                            r".*train with 2 or more images\); pass --classes_per_batch 4 or less"):
+        train_net.main(FAST + ["--data", str(prepared_master), "--mining", "batch_all", "--classes_per_batch", "16",
+                               "--out", str(tmp_path / "m.model")])
+
+
+def test_each_run_prints_only_the_arguments_it_reads(prepared_master, triplets, tmp_path, capsys):
+    train, _ = triplets
+    pk = ["--data", str(prepared_master), "--mining", "batch_all", "--classes_per_batch", "2",
+          "--images_per_class", "2"]
+    assert train_net.main(FAST + pk + ["--max_steps", "1", "--out", str(tmp_path / "m.model")]) == 0
+    printed = capsys.readouterr().out.split("\n  precision:")[0]
+    assert "  classes_per_batch: 2" in printed and "  data: " in printed
+    assert "  triplets:" not in printed and "  pairs:" not in printed and "  batch_size:" not in printed
+    out = tmp_path / "t.model"
+    assert train_net.main(FAST + ["--triplets", str(train), "--max_steps", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "  triplets: " in printed and "  batch_size: " in printed
+    assert "  pairs:" not in printed and "  classes_per_batch:" not in printed and "  data:" not in printed

@@ -253,3 +253,14 @@ def test_no_knn_decides_pairs_alone_and_one_file_serves_both_sides(tmp_path):
                             str(out)]) == 0
     result = json.loads(out.read_text())
     assert "map_at_r" not in result and "precision_at_1" not in result and result["pair_count"] == len(rows) > 100
+
+
+def test_sampler_messages_say_the_fix(prepared_master, tmp_path):
+    out = tmp_path / "p.csv"
+    with pytest.raises(PipelineError, match=r"the split has \d+; pass --count \d+ or less"):
+        triplet_sampler.main(["--data", str(prepared_master), "--kind", "pairs", "--count", "100000",
+                              "--out", str(out)])
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("filename,label\n" + "".join(f"{p},a\n" for p in list(prepared_master.rglob("*.JPEG"))[:8]))
+    with pytest.raises(PipelineError, match="pairs need at least 2 classes"):
+        triplet_sampler.main(["--data", str(one_class), "--kind", "pairs", "--out", str(out)])

@@ -2,6 +2,7 @@
 --grid, and the web page's endpoints (plain HTTP here; in a real browser in test_search_page.py)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_search_from_the_shell_prints_json_and_grid(world, tmp_path, capsys):
     found = json.loads(out_json.read_text())
     assert [item["query"] for item in found] == [query]
     hits = found[0]["results"]
-    assert [h["rank"] for h in hits] == [1, 2, 3, 4] and set(hits[0]) == {"rank", "distance", "label", "path"}
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4] and set(hits[0]) == {"rank", "distance", "label", "name", "path"}
     assert hits[0]["path"] == query and hits[0]["distance"] < 1e-6  # the query itself, first, at distance 0
     assert hits[0]["label"] == gallery.labels[5]
     vectors = gallery.vectors
@@ -125,7 +126,9 @@ def test_fp32_switch_reaches_the_embedding_header_and_the_queries(world, tmp_pat
     assert gen_embeddings.main(["--model", str(world["model"]), "--data", str(world["data"]), "--split", "val",
                                 "--num_workers", "0", "--test_out", str(gallery)]) == 0
     assert "  precision: fp32" in capsys.readouterr().out
-    assert " amp=fp32 " in gallery.read_text().splitlines()[0]
+    header = gallery.read_text().splitlines()[0]
+    assert " amp=fp32 " in header
+    assert header.endswith(f" model={os.path.relpath(world['model'], tmp_path)}")  # relative, like every path in it
     assert run("--model", world["model"], "--gallery", gallery, "--num_workers", 0,
                read_embeddings(gallery).paths[0]) == 0
     assert "  precision: fp32" in capsys.readouterr().out
@@ -154,7 +157,13 @@ def test_a_gallery_of_another_dimension_is_refused_even_forced(world, tmp_path, 
     query = read_embeddings(world["train"]).paths[0]
     code = image_search.run_cli(image_search.main, ["--model", str(world["model"]), "--gallery", str(small),
                                                     "--force", query])
-    assert code == 1 and "dim=2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "dim=2" in err and "--force" not in err  # forcing cannot help: not offered
+    not_torch = tmp_path / "notes.model"
+    not_torch.write_text("my model\n")
+    code = image_search.run_cli(image_search.main, ["--model", str(not_torch), "--gallery", str(world["train"]), query])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not a torch file" in err and "--force" not in err
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".npy"])
@@ -253,6 +262,9 @@ def test_pair_distance_and_decision(world, tmp_path, capsys):
     assert run("--model", world["model"], "--gallery", world["train"], "--pair", a, b, "--num_workers", 0) == 0
     printed = capsys.readouterr().out
     assert abs(float(printed.split("distance ")[1].split()[0]) - want) < 1e-4
+    assert "no threshold: to decide same or different, pass --threshold T, or --threshold_from" in printed
+    code = image_search.run_cli(image_search.main, ["--model", str(world["model"]), "--pair", str(Path(a).parent), b])
+    assert code == 1 and f"--pair {Path(a).parent} is a folder" in capsys.readouterr().err
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"pair_threshold": want + 1e-3}))
     assert run("--model", world["model"], "--pair", a, b, "--threshold_from", metrics, "--num_workers", 0) == 0
@@ -300,6 +312,7 @@ def test_page_and_info(client, world):
     assert page.status_code == 200 and b'type="file"' in page.data
     info = client.get("/api/info").get_json()
     assert info["rows"] == len(read_embeddings(world["train"])) and info["k"] == 5
+    assert info["model"] == world["model"].name  # the checkpoint's file name, not the folder it sits in
 
 
 def test_upload_search_returns_k_results_the_image_itself_first(client, world):
@@ -389,19 +402,17 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def live_server(world):
-    """The search page served on a free localhost port by a real HTTP server, in a thread."""
+    """The search page served on a free localhost port by waitress (as --serve runs it), in a thread."""
     import threading
 
-    from werkzeug.serving import make_server
-
     from deeprank.search.searcher import Searcher
-    from deeprank.search.web import create_app
-    app = create_app(Searcher(str(world["model"]), str(world["train"]), num_workers=0), k=4)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    from deeprank.search.web import create_app, make_server
+    server = make_server(create_app(Searcher(str(world["model"]), str(world["train"]), num_workers=0), k=4))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+    thread.join(10)
 
 
 def test_the_page_in_a_real_browser(live_server, world):
@@ -413,11 +424,15 @@ def test_the_page_in_a_real_browser(live_server, world):
         wait = WebDriverWait(browser, 30)
         browser.get(live_server + "/")
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery figure")) > 0)  # the gallery browser
+        assert not browser.find_element(By.ID, "found").is_displayed()  # no empty headings before a search
         browser.find_element(By.ID, "file").send_keys(gallery.paths[9])  # choose an image to upload
         figures = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results figure") or None)
         assert len(figures) == 4
         captions = [f.find_element(By.TAG_NAME, "figcaption").text for f in figures]
-        assert captions[0].startswith(f"1. {gallery.labels[9]} · d=0.000") and all(" · d=" in c for c in captions)
+        from deeprank.class_names import ClassNames
+        named = ClassNames.for_paths(gallery.paths).show(gallery.labels[9])  # words.txt's name, then the id
+        assert named != gallery.labels[9]
+        assert captions[0].startswith(f"1. {named} · d=0.000") and all(" · d=" in c for c in captions)
         loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
         wait.until(lambda b: b.execute_script(loaded))  # every thumbnail decoded
         row = figures[1].get_attribute("data-row")
@@ -441,3 +456,111 @@ def test_raw_dot_dot_requests_are_refused(live_server):
         body = answer.read()
         assert answer.status == 404 and b"root:" not in body, path
         connection.close()
+
+
+def test_class_names_come_from_words_txt_and_fall_back_to_ids(world, tmp_path, capsys):
+    from deeprank.class_names import ClassNames
+    gallery = read_embeddings(world["train"])
+    label = gallery.labels[0]
+    names = ClassNames.for_paths(gallery.paths)  # words.txt beside wnids.txt, found from the image paths
+    assert names.name(label).startswith("synthetic ") and names.show(label) == f"{names.name(label)} ({label})"
+    words = (world["data"] / "words.txt").read_text().splitlines()
+    assert names.name(label) == next(line.split("\t")[1] for line in words if line.startswith(label))
+    assert ClassNames.for_paths(["/elsewhere/cats/1.jpg"]).show("cats") == "cats"  # no names: the label itself
+    own = tmp_path / "names.tsv"
+    own.write_text(f"{label}\twalking stick, walkingstick, stick insect\n")
+    assert ClassNames.for_paths(gallery.paths, own).show(label) == f"walking stick ({label})"
+    out_json = tmp_path / "hits.json"
+    assert run("--model", world["model"], "--gallery", world["train"], "--k", 2, "--json", out_json,
+               "--num_workers", 0, "--class_names", own, gallery.paths[0]) == 0
+    hit = json.loads(out_json.read_text())[0]["results"][0]
+    assert hit["label"] == label and hit["name"] == "walking stick"
+    assert f"walking stick ({label})" in capsys.readouterr().out
+    long = image_search.shown({"name": "Yorkshire terrier, " * 4, "label": "n02094433"})
+    assert len(long) == image_search.LABEL_WIDTH and long.endswith("… (n02094433)")  # the column stays aligned
+
+
+def test_grid_colours_follow_the_query_label_the_gallery_knows(tmp_path, monkeypatch):
+    from deeprank.embedding_io import Embeddings
+    gallery = Embeddings([str(tmp_path / "csv_images" / f"{i}.jpg") for i in range(3)], ["cat", "dog", "cat"],
+                         np.zeros((3, 2), np.float32), {})
+    drawn = []
+    monkeypatch.setattr(image_search, "save_captioned_grid", lambda path, rows: drawn.append(rows))
+    hits = [{"path": p, "label": lab, "name": None, "distance": 0.5} for p, lab in zip(gallery.paths, gallery.labels,
+                                                                                       strict=True)]
+    queries = [gallery.paths[0], str(tmp_path / "photos" / "q.jpg"), str(tmp_path / "dog" / "q.jpg")]
+    image_search.save_grid(tmp_path / "g.png", [{"query": q, "results": hits} for q in queries], gallery)
+    colours = [[colour for _, _, colour in row[1:]] for row in drawn[0]]
+    assert colours[0] == ["green", "red", "green"]  # a gallery image: its own label (a CSV label, not its folder)
+    assert colours[1] == ["black"] * 3  # a photo from elsewhere: no label known, so no colour
+    assert colours[2] == ["red", "green", "red"]  # a folder named as a gallery label
+
+
+def test_skipped_queries_and_a_large_k_are_said(world, tmp_path, capsys):
+    gallery = read_embeddings(world["train"])
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    shutil.copy(gallery.paths[0], folder / "good.JPEG")
+    (folder / "broken.JPEG").write_text("not a picture")
+    assert run("--model", world["model"], "--gallery", world["train"], "--k", 1000, "--on_bad_image", "skip",
+               "--num_workers", 0, folder) == 0
+    err = capsys.readouterr().err
+    assert f"skipped 1 unreadable query image(s): {folder / 'broken.JPEG'}" in err
+    assert f"--k 1000 is more than the {len(gallery)} gallery images a query can get" in err
+
+
+def test_the_served_page_answers_200_concurrent_uploads(world, tmp_path, monkeypatch):
+    """waitress under load, bounded (200 requests, 8 clients, localhost): every upload answered 200
+    with k results and the image itself first, and no upload left on disk."""
+    import tempfile
+    import threading
+
+    from bench.bench_serve import load
+    from deeprank.search.searcher import Searcher
+    from deeprank.search.web import create_app, make_server
+    uploads = tmp_path / "tmp"
+    uploads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(uploads))  # where the server keeps an upload while embedding it
+    server = make_server(create_app(Searcher(str(world["model"]), str(world["train"]), num_workers=0), k=3))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    gallery = read_embeddings(world["train"])
+    try:
+        answers = load(server.effective_port, [gallery.paths[i % len(gallery)] for i in range(200)], clients=8)
+    finally:
+        server.close()
+        thread.join(10)
+    assert [status for status, _, _ in answers] == [200] * 200
+    for i, (_, body, _) in enumerate(answers):
+        results = body["results"]
+        itself = os.path.relpath(gallery.paths[i % len(gallery)], world["train"].parent)
+        assert len(results) == 3 and results[0]["distance"] < 1e-4, i
+        assert itself in [hit["path"] for hit in results if hit["distance"] < 1e-4], i  # first, or tied with a twin
+    assert list(uploads.iterdir()) == []  # every upload's temporary folder removed
+
+
+def test_serve_runs_under_waitress_from_the_shell(world):
+    """image_search.py --serve as a user starts it: waitress on the port it prints; Ctrl-C (SIGINT) stops it."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import ROOT
+    process = subprocess.Popen([sys.executable, str(ROOT / "image_search.py"), "--serve", "--port", "0", "--model",
+                                str(world["model"]), "--gallery", str(world["train"]), "--num_workers", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "search page:" not in line:
+            line = process.stdout.readline()
+            assert line, process.stderr.read()[-2000:]
+        assert "waitress" in line
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=30) as answer:
+            info = json.loads(answer.read())
+        assert info["rows"] == len(read_embeddings(world["train"])) and info["model"] == world["model"].name
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)

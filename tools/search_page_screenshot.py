@@ -16,10 +16,9 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from werkzeug.serving import make_server
 
 from deeprank.search.searcher import Searcher
-from deeprank.search.web import create_app
+from deeprank.search.web import create_app, make_server
 
 
 def main():
@@ -32,15 +31,15 @@ def main():
     parser.add_argument("--size", default="1280,1000", help="window width,height")
     args = parser.parse_args()
 
-    server = make_server("127.0.0.1", 0, create_app(Searcher(args.model, args.gallery), k=args.k), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = make_server(create_app(Searcher(args.model, args.gallery), k=args.k))  # waitress, as --serve runs it
+    threading.Thread(target=server.run, daemon=True).start()
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={args.size}"):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
     try:
-        browser.get(f"http://127.0.0.1:{server.server_port}/")
+        browser.get(f"http://127.0.0.1:{server.effective_port}/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery figure"))
         browser.find_element(By.ID, "file").send_keys(str(Path(args.query).resolve()))
@@ -52,7 +51,7 @@ def main():
         print(f"saved {args.out}")
     finally:
         browser.quit()
-        server.shutdown()
+        server.close()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import threading
 import numpy as np
 
 from deeprank.checkpoints import load_model
-from deeprank.common import PipelineError, file_digest
+from deeprank.class_names import ClassNames
+from deeprank.common import PipelineError, file_digest, resolve_in
 from deeprank.embedding_io import check_finite, read_embeddings, read_header
 from deeprank.loaders import BadImages
 from deeprank.runtime import (
@@ -57,7 +58,8 @@ def check_source(header, model_path, gallery_path, force):
     if digest:
         same, written_by = digest == file_digest(model_path), f"checkpoint sha256 {digest}"
     else:
-        same, written_by = os.path.abspath(model_path) == header["model"], header["model"] or "an unnamed model"
+        written = resolve_in(header["model"], os.path.dirname(os.path.abspath(gallery_path)))  # relative to the file
+        same, written_by = os.path.abspath(model_path) == written, header["model"] or "an unnamed model"
     if not same and not force:
         raise PipelineError(f"{gallery_path} was written by {written_by} ({header['model']}), not by --model "
                             f"{model_path}; search with that checkpoint, re-embed the gallery with gen_embeddings.py, "
@@ -68,20 +70,23 @@ class Searcher:
     """A checkpoint (loaded once) and, optionally, a gallery with its index (built on first use)."""
 
     def __init__(self, model_path, gallery_path=None, device="auto", index="auto", nprobe=NPROBE, force=False,
-                 batch_size=None, num_workers=0, on_bad_image="error", log=print):
-        self.model_path, self.gallery_path, self.log = model_path, gallery_path, log
+                 batch_size=None, num_workers=0, on_bad_image="error", log=print, names_file=None):
+        self.model_path, self.gallery_path, self.log, self.names_file = model_path, gallery_path, log, names_file
+        self._names = None
         self.index_kind, self.nprobe = index, nprobe
         self.num_workers, self.on_bad_image = num_workers, on_bad_image
         header = read_header(gallery_path) if gallery_path and os.path.exists(gallery_path) else {}
-        if header:
-            check_source(header, model_path, gallery_path, force)
         self.header, self.source = header, gallery_source(header)
         self.device = resolve_device(device)
+        # the checkpoint and the dimension first: neither can be forced, so their messages do not offer --force
         model, _ = load_model(model_path)
         dim = model.model_args["embed_dim"] if self.source["layer"] == "embedding" else model.conv_fc.in_features
         if header and header["dim"] != dim:
             raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "
-                                f"re-embed the gallery with this checkpoint")
+                                f"search it with the checkpoint that wrote it, or re-embed it with this one "
+                                f"(gen_embeddings.py)")
+        if header:
+            check_source(header, model_path, gallery_path, force)
         self.model, self.dim = prepare(model, self.device), dim
         # queries are embedded in the gallery's precision where this device runs it (DEEPRANK_FP32=1: fp32)
         self.precision = precision(self.device, self.source["amp"] == "bf16")
@@ -100,6 +105,13 @@ class Searcher:
             if len(self.gallery) == 0:
                 raise PipelineError(f"{self.gallery_path} has no rows; embed some images into it first")
         return self.gallery
+
+    @property
+    def names(self):
+        """The gallery's class names (deeprank.class_names: words.txt found from its paths, or names_file)."""
+        if self._names is None:
+            self._names = ClassNames.for_paths(self.load_gallery().paths, self.names_file)
+        return self._names
 
     @property
     def index(self):
@@ -147,15 +159,16 @@ class Searcher:
             yield np.concatenate(blocks), kept
 
     def search(self, vectors, k, exclude=None):
-        """Per query vector, its k nearest gallery rows: [{"rank", "distance", "label", "path",
-        "row"}]. exclude[i]: a gallery row query i must not return, or -1."""
-        gallery = self.load_gallery()
+        """Per query vector, its k nearest gallery rows: [{"rank", "distance", "label", "name", "path",
+        "row"}] (name: the label's class name, or None). exclude[i]: a gallery row query i must not return, or -1."""
+        gallery, names = self.load_gallery(), self.names
         distances, rows = self.index.search(vectors, k, exclude=exclude)
         results = []
         for dist, found in zip(distances.tolist(), rows.tolist(), strict=True):
             hits = enumerate(zip(dist, found, strict=True), start=1)
-            results.append([{"rank": rank, "distance": d, "label": gallery.labels[row], "path": gallery.paths[row],
-                             "row": row} for rank, (d, row) in hits if row >= 0])
+            results.append([{"rank": rank, "distance": d, "label": gallery.labels[row],
+                             "name": names.name(gallery.labels[row]), "path": gallery.paths[row], "row": row}
+                            for rank, (d, row) in hits if row >= 0])
         return results
 
     def row_vector(self, row):

@@ -26,6 +26,7 @@ from deeprank.loaders import BadImages, load_rgb
 
 PAGE = Path(__file__).resolve().parent / "search.html"
 THUMBNAIL = 256  # longest side of a served image, in pixels
+THREADS = 8      # waitress worker threads (requests answered at once; forward passes still run one at a time)
 PER_PAGE = 48    # gallery browser
 
 
@@ -37,7 +38,7 @@ def create_app(searcher, k=10, max_upload_mb=20):
     _ = searcher.index  # build or load the index now, not on the first request
 
     def hits(results):
-        return [{**{key: hit[key] for key in ("rank", "distance", "label", "row")},
+        return [{**{key: hit[key] for key in ("rank", "distance", "label", "name", "row")},
                  "path": os.path.relpath(hit["path"], os.path.dirname(os.path.abspath(searcher.gallery_path))),
                  "url": f"/image/{hit['row']}"} for hit in results]
 
@@ -56,7 +57,8 @@ def create_app(searcher, k=10, max_upload_mb=20):
 
     @app.get("/api/info")
     def info():
-        return jsonify(rows=len(gallery), dim=searcher.dim, model=searcher.header.get("model", ""), k=k,
+        model = os.path.basename(searcher.header.get("model", ""))  # the file's name: no folder of this machine
+        return jsonify(rows=len(gallery), dim=searcher.dim, model=model, k=k,
                        index=getattr(searcher.index, "description", "exact search"), per_page=PER_PAGE)
 
     @app.post("/api/search")
@@ -77,7 +79,8 @@ def create_app(searcher, k=10, max_upload_mb=20):
             raise BadRequest(f"row must be a gallery row from 0 to {len(gallery) - 1}, not {row!r}", 404)
         row = int(row)
         results = searcher.search(searcher.row_vector(row), requested_k(k), exclude=[row])[0]
-        return jsonify(query={"row": row, "label": gallery.labels[row], "url": f"/image/{row}"},
+        label = gallery.labels[row]
+        return jsonify(query={"row": row, "label": label, "name": searcher.names.name(label), "url": f"/image/{row}"},
                        results=hits(results))
 
     @app.get("/api/gallery")
@@ -89,7 +92,8 @@ def create_app(searcher, k=10, max_upload_mb=20):
         start = int(page) * PER_PAGE
         rows = range(start, min(start + PER_PAGE, len(gallery)))
         return jsonify(page=int(page), pages=pages, rows=len(gallery),
-                       items=[{"row": r, "label": gallery.labels[r], "url": f"/image/{r}"} for r in rows])
+                       items=[{"row": r, "label": gallery.labels[r], "name": searcher.names.name(gallery.labels[r]),
+                               "url": f"/image/{r}"} for r in rows])
 
     @app.get("/image/<int:row>")
     def image(row):
@@ -145,11 +149,28 @@ def embed_upload(searcher, data, name):
     return vectors
 
 
-def serve(searcher, host, port, k, max_upload_mb):
-    """Run the page until interrupted (Flask's threaded server: meant for one machine or a LAN)."""
+def make_server(app, host="127.0.0.1", port=0, threads=THREADS):
+    """A waitress server of the app (a production WSGI server in pure Python), not yet running:
+    .run() serves until .close(); port 0 picks a free one (.effective_port)."""
+    import waitress
+
+    return waitress.create_server(app, host=host, port=port, threads=threads, ident="deep-ranking search")
+
+
+def serve(searcher, host, port, k, max_upload_mb, dev_server=False):
+    """Run the page until interrupted: under waitress, or Flask's development server with dev_server."""
     app = create_app(searcher, k, max_upload_mb)
     shown = f"[{host}]" if ":" in host else host
-    print(f"search page: http://{shown}:{port}/  ({len(searcher.gallery)} gallery images; Ctrl-C stops)", flush=True)
+    server = None if dev_server else make_server(app, host, port)
+    port = server.effective_port if server is not None else port
+    print(f"search page: http://{shown}:{port}/  ({len(searcher.gallery)} gallery images; "
+          f"{'Flask development server' if dev_server else f'waitress, {THREADS} threads'}; Ctrl-C stops)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: other machines can reach the page", flush=True)
-    app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+    if server is None:
+        app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
+        return
+    try:
+        server.run()
+    finally:
+        server.close()

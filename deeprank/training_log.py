@@ -1,0 +1,86 @@
+"""A training run's record: <out stem>_log.jsonl (an epoch record per finished epoch and, between
+them, a step record every --log_every steps and at least every STEP_SECONDS), rewritten atomically;
+<out stem>_curves.png redrawn after every epoch (deeprank.curves); progress lines on stdout when
+it is not a terminal (where tqdm's bar is off); and, with --tensorboard DIR, the same scalars for
+TensorBoard. Rank 0 keeps it; other ranks keep none.
+
+    log = TrainingLog(log_path, earlier_rows, curves_path, flags, every=50)
+    log.step(epoch, step, steps, global_step, stats, lr)    # every step: writes when it is time
+    log.epoch(row)                                          # the epoch record, the log, the curves
+"""
+
+import importlib.util
+import json
+import sys
+import time
+
+from deeprank.common import PipelineError, atomic_write
+from deeprank.curves import RunLog, draw_curves, is_step_record, title_of
+
+LOG_EVERY = 50      # a step record every this many steps (--log_every) ...
+STEP_SECONDS = 30   # ... and at least every this many seconds
+SCALARS = ("loss", "active_share", "mean_pos_distance", "mean_neg_distance", "lr", "val_triplet_accuracy")
+
+
+def check_tensorboard(directory):
+    """--tensorboard needs the tensorboard package: one line saying how to get it, before any work."""
+    if directory and importlib.util.find_spec("tensorboard") is None:
+        raise PipelineError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the "
+                            "flag out: the curves PNG is drawn anyway)")
+
+
+class TrainingLog:
+    """The log, curves and TensorBoard scalars of a run (see the module docstring)."""
+
+    def __init__(self, path, rows, curves_path, flags, every=LOG_EVERY, tensorboard=None, lines=None):
+        self.path, self.rows, self.curves_path, self.flags = path, list(rows), curves_path, dict(flags)
+        self.every = every
+        self.lines = (not sys.stdout.isatty()) if lines is None else lines
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tensorboard))
+        self.last_time, self.last_step = time.perf_counter(), 0
+
+    def step(self, epoch, step, steps, global_step, stats, lr):
+        """After each step (counted from 1 in its epoch): a step record when --log_every steps or
+        STEP_SECONDS have passed since the last one."""
+        now = time.perf_counter()
+        if step - self.last_step < self.every and now - self.last_time < STEP_SECONDS:
+            return
+        row = {"record": "step", "epoch": epoch + 1, "step": global_step, **stats.window(self.last_step), "lr": lr,
+               "seconds": round(stats.elapsed(), 2)}
+        self.last_time, self.last_step = now, step
+        self.rows.append(row)
+        self._write()
+        self._scalars("step", row, global_step)
+        if self.lines:
+            print(f"epoch {epoch + 1} step {step}/{steps}: loss {row['loss']:.4f}, "
+                  f"{stats.images / max(stats.elapsed(), 1e-9):.1f} img/s, {stats.elapsed():.0f} s", flush=True)
+
+    def epoch(self, row, global_step):
+        """The epoch record: into the log, the curves redrawn, the scalars written."""
+        self.rows.append(row)
+        self.last_step = 0
+        self._write()
+        self._scalars("epoch", row, global_step)
+        epochs = [r for r in self.rows if not is_step_record(r)]
+        steps = [r for r in self.rows if is_step_record(r)]
+        draw_curves([RunLog(self.path.name.removesuffix("_log.jsonl"), epochs, steps, self.flags)],
+                    self.curves_path, title_of(self.flags))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+    def _write(self):
+        with atomic_write(self.path) as handle:  # a run that fails or is killed never leaves half a log
+            handle.write("".join(json.dumps(row) + "\n" for row in self.rows))
+
+    def _scalars(self, kind, row, global_step):
+        if self.writer is None:
+            return
+        for key in SCALARS:
+            if row.get(key) is not None:
+                self.writer.add_scalar(f"{kind}/{key}", row[key], global_step)
+        self.writer.flush()

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,9 +37,11 @@ from deeprank.common import (
     non_negative_int,
     positive_int,
     print_args,
+    resolve_in,
     run_cli,
     seed_flag,
 )
+from deeprank.curves import read_log
 from deeprank.datasets import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
 from deeprank.embedding_io import read_embeddings
 from deeprank.metrics import (
@@ -55,11 +58,13 @@ from deeprank.metrics import (
     triplet_accuracy,
 )
 from deeprank.pictures import save_captioned_grid
+from deeprank.report import write_report
 
 # ---------------------------------------------------------------- hyperparameters
 K = 30                       # neighbours for score_at_k / precision_at_k (the original's top-30)
 SHOW = 0                     # query grids to save (0: none)
 SHOW_DIR = "ranked_imgs"     # where --show writes its PNGs
+REPORT_GRIDS = 3             # query grids in a --report when --show asks for none
 KNN_PRECISION = "fp32"       # fp32: exact search | bf16: bf16 products, fp32 sums (faster kNN on CPUs with AMX;
                              # neighbours closer than ~1e-3 in squared distance may swap places)
 # ----------------------------------------------------------------
@@ -169,6 +174,15 @@ def build_parser():
     parser.add_argument("--no_knn", action="store_true",
                         help="skip the kNN retrieval metrics (score, precision at 1 / k, R-precision, MAP@R), e.g. "
                              "when only --pairs / --triples are to be decided")
+    parser.add_argument("--ci", action="store_true",
+                        help="also a 95%% bootstrap interval over queries for each ranking metric (in --json as "
+                             "<metric>_ci_low and <metric>_ci_high)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="write DIR/index.html: one page with the metrics (and intervals), their definitions, the "
+                             "run's configuration, training curves, query grids and pair/triple pictures")
+    parser.add_argument("--compare", default=None, metavar="JSON",
+                        help="--report: another run's eval.py --json (the untrained or a previous model) beside "
+                             "this one")
     parser.add_argument("--knn_precision", default=KNN_PRECISION, choices=KNN_PRECISIONS,
                         help="fp32: exact kNN; bf16: bf16 products with fp32 sums, faster on CPUs with AMX, "
                              "near-ties may swap (default: %(default)s)")
@@ -228,9 +242,9 @@ def vectors_of(train, test):
 
 
 def score_decisions(train, test, args):
-    """pair_* / triple_* metrics of --pairs / --triples, each with a threshold given or calibrated
-    on its own kind of --calibrate CSV (never on the scored CSV)."""
-    metrics = {}
+    """(pair_* / triple_* metrics of --pairs / --triples, {kind: (scores, labels, threshold)}), each
+    with a threshold given or calibrated on its own kind of --calibrate CSV (never on the scored CSV)."""
+    metrics, decisions = {}, {}
     calibration = {}
     for csv in args.calibrate:
         calibration.setdefault(csv_kind(csv), csv)
@@ -254,7 +268,8 @@ def score_decisions(train, test, args):
             metrics["pair_roc_auc"] = roc_auc(scores, labels)
         metrics[f"{prefix}_threshold"] = threshold
         metrics[f"{prefix}_count"] = len(labels)
-    return metrics
+        decisions[kind] = (scores, labels, threshold)
+    return metrics, decisions
 
 
 def main(argv=None):
@@ -279,9 +294,10 @@ def main(argv=None):
     if len(train) == 0 or len(test) == 0:
         raise PipelineError("an embedding file has no rows; rerun gen_embeddings.py")
     metrics = score_triplets(train, test, args)
-    metrics.update(score_decisions(train, test, args))
+    decision_metrics_, decisions = score_decisions(train, test, args)
+    metrics.update(decision_metrics_)
     if not args.no_knn:
-        metrics.update(knn_scores(train, test, args.k, args.knn_precision))
+        metrics.update(knn_scores(train, test, args.k, args.knn_precision, intervals=args.ci or bool(args.report)))
         if metrics["k"] < args.k:
             print(f"warning: --k {args.k} is more than the {metrics['k']} train images a query can retrieve; "
                   f"scoring at k = {metrics['k']}", file=sys.stderr)
@@ -298,11 +314,51 @@ def main(argv=None):
             json.dump(clean, handle, indent=2, sort_keys=True)
             handle.write("\n")
         print(f"wrote {args.json}")
+    names = ClassNames.for_paths(train.paths + test.paths, args.class_names) if args.show or args.report else None
     if args.show > 0:
-        names = ClassNames.for_paths(train.paths + test.paths, args.class_names)
         written = show_queries(train, test, args.show, args.show_dir, args.seed, names)
         print(f"saved {len(written)} query grids to {args.show_dir}/")
+    if args.report:
+        print(f"wrote {write_eval_report(args, train, test, metrics, decisions, names)}")
     return 0
+
+
+def write_eval_report(args, train, test, metrics, decisions, names):
+    """--report DIR: index.html with the metrics (and --compare's), the run's configuration, the
+    checkpoint's training curves when its log sits beside it, query grids, and the decisions' pictures."""
+    compare = read_compare(args.compare) if args.compare else None
+    grids = show_queries(train, test, args.show or REPORT_GRIDS, Path(args.report) / "grids", args.seed, names)
+    model = resolve_in(test.header["model"], str(Path(args.test_embeddings).resolve().parent))
+    log_path = Path(model).with_name(f"{Path(model).stem}_log.jsonl")
+    log = read_log(log_path) if log_path.is_file() else None
+    header = test.header
+    config = {"test embeddings (queries)": args.test_embeddings, "train embeddings (references)": args.train_embeddings,
+              "checkpoint": model, "layer": header.get("layer", "embedding"), "tta": header.get("tta", "none"),
+              "embedding precision": header.get("amp", "unknown"), "kNN precision": args.knn_precision,
+              "k": metrics.get("k", args.k), "commit": project_commit(), "compared with": args.compare or "–"}
+    return write_report(args.report, metrics, config, compare, log, grids, decisions)
+
+
+def read_compare(path):
+    """--compare: another run's eval.py --json."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            other = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot read --compare {path} ({err}); give the metrics JSON of eval.py --json") from None
+    if not isinstance(other, dict):
+        raise PipelineError(f"--compare {path} is not eval.py's metrics JSON")
+    return other
+
+
+def project_commit():
+    """The project's git commit (short), or 'unknown' outside a checkout."""
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -451,7 +451,8 @@ def train(args, out, cluster, device):
     network = Network(model, args, mode, device, local_batch, local_batch * steps * (args.epochs - start_epoch),
                       cluster)
     config, metrics, last_good = dict(vars(args)), {}, args.resume
-    log = TrainingLog(log_path, earlier_log(log_path, start_epoch), folder / f"{out.stem}_curves.png", config,
+    shown = {key: value for key, value in config.items() if key not in unused_flags(args)}  # the curves' title
+    log = TrainingLog(log_path, earlier_log(log_path, start_epoch), folder / f"{out.stem}_curves.png", shown,
                       args.log_every, args.tensorboard) if cluster.main else None
     if cluster.main and mode.source is not None and mode.source.write_selection(folder / f"{out.stem}_selection.csv"):
         print(f"wrote the --top_classes / --per_class selection to {folder / f'{out.stem}_selection.csv'}")

@@ -17,11 +17,12 @@ from deeprank.common import PipelineError, atomic_write
 
 # (panel title, log keys drawn in it)
 PANELS = (("loss", ("loss",)), ("active share (loss > 0)", ("active_share",)),
-          ("mean distance", ("mean_pos_distance", "mean_neg_distance")), ("learning rate", ("lr",)),
+          ("mean distance", ("mean_pos_distance", "mean_neg_distance")), ("learning rate (new layers)", ("lr",)),
           ("validation", ("val_triplet_accuracy",)))
 LABELS = {"mean_pos_distance": "d(anchor, positive)", "mean_neg_distance": "d(anchor, negative)",
           "val_triplet_accuracy": "val triplet accuracy"}
-TITLE_FLAGS = ("backbone", "image_size", "embed_dim", "loss", "mining", "optim", "lr", "batch_size", "trainable")
+TITLE_FLAGS = ("backbone", "image_size", "embed_dim", "loss", "mining", "classes_per_batch", "images_per_class",
+               "batch_size", "optim", "lr", "trainable")
 
 
 class RunLog:
@@ -84,8 +85,18 @@ def title_of(flags):
 
 
 def draw_curves(runs, out, title=None):
-    """One PNG of the runs' curves, a panel per quantity, against the global step (step records as
-    lines, epoch records as markers; the first run's epoch ends on a top axis). Written atomically."""
+    """Write curves_png(runs, title) to out, atomically; returns out."""
+    data = curves_png(runs, title)
+    with atomic_write(out, mode="wb") as handle:
+        handle.write(data)
+    return out
+
+
+def curves_png(runs, title=None):
+    """PNG bytes of the runs' curves, a panel per quantity, against the global step (step records
+    as lines, epoch records as markers; the first run's epoch ends on a top axis)."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -124,6 +135,6 @@ def draw_curves(runs, out, title=None):
             top.set_xticks(first, [str(row["epoch"]) for row in runs[0].epochs])
             top.set_xlabel("epoch")
     figure.suptitle(title if title is not None else title_of(runs[0].flags))
-    with atomic_write(out, mode="wb") as handle:
-        figure.savefig(handle, format="png", dpi=90)
-    return out
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()

@@ -115,6 +115,20 @@ def retrieval_metrics(neighbor_labels, query_labels, r_counts, k):
     r_counts[i]: number of same-class references of query i (itself excluded). Queries
     with R = 0 count as misses for score/precision and are left out of R-based metrics.
     """
+    per_query = retrieval_per_query(neighbor_labels, query_labels, r_counts, k)
+    out = {"k": per_query.pop("k")}
+    for key, values in per_query.items():
+        kept = values[~np.isnan(values)] if key in R_BASED else values
+        out[key] = float(kept.mean()) if len(kept) else float("nan")
+    return out
+
+
+R_BASED = ("r_precision", "map_at_r")  # metrics of the queries with R > 0 only
+
+
+def retrieval_per_query(neighbor_labels, query_labels, r_counts, k):
+    """Each query's retrieval metrics: {"k": k used, metric: (Q,) float array}; the R-based ones
+    are NaN for queries with R = 0."""
     neighbor_labels = np.asarray(neighbor_labels)
     query_labels = np.asarray(query_labels)
     r_counts = np.asarray(r_counts)
@@ -122,11 +136,12 @@ def retrieval_metrics(neighbor_labels, query_labels, r_counts, k):
     k = min(k, rel.shape[1])
     out = {
         "k": int(k),
-        "score_at_k": float(rel[:, :k].any(1).mean()),
-        "precision_at_1": float(rel[:, 0].mean()),
-        "precision_at_k": float(rel[:, :k].mean()),
+        "score_at_k": rel[:, :k].any(1).astype(np.float64),
+        "precision_at_1": rel[:, 0].astype(np.float64),
+        "precision_at_k": rel[:, :k].mean(1),
     }
     has = r_counts > 0
+    out["r_precision"] = out["map_at_r"] = np.full(len(rel), np.nan)
     if has.any():
         if rel.shape[1] < r_counts.max():
             raise ValueError("need at least max(R) neighbours for R-based metrics")
@@ -134,16 +149,29 @@ def retrieval_metrics(neighbor_labels, query_labels, r_counts, k):
         within = ranks[None, :] <= r_counts[:, None]  # (Q, L) position < R
         hits = rel & within
         r = np.maximum(r_counts, 1)
-        out["r_precision"] = float((hits.sum(1) / r)[has].mean())
+        out["r_precision"] = np.where(has, hits.sum(1) / r, np.nan)
         precision_at_i = np.cumsum(rel, axis=1) / ranks[None, :]
-        out["map_at_r"] = float(((precision_at_i * hits).sum(1) / r)[has].mean())
-    else:
-        out["r_precision"] = out["map_at_r"] = float("nan")
+        out["map_at_r"] = np.where(has, (precision_at_i * hits).sum(1) / r, np.nan)
     return out
 
 
-def knn_scores(train, test, k, precision="fp32"):
-    """All retrieval metrics of test (queries) against train (references): Embeddings objects."""
+def bootstrap_interval(values, resamples=1000, level=0.95, seed=0, block=100):
+    """The percentile bootstrap interval (low, high) of the mean of per-query values (NaN left
+    out): queries resampled with replacement `resamples` times, `block` resamples at a time."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([values[rng.integers(0, len(values), (min(block, resamples - s), len(values)))].mean(1)
+                            for s in range(0, resamples, block)])
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def knn_scores(train, test, k, precision="fp32", intervals=False):
+    """All retrieval metrics of test (queries) against train (references): Embeddings objects;
+    intervals: each with its 95% bootstrap interval over queries (<metric>_ci_low / _ci_high)."""
     names = {label: code for code, label in enumerate(sorted(set(train.labels) | set(test.labels)))}
     ref_codes = np.array([names[x] for x in train.labels])
     query_codes = np.array([names[x] for x in test.labels])
@@ -157,6 +185,10 @@ def knn_scores(train, test, k, precision="fp32"):
     metrics = retrieval_metrics(ref_codes[idx.numpy()], query_codes, r_counts, k)
     metrics["queries"] = len(test)
     metrics["references"] = len(train)
+    if intervals:  # 95% bootstrap intervals over queries, flat keys beside each metric
+        for key, values in retrieval_per_query(ref_codes[idx.numpy()], query_codes, r_counts, k).items():
+            if key != "k":
+                metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = bootstrap_interval(values)
     return metrics
 
 

@@ -25,6 +25,17 @@ def save_captioned_grid(path, rows, cell=CELL):
         for c, (image_path, caption, colour) in enumerate(row):
             x = PAD + c * (cell + PAD)
             canvas.paste(load_rgb(image_path).resize((cell, cell)), (x, y))
+            caption = "\n".join(fitted(draw, line, cell - 4) for line in caption.split("\n"))
             draw.multiline_text((x + 2, y + cell + 1), caption, fill=colour, spacing=1)
     with atomic_write(path, mode="wb") as handle:
         canvas.save(handle, format="PNG")
+
+
+def fitted(draw, text, width):
+    """text cut short with '…' so that it fits width pixels (a long class name must not run into
+    the next cell's caption)."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"

@@ -64,3 +64,18 @@ def triplets(prepared_master, tmp_path):
                                  "--num_neg_images", "2", "--out", str(train)]) == 0
     assert triplet_sampler.main(["--data", str(prepared_master), "--training", "0", "--out", str(val)]) == 0
     return train, val
+
+
+def chromium():
+    """A headless Chromium under Selenium (Debian's chromium and chromedriver, which
+    tests/install_browser.sh installs), or skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("chromium / chromedriver are not installed: run tests/install_browser.sh (root, Debian)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    from selenium.webdriver.chrome.service import Service
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))

@@ -27,6 +27,7 @@ PACKAGE = {
     "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
+    "deeprank.report": {"deeprank.common", "deeprank.curves"},
     "deeprank.training_log": {"deeprank.common", "deeprank.curves"},
     "deeprank.training": {"deeprank.common", "deeprank.datasets", "deeprank.distributed", "deeprank.loaders",
                           "deeprank.losses"},

@@ -14,7 +14,7 @@ import gen_embeddings
 import image_search
 import train_net
 import triplet_sampler
-from conftest import FAST
+from conftest import FAST, chromium
 from deeprank.common import PipelineError
 from deeprank.embedding_io import read_embeddings
 from deeprank.search import index as search_index
@@ -384,21 +384,6 @@ def test_searcher_refuses_a_row_outside_the_gallery(world):
 
 
 # ----------------------------------------------------------------------------- the web page in a real browser
-
-def chromium():
-    """A headless Chromium under Selenium (Debian's chromium and chromedriver, which
-    tests/install_browser.sh installs), or skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip("chromium / chromedriver are not installed: run tests/install_browser.sh (root, Debian)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(flag)
-    from selenium.webdriver.chrome.service import Service
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
-
 
 @pytest.fixture(scope="module")
 def live_server(world):

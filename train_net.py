@@ -52,7 +52,7 @@ from deeprank.common import (
     seed_flag,
     workers_flag,
 )
-from deeprank.datasets import check_images_exist, read_triplet_csv, readable_triplets, triplet_rows, unique_in_order
+from deeprank.datasets import check_images_exist, read_pair_csv, read_triplet_csv, unique_in_order
 from deeprank.distributed import Cluster
 from deeprank.loaders import (
     AUGMENTS,
@@ -65,13 +65,11 @@ from deeprank.loaders import (
     preprocess_on_device,
 )
 from deeprank.losses import DISTANCES, MINERS, neighbour_kl
-from deeprank.metrics import triplet_accuracy
 from deeprank.runtime import (
     COMPILE,
     COMPILE_CHOICES,
     FrozenRunner,
     autocast,
-    embed_batches,
     freeze_when_compiling,
     frozen_rows,
     precision,
@@ -90,6 +88,7 @@ from deeprank.training import (
     unused_flags,
 )
 from deeprank.training_log import LOG_EVERY, TrainingLog, check_tensorboard
+from deeprank.validation import pair_figures_of, triplet_accuracy_of
 
 # ---------------------------------------------------------------- hyperparameters
 # (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
@@ -156,6 +155,9 @@ def build_parser():
     a("--pairs", default=SAMPLE_FILES["pairs", 1],
       help="training pair CSV of --loss contrastive with --mining none (default: %(default)s)")
     a("--val_triplets", default=None, help="validation triplet CSV: report its accuracy each epoch")
+    a("--val_pairs", default=None,
+      help="validation pair CSV (image1,image2,same): report each epoch its pair accuracy at the threshold best "
+           "on it, and its ROC AUC")
     a("--out", default=MODEL, help="final checkpoint; temp_net<epoch>.model go beside it (default: %(default)s)")
     a("--resume", default=None, help="continue from this checkpoint (same seed: same result)")
     a("--no_amp", action="store_true", help="train in fp32 even where bf16 autocast is available")
@@ -370,20 +372,11 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
     return stats, out_of_time
 
 
-def evaluate_triplets(model, csv_path, device, args, bad_images):
-    """Share of a CSV's triplets ranked correctly, embedding each distinct image once (triplets
-    naming a skipped image left out)."""
-    columns = read_triplet_csv(csv_path)
-    paths = unique_in_order(*columns)
-    model.eval()
-    parts = list(embed_batches(model, paths, device, max(args.batch_size * 3, 64), args.num_workers,
-                               not args.no_amp, bad_images=bad_images,
-                               preprocess=preprocess_on_device(args.preprocess, device)))
-    model.train()
-    vectors = torch.cat([vectors for vectors, _ in parts]) if parts else torch.zeros(0, 1)
-    row = {paths[i]: r for r, i in enumerate(i for _, rows in parts for i in rows)}
-    columns, _ = readable_triplets(columns, row)
-    return triplet_accuracy(vectors, *triplet_rows(columns, row, csv_path, "was not embedded"))
+def check_validation_csvs(args):
+    """Every image of --val_triplets and --val_pairs exists (and is a file), before any work."""
+    for csv, read in ((args.val_triplets, read_triplet_csv), (args.val_pairs, lambda path: read_pair_csv(path)[:2])):
+        if csv:
+            check_images_exist(unique_in_order(*read(csv)), csv, empty_ok=args.on_bad_image == "skip")
 
 
 def earlier_log(path, start_epoch):
@@ -402,6 +395,7 @@ def earlier_log(path, start_epoch):
 def report_epoch(row, total_epochs, skipped="", unit="triplets"):
     """The epoch's summary line; warnings when the embedding has collapsed, or images were skipped."""
     val = f", val triplet accuracy {100 * row['val_triplet_accuracy']:.2f}%" if "val_triplet_accuracy" in row else ""
+    val += f", val pair accuracy {100 * row['val_pair_accuracy']:.2f}%" if "val_pair_accuracy" in row else ""
     val += f", distill KL {row['distill_kl']:.4f}" if "distill_kl" in row else ""
     print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active {unit} "
           f"{100 * row['active_share']:.1f}%, d(a,p) {row['mean_pos_distance']:.3f}, "
@@ -438,9 +432,7 @@ def train(args, out, cluster, device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mode = training_mode(args)
     data = TrainingData(args, mode, model.image_size, preprocess_on_device(args.preprocess, device))
-    if args.val_triplets:
-        check_images_exist(unique_in_order(*read_triplet_csv(args.val_triplets)), args.val_triplets,
-                           empty_ok=args.on_bad_image == "skip")
+    check_validation_csvs(args)
     model = prepare(model, device)
     optimizer = build_optimizer(model, args, ckpt)
     say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
@@ -471,7 +463,10 @@ def train(args, out, cluster, device):
         temp = folder / f"temp_net{epoch + 1}.model"
         if cluster.main:
             if args.val_triplets:
-                metrics["val_triplet_accuracy"] = evaluate_triplets(model, args.val_triplets, device, args, bad_images)
+                metrics["val_triplet_accuracy"] = triplet_accuracy_of(model, args.val_triplets, device, args,
+                                                                      bad_images)
+            if args.val_pairs:
+                metrics.update(pair_figures_of(model, args.val_pairs, device, args, bad_images))
             save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
             if args.keep_last and epoch + 1 - args.keep_last >= 1:
                 (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)

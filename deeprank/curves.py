@@ -18,9 +18,10 @@ from deeprank.common import PipelineError, atomic_write
 # (panel title, log keys drawn in it)
 PANELS = (("loss", ("loss",)), ("active share (loss > 0)", ("active_share",)),
           ("mean distance", ("mean_pos_distance", "mean_neg_distance")), ("learning rate (new layers)", ("lr",)),
-          ("validation", ("val_triplet_accuracy",)))
+          ("validation", ("val_triplet_accuracy", "val_pair_accuracy", "val_pair_roc_auc")))
 LABELS = {"mean_pos_distance": "d(anchor, positive)", "mean_neg_distance": "d(anchor, negative)",
-          "val_triplet_accuracy": "val triplet accuracy"}
+          "val_triplet_accuracy": "val triplet accuracy", "val_pair_accuracy": "val pair accuracy",
+          "val_pair_roc_auc": "val pair ROC AUC"}
 TITLE_FLAGS = ("backbone", "image_size", "embed_dim", "loss", "mining", "classes_per_batch", "images_per_class",
                "batch_size", "optim", "lr", "trainable")
 

@@ -19,7 +19,8 @@ from deeprank.curves import RunLog, draw_curves, is_step_record, title_of
 
 LOG_EVERY = 50      # a step record every this many steps (--log_every) ...
 STEP_SECONDS = 30   # ... and at least every this many seconds
-SCALARS = ("loss", "active_share", "mean_pos_distance", "mean_neg_distance", "lr", "val_triplet_accuracy")
+SCALARS = ("loss", "active_share", "mean_pos_distance", "mean_neg_distance", "lr", "val_triplet_accuracy",
+           "val_pair_accuracy", "val_pair_roc_auc")
 
 
 def check_tensorboard(directory):

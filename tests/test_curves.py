@@ -81,3 +81,31 @@ def test_tensorboard_gets_the_scalars_or_a_one_line_message(triplets, tmp_path, 
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "tensorboard" else object())
     with pytest.raises(PipelineError, match="pip install tensorboard"):
         train_net.main(flags)
+
+
+def test_contrastive_runs_report_val_pair_accuracy(prepared_master, tmp_path):
+    """--val_pairs: each epoch's pair accuracy (at the threshold best on those pairs) and ROC AUC,
+    equal to the same figures computed from the final model's embeddings."""
+    import gen_embeddings
+    import triplet_sampler
+    from deeprank import metrics
+    from deeprank.datasets import read_pair_csv
+    from deeprank.embedding_io import read_embeddings
+    pairs = {}
+    for training in (1, 0):
+        pairs[training] = tmp_path / f"pairs{training}.csv"
+        assert triplet_sampler.main(["--data", str(prepared_master), "--kind", "pairs", "--training", str(training),
+                                     "--count", "40", "--out", str(pairs[training])]) == 0
+    model = tmp_path / "c.model"
+    assert train_net.main(FAST + ["--loss", "contrastive", "--pairs", str(pairs[1]), "--val_pairs", str(pairs[0]),
+                                  "--epochs", "2", "--batch_size", "8", "--out", str(model)]) == 0
+    last = read_log(tmp_path / "c_log.jsonl")[-1]
+    assert gen_embeddings.main(["--model", str(model), "--data", str(prepared_master), "--split", "val",
+                                "--num_workers", "0", "--test_out", str(tmp_path / "val.txt")]) == 0
+    val = read_embeddings(tmp_path / "val.txt")
+    first, second, same = read_pair_csv(pairs[0])
+    scores = metrics.pair_scores(val.vectors[val.rows_of(first)], val.vectors[val.rows_of(second)])
+    accuracy = metrics.decision_metrics(scores, same, metrics.best_threshold(scores, same))["accuracy"]
+    assert last["val_pair_accuracy"] == pytest.approx(accuracy, abs=1 / len(same))  # within one pair: rounding
+    assert last["val_pair_roc_auc"] == pytest.approx(metrics.roc_auc(scores, same), abs=0.02)
+    assert readable_png(tmp_path / "c_curves.png")

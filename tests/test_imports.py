@@ -28,6 +28,7 @@ PACKAGE = {
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
     "deeprank.report": {"deeprank.common", "deeprank.curves"},
+    "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime"},
     "deeprank.training_log": {"deeprank.common", "deeprank.curves"},
     "deeprank.training": {"deeprank.common", "deeprank.datasets", "deeprank.distributed", "deeprank.loaders",
                           "deeprank.losses"},

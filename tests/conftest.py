@@ -56,6 +56,16 @@ def mini_copy(tmp_path):
     return Path(shutil.copytree(MINI, tmp_path / "tiny-imagenet-mini"))
 
 
+def sample_pairs(data, folder, count=40):
+    """Pair CSVs of data's train (key 1) and val (key 0) splits, `count` pairs each, in folder."""
+    csvs = {}
+    for training in (1, 0):
+        csvs[training] = Path(folder) / f"pairs{training}.csv"
+        assert triplet_sampler.main(["--data", str(data), "--kind", "pairs", "--training", str(training),
+                                     "--count", str(count), "--out", str(csvs[training])]) == 0
+    return csvs
+
+
 @pytest.fixture
 def triplets(prepared_master, tmp_path):
     """Train (N = M = 2) and val (N = M = 1) triplet CSVs of the synthetic dataset."""

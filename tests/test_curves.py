@@ -87,15 +87,11 @@ def test_contrastive_runs_report_val_pair_accuracy(prepared_master, tmp_path):
     """--val_pairs: each epoch's pair accuracy (at the threshold best on those pairs) and ROC AUC,
     equal to the same figures computed from the final model's embeddings."""
     import gen_embeddings
-    import triplet_sampler
+    from conftest import sample_pairs
     from deeprank import metrics
     from deeprank.datasets import read_pair_csv
     from deeprank.embedding_io import read_embeddings
-    pairs = {}
-    for training in (1, 0):
-        pairs[training] = tmp_path / f"pairs{training}.csv"
-        assert triplet_sampler.main(["--data", str(prepared_master), "--kind", "pairs", "--training", str(training),
-                                     "--count", "40", "--out", str(pairs[training])]) == 0
+    pairs = sample_pairs(prepared_master, tmp_path)
     model = tmp_path / "c.model"
     assert train_net.main(FAST + ["--loss", "contrastive", "--pairs", str(pairs[1]), "--val_pairs", str(pairs[0]),
                                   "--epochs", "2", "--batch_size", "8", "--out", str(model)]) == 0

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 import eval as evaluation
 import gen_embeddings
 import train_net
-from conftest import FAST, chromium
+from conftest import FAST, chromium, sample_pairs
 from deeprank.metrics import bootstrap_interval
 from deeprank.pictures import fitted
 
@@ -19,7 +19,6 @@ from deeprank.pictures import fitted
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory, prepared_master):
     """A trained checkpoint (its log beside it), its embeddings, pair CSVs, and eval's report and JSON."""
-    import triplet_sampler
     out = tmp_path_factory.mktemp("report")
     model = out / "m.model"
     assert train_net.main(FAST + ["--data", str(prepared_master), "--mining", "batch_all", "--classes_per_batch", "4",
@@ -28,11 +27,7 @@ def reported(tmp_path_factory, prepared_master):
     files = {split: out / f"{split}.txt" for split in ("train", "val")}
     assert gen_embeddings.main(["--model", str(model), "--data", str(prepared_master), "--num_workers", "0",
                                 "--train_out", str(files["train"]), "--test_out", str(files["val"])]) == 0
-    csvs = {}
-    for training in (1, 0):
-        csvs[training] = out / f"pairs{training}.csv"
-        assert triplet_sampler.main(["--data", str(prepared_master), "--kind", "pairs", "--training", str(training),
-                                     "--count", "40", "--out", str(csvs[training])]) == 0
+    csvs = sample_pairs(prepared_master, out)
     previous = out / "previous.json"
     previous.write_text(json.dumps({"map_at_r": 0.123456, "precision_at_1": 0.5}))
     assert evaluation.main(["--train_embeddings", str(files["train"]), "--test_embeddings", str(files["val"]),

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 STAGES = {"synthetic_data", "transform_validation", "triplet_sampler", "train_net", "gen_embeddings", "eval",
-          "image_search", "plot_log"}
+          "image_search", "plot_log", "find_duplicates"}
 MODEL = "deep_rank_net"  # the architecture, at the root beside the stages
 # package module -> the package modules it may import (its place in the one-way order)
 PACKAGE = {
@@ -27,6 +27,7 @@ PACKAGE = {
     "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
+    "deeprank.duplicates": {"deeprank.common", "deeprank.metrics"},
     "deeprank.report": {"deeprank.common", "deeprank.curves"},
     "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime"},
     "deeprank.training_log": {"deeprank.common", "deeprank.curves"},

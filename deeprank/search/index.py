@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from deeprank.common import PipelineError, atomic_write
-from deeprank.embedding_io import read_npy_header
+from deeprank.embedding_io import check_finite, read_npy_header
 from deeprank.metrics import knn
 
 INDEX_KINDS = ("auto", "exact", "faiss")
@@ -298,6 +298,17 @@ def open_index(gallery, vectors, kind="auto", nprobe=NPROBE, log=print):
         index = build_faiss(row_blocks(vectors, gallery), len(vectors), vectors.shape[1], sample)
         save_faiss(index, gallery, len(vectors))
     return FaissIndex(index, row_source(vectors, gallery), nprobe)
+
+
+def gallery_index(gallery, gallery_path, kind="auto", nprobe=NPROBE, log=print):
+    """The index of a read gallery (embedding_io.Embeddings, perhaps memory-mapped): exact search on
+    its vectors read into memory and checked finite, or faiss (open_index)."""
+    if choose_kind(kind, len(gallery)) == "exact":
+        if isinstance(gallery.vectors, np.memmap):
+            gallery.vectors = np.array(gallery.vectors)
+        check_finite(gallery, gallery_path)
+        return ExactIndex(gallery.vectors)
+    return open_index(gallery_path, gallery.vectors, "faiss", nprobe, log)
 
 
 def extend_faiss(index, gallery, new_vectors):

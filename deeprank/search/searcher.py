@@ -19,7 +19,7 @@ import numpy as np
 from deeprank.checkpoints import load_model
 from deeprank.class_names import ClassNames
 from deeprank.common import PipelineError, file_digest, resolve_in
-from deeprank.embedding_io import check_finite, read_embeddings, read_header
+from deeprank.embedding_io import read_embeddings, read_header
 from deeprank.loaders import BadImages
 from deeprank.runtime import (
     COMPILE,
@@ -32,7 +32,7 @@ from deeprank.runtime import (
     resolve_device,
     want_compile,
 )
-from deeprank.search.index import NPROBE, ExactIndex, choose_kind, open_index
+from deeprank.search.index import NPROBE, gallery_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
 DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16", "preprocess": "cpu"}
@@ -117,14 +117,7 @@ class Searcher:
     def index(self):
         """ExactIndex or FaissIndex over the gallery, chosen by --index and the gallery's size."""
         if self._index is None:
-            gallery = self.load_gallery()
-            if choose_kind(self.index_kind, len(gallery)) == "exact":
-                if isinstance(gallery.vectors, np.memmap):
-                    gallery.vectors = np.array(gallery.vectors)
-                check_finite(gallery, self.gallery_path)
-                self._index = ExactIndex(gallery.vectors)
-            else:
-                self._index = open_index(self.gallery_path, gallery.vectors, "faiss", self.nprobe, self.log)
+            self._index = gallery_index(self.load_gallery(), self.gallery_path, self.index_kind, self.nprobe, self.log)
         return self._index
 
     # ------------------------------------------------------------------ embedding and searching

@@ -1,0 +1,154 @@
+"""Near-duplicates in an embedding gallery: the pairs closer than a threshold (an exact chunked
+self-join, or a faiss index's neighbours re-checked exactly), byte-identical files, and the groups
+they form: star groups (each member within the threshold of its group's kept image, so a chain
+A~B~C~D cannot pull D into A's group) or chains (connected components, with a union-find).
+
+    pairs = close_pairs(vectors, threshold)                    # (i, j, d): i < j, d < threshold
+    groups = star_groups(len(vectors), pairs, keep_order(paths, "largest"))
+"""
+
+import hashlib
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from deeprank.common import PipelineError
+from deeprank.metrics import CHUNK_ELEMENTS, squared_distances, squared_norms
+
+KEEP_CHOICES = ("largest", "first", "pixels")  # which image of a group is kept
+GROUP_CHOICES = ("star", "chain")
+NEIGHBOURS = 32  # faiss: candidates per image (each re-checked exactly); a group larger than this is cut
+
+
+def close_pairs(vectors, threshold, index=None, chunk_elements=CHUNK_ELEMENTS):
+    """(i, j, d) int64, int64, float32 arrays: every pair of rows i < j with squared L2 distance
+    d < threshold. Exact: blocks of rows against all rows (never an N x N matrix). With a faiss
+    search index (search_index.FaissIndex): each row's NEIGHBOURS nearest, re-checked exactly."""
+    found_i, found_j, found_d = [], [], []
+    if index is not None:
+        for start in range(0, len(vectors), 4096):
+            block = np.array(vectors[start:start + 4096], dtype=np.float32)  # a writable copy of a mapped block
+            distances, rows = index.search(block, min(NEIGHBOURS, len(vectors)))
+            mine = np.arange(start, start + len(block))[:, None]
+            keep = (rows > mine) & (distances < threshold)  # i < j: self matches and mirrored pairs left out
+            found_i.append(np.broadcast_to(mine, rows.shape)[keep])
+            found_j.append(rows[keep])
+            found_d.append(distances[keep])
+    else:
+        refs = torch.from_numpy(np.array(vectors, dtype=np.float32))  # in memory (a .npy may be mapped read-only)
+        ref_sq = squared_norms(refs)
+        step = max(1, chunk_elements // max(1, len(refs)))
+        for start in range(0, len(refs), step):
+            d = squared_distances(refs[start:start + step], refs, ref_sq)
+            rows, cols = torch.nonzero(d < threshold, as_tuple=True)
+            rows = rows + start
+            keep = cols > rows
+            found_i.append(rows[keep].numpy())
+            found_j.append(cols[keep].numpy())
+            found_d.append(d[rows[keep] - start, cols[keep]].numpy())
+    return _joined(found_i, np.int64), _joined(found_j, np.int64), _joined(found_d, np.float32)
+
+
+def _joined(parts, kind):
+    return np.concatenate(parts).astype(kind) if parts else np.zeros(0, kind)
+
+
+def identical_files(paths):
+    """(i, j) row pairs (i < j) of byte-identical files: sizes first, then SHA-256 of files of a shared size."""
+    by_size = defaultdict(list)
+    for row, path in enumerate(paths):
+        try:
+            by_size[os.path.getsize(path)].append(row)
+        except OSError:
+            continue  # a file that is gone cannot be compared; its embedding still can
+    pairs = []
+    for rows in by_size.values():
+        if len(rows) < 2:
+            continue
+        by_hash = defaultdict(list)
+        for row in rows:
+            with open(paths[row], "rb") as handle:
+                by_hash[hashlib.file_digest(handle, "sha256").digest()].append(row)
+        pairs += [(same[0], other) for same in by_hash.values() for other in same[1:]]
+    return pairs
+
+
+def keep_order(paths, keep):
+    """Rows in order of preference to be kept: the largest file, the first listed, or the most pixels
+    (ties: the earlier row)."""
+    if keep not in KEEP_CHOICES:
+        raise PipelineError(f"unknown --keep {keep!r}; choose {', '.join(KEEP_CHOICES)}")
+    if keep == "first":
+        return np.arange(len(paths))
+    if keep == "largest":
+        sizes = np.array([os.path.getsize(p) if os.path.exists(p) else -1 for p in paths], dtype=np.int64)
+    else:
+        from PIL import Image
+
+        def pixels(path):
+            try:
+                with Image.open(path) as picture:  # the header only: no decoding
+                    return picture.width * picture.height
+            except (OSError, ValueError):
+                return -1
+        sizes = np.array([pixels(p) for p in paths], dtype=np.int64)
+    return np.lexsort((np.arange(len(paths)), -sizes))
+
+
+def star_groups(count, pairs, order):
+    """[(kept row, [(member row, distance to the kept row)])]: in `order`, each image not yet grouped
+    takes every ungrouped image it is close to (pairs: (i, j, d) arrays)."""
+    near = defaultdict(list)
+    for i, j, d in zip(*pairs, strict=True):
+        near[int(i)].append((int(j), float(d)))
+        near[int(j)].append((int(i), float(d)))
+    grouped = np.zeros(count, dtype=bool)
+    groups = []
+    for keeper in order:
+        keeper = int(keeper)
+        if grouped[keeper] or keeper not in near:
+            continue
+        members = sorted((other, d) for other, d in near[keeper] if not grouped[other])
+        if members:
+            grouped[keeper] = True
+            grouped[[other for other, _ in members]] = True
+            groups.append((keeper, members))
+    return groups
+
+
+def chain_groups(count, pairs, order, vectors):
+    """[(kept row, [(member row, distance to the kept row)])]: the connected components of the
+    'closer than the threshold' graph (a union-find), each kept by its first row in `order`."""
+    parent = np.arange(count)
+
+    def root(row):
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    for i, j in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    components = defaultdict(list)
+    for row in sorted({int(r) for pair in pairs[:2] for r in pair.tolist()}):
+        components[root(row)].append(row)
+    rank = np.empty(count, dtype=np.int64)
+    rank[np.asarray(order)] = np.arange(count)
+    groups = []
+    for rows in components.values():
+        keeper = min(rows, key=lambda row: rank[row])
+        members = [row for row in rows if row != keeper]
+        d = ((np.asarray(vectors[members], dtype=np.float64) - np.asarray(vectors[keeper], dtype=np.float64)) ** 2)
+        groups.append((keeper, list(zip(members, d.sum(1).tolist(), strict=True))))
+    return sorted(groups, key=lambda group: rank[group[0]])
+
+
+def weakest_pair(vectors, rows):
+    """The largest squared distance between two images of a group (how tight it is)."""
+    block = np.asarray(vectors[sorted(rows)], dtype=np.float64)
+    d = (block * block).sum(1)[:, None] + (block * block).sum(1)[None, :] - 2 * block @ block.T
+    return float(max(d.max(), 0.0))

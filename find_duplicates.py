@@ -1,0 +1,217 @@
+"""Find the near-duplicates in a collection: the same picture resized, recompressed, cropped a little,
+flipped or colour-shifted, or filed twice. Reads a gallery embedding file (gen_embeddings.py).
+
+Byte-identical files are found by their hash; then every pair of gallery images closer than
+--threshold (squared L2 between the embeddings, strictly less, as eval.py's distances) joins a
+group. --group star (default): in --keep order, the best image not yet grouped keeps every
+ungrouped image within the threshold of itself, so each member is close to its group's kept
+image; --group chain: the connected components of the "closer than" graph (a chain A~B~C~D is
+one group). Writes group,path,label,distance rows (distance to the kept image, 0 for it).
+
+    python find_duplicates.py --gallery gallery.npy --threshold 0.05 --out groups.csv
+    python find_duplicates.py --gallery train.npy --against val.npy --threshold 0.05 --out leaks.csv
+    python find_duplicates.py --gallery gallery.npy --threshold 0.05 --model m.model --query new_photos/
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from deeprank.common import (
+    PipelineError,
+    atomic_write,
+    check_output_path,
+    device_flag,
+    print_args,
+    run_cli,
+    workers_flag,
+)
+from deeprank.datasets import images_in
+from deeprank.duplicates import (
+    GROUP_CHOICES,
+    KEEP_CHOICES,
+    chain_groups,
+    close_pairs,
+    identical_files,
+    keep_order,
+    star_groups,
+    weakest_pair,
+)
+from deeprank.embedding_io import read_embeddings
+from deeprank.search.index import INDEX_KINDS, gallery_index
+
+# ---------------------------------------------------------------- hyperparameters
+OUT = "duplicates.csv"   # --out default
+GROUP = "star"           # star | chain
+KEEP = "largest"         # largest | first | pixels: which image of a group is kept
+SHOWN = 10               # groups named in the summary (largest first)
+# ----------------------------------------------------------------
+
+
+def build_parser():
+    """find_duplicates.py's flags; constants above are their defaults."""
+    parser = argparse.ArgumentParser(description=__doc__, parents=[device_flag(), workers_flag()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--gallery", required=True, help="embedding file of the collection (gen_embeddings.py; .npy or .txt)")
+    threshold = parser.add_mutually_exclusive_group(required=True)
+    threshold.add_argument("--threshold", type=float, help="duplicates: squared L2 distance below this")
+    threshold.add_argument("--threshold_from", metavar="JSON",
+                           help="the pair_threshold of eval.py --pairs --calibrate --json JSON")
+    a("--out", default=OUT, help="the CSV to write (default: %(default)s)")
+    a("--group", default=GROUP, choices=GROUP_CHOICES, help="star or chain groups (default: %(default)s)")
+    a("--keep", default=KEEP, choices=KEEP_CHOICES, help="the image each group keeps (default: %(default)s)")
+    a("--index", default="auto", choices=INDEX_KINDS,
+      help="exact: a chunked self-join; faiss: the saved index's neighbours, re-checked exactly; auto: exact below "
+           "200,000 rows (default: %(default)s)")
+    a("--against", default=None, metavar="EMBEDDINGS",
+      help="leaks: each image of this embedding file (val, test) that near-duplicates a --gallery (train) image")
+    a("--query", nargs="+", default=None, metavar="IMAGE",
+      help="new images (or folders): embed them with --model and list the gallery images each duplicates")
+    a("--model", default=None, help="--query: the checkpoint that wrote the gallery")
+    a("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    return parser
+
+
+def read_threshold(args):
+    """--threshold, or the pair_threshold of eval.py's JSON; a positive number."""
+    value = args.threshold
+    if args.threshold_from:
+        try:
+            with open(args.threshold_from, encoding="utf-8") as handle:
+                value = json.load(handle).get("pair_threshold")
+        except (OSError, ValueError, AttributeError) as err:
+            raise PipelineError(f"cannot read --threshold_from {args.threshold_from} ({err}); give eval.py's "
+                                f"--json output") from None
+        if not isinstance(value, (int, float)):
+            raise PipelineError(f"{args.threshold_from} has no pair_threshold; write one with eval.py --pairs PAIRS "
+                                f"--calibrate OTHER_PAIRS --json {args.threshold_from}")
+    if not value or value != value or value <= 0 or value == float("inf"):
+        raise PipelineError(f"the threshold must be a positive squared distance, not {value}; see eval.py --pairs "
+                            f"--calibrate, or pass --threshold T")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- the three modes
+
+def find_groups(gallery, args, threshold):
+    """Rows of the groups CSV ([group, path, label, distance]) and a summary per group."""
+    index = gallery_index(gallery, args.gallery, args.index)
+    pairs = close_pairs(gallery.vectors, threshold, index if index.kind == "faiss" else None)
+    known = set(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
+    extra = [(i, j) for i, j in identical_files(gallery.paths) if (i, j) not in known]
+    if extra:  # byte-identical files whose embeddings are not closer than the threshold (another crop size?)
+        i, j = np.array(extra).T
+        d = ((np.asarray(gallery.vectors[i], np.float64) - np.asarray(gallery.vectors[j], np.float64)) ** 2).sum(1)
+        pairs = (np.concatenate([pairs[0], i]), np.concatenate([pairs[1], j]),
+                 np.concatenate([pairs[2], d.astype(np.float32)]))
+    order = keep_order(gallery.paths, args.keep)
+    groups = (star_groups(len(gallery), pairs, order) if args.group == "star"
+              else chain_groups(len(gallery), pairs, order, gallery.vectors))
+    rows, summary = [], []
+    for number, (kept, members) in enumerate(groups, start=1):
+        rows.append((number, gallery.paths[kept], gallery.labels[kept], 0.0))
+        rows += [(number, gallery.paths[row], gallery.labels[row], d) for row, d in members]
+        every = [kept] + [row for row, _ in members]
+        summary.append({"group": number, "kept": gallery.paths[kept], "size": len(every),
+                        "weakest_pair": weakest_pair(gallery.vectors, every),
+                        "labels": sorted({gallery.labels[row] for row in every}),
+                        "bytes_freed": sum(_size(gallery.paths[row]) for row, _ in members)})
+    return rows, summary
+
+
+def find_leaks(gallery, args, threshold):
+    """[path, duplicates, distance] of each --against image closer than the threshold to a gallery image."""
+    other = read_embeddings(args.against, mmap=True)
+    if other.vectors.shape[1] != gallery.vectors.shape[1]:
+        raise PipelineError(f"--against {args.against} has dim={other.vectors.shape[1]} but --gallery has "
+                            f"dim={gallery.vectors.shape[1]}; embed both with one checkpoint")
+    index = gallery_index(gallery, args.gallery, args.index)
+    rows = []
+    for start in range(0, len(other), 4096):
+        block = np.array(other.vectors[start:start + 4096], dtype=np.float32)  # a writable copy of a mapped block
+        distances, found = index.search(block, min(10, len(gallery)))
+        for offset, (dist, hits) in enumerate(zip(distances.tolist(), found.tolist(), strict=True)):
+            rows += [(other.paths[start + offset], gallery.paths[row], d) for d, row in zip(dist, hits, strict=True)
+                     if row >= 0 and d < threshold]
+    return rows
+
+
+def find_query_duplicates(gallery, args, threshold):
+    """[query, duplicates, distance] of new images: each embedded as the gallery was, then searched."""
+    from deeprank.search.searcher import Searcher
+    if not args.model:
+        raise PipelineError("--query needs --model, the checkpoint that wrote the gallery")
+    searcher = Searcher(args.model, args.gallery, args.device, args.index, num_workers=args.num_workers, log=print)
+    vectors, kept = searcher.embed(images_in(args.query, "--query"))
+    found = searcher.search(vectors, min(10, len(gallery)))
+    return [(query, hit["path"], hit["distance"]) for query, hits in zip(kept, found, strict=True) for hit in hits
+            if hit["distance"] < threshold]
+
+
+def _size(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+# ----------------------------------------------------------------------------- main
+
+def write_csv(path, columns, rows):
+    """The CSV, atomically; paths as they are in the gallery (absolute)."""
+    with atomic_write(path, newline="") as handle:
+        pd.DataFrame(rows, columns=columns).to_csv(handle, index=False, lineterminator="\n")
+
+
+def report(rows, summary, total):
+    """The printed summary of find_groups' result."""
+    if not summary:
+        print(f"{total} images, no duplicates closer than the threshold")
+        return
+    in_groups = sum(group["size"] for group in summary)
+    mixed = sum(len(group["labels"]) > 1 for group in summary)
+    print(f"{total} images, {len(summary)} groups holding {in_groups} images, the largest of "
+          f"{max(group['size'] for group in summary)}; removing the non-kept members would free "
+          f"{sum(group['bytes_freed'] for group in summary):,} bytes; {mixed} groups mix labels (label noise or "
+          f"false matches)")
+    for group in sorted(summary, key=lambda g: (-g["size"], g["group"]))[:SHOWN]:
+        print(f"  group {group['group']}: {group['size']} images, weakest pair {group['weakest_pair']:.4f}, kept "
+              f"{group['kept']}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.against and args.query:
+        raise PipelineError("--against and --query are two questions; ask one at a time")
+    threshold = read_threshold(args)
+    check_output_path(args.out)
+    if args.json:
+        check_output_path(args.json)
+    print_args("find_duplicates.py", args, threshold_used=threshold)
+    gallery = read_embeddings(args.gallery, mmap=True)
+    if len(gallery) == 0:
+        raise PipelineError(f"{args.gallery} has no rows; embed a collection with gen_embeddings.py first")
+    if args.against or args.query:
+        rows = find_leaks(gallery, args, threshold) if args.against else find_query_duplicates(gallery, args, threshold)
+        write_csv(args.out, ["path", "duplicates", "distance"], rows)
+        what = "images of --against" if args.against else "queries"
+        print(f"{len({row[0] for row in rows})} {what} near-duplicate gallery images ({len(rows)} pairs); wrote "
+              f"{args.out}")
+        result = [dict(zip(("path", "duplicates", "distance"), row, strict=True)) for row in rows]
+    else:
+        rows, summary = find_groups(gallery, args, threshold)
+        write_csv(args.out, ["group", "path", "label", "distance"], rows)
+        report(rows, summary, len(gallery))
+        print(f"wrote {args.out}{'' if rows else ' (the header alone)'}")
+        result = summary
+    if args.json:
+        with atomic_write(args.json) as handle:
+            json.dump(result, handle, indent=2)
+            handle.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

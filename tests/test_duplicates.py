@@ -1,0 +1,166 @@
+"""find_duplicates.py: star and chain groups against a brute-force reference, chains, byte-identical
+files, leaks between splits, new images checked against a gallery, and its one-line errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import find_duplicates
+import gen_embeddings
+import train_net
+from conftest import FAST
+from deeprank.common import run_cli
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+
+
+def gallery_of(folder, vectors, labels=None, name="gallery.npy", contents=None):
+    """An embedding file of `vectors`, each row a small file of its own (distinct bytes unless given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in range(len(vectors)):
+        path = folder / f"img_{row:03d}.jpg"
+        path.write_bytes(contents[row] if contents else f"image {row} ".encode() * (row + 1))
+        paths.append(str(path))
+    labels = labels or [f"c{row % 3}" for row in range(len(vectors))]
+    with EmbeddingWriter(folder / name, vectors.shape[1], False, "m") as out:
+        out.write(paths, labels, vectors.astype(np.float32))
+    return folder / name
+
+
+def brute_force(vectors, threshold, order, mode):
+    """Groups as sets of rows, from the full float64 distance matrix: star in `order`, or components."""
+    v = vectors.astype(np.float64)
+    close = ((v[:, None] - v[None]) ** 2).sum(-1) < threshold
+    np.fill_diagonal(close, False)
+    groups, taken = [], set()
+    if mode == "star":
+        for keeper in order:
+            if keeper in taken:
+                continue
+            members = {j for j in np.flatnonzero(close[keeper]) if j not in taken}
+            if members:
+                taken |= members | {keeper}
+                groups.append(frozenset(members | {keeper}))
+        return set(groups)
+    for start in range(len(v)):
+        if start in taken or not close[start].any():
+            continue
+        component, frontier = {start}, [start]
+        while frontier:
+            row = frontier.pop()
+            for j in np.flatnonzero(close[row]):
+                if j not in component:
+                    component.add(j)
+                    frontier.append(j)
+        taken |= component
+        groups.append(frozenset(component))
+    return set(groups)
+
+
+def groups_in(csv, gallery):
+    rows = {p: i for i, p in enumerate(read_embeddings(gallery).paths)}
+    frame = pd.read_csv(csv)
+    return {frozenset(rows[p] for p in part["path"]) for _, part in frame.groupby("group")}
+
+
+@pytest.mark.parametrize("mode,index", [("star", "exact"), ("chain", "exact"), ("star", "faiss"), ("chain", "faiss")])
+def test_groups_equal_a_brute_force_reference(tmp_path, mode, index):
+    if index == "faiss":
+        pytest.importorskip("faiss", reason="faiss-cpu is not installed (requirements-faiss.txt)")
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((40, 8))
+    copies = base[:12] + rng.normal(0, 0.05, (12, 8))  # near copies of the first 12
+    vectors = np.concatenate([base, copies, base[12:15]])  # and 3 exact copies
+    gallery = gallery_of(tmp_path / "g", vectors)
+    out = tmp_path / f"{mode}.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--group", mode, "--keep", "first",
+                                 "--index", index, "--out", str(out)]) == 0
+    got = groups_in(out, gallery)
+    assert got == brute_force(vectors, 0.5, range(len(vectors)), mode) and len(got) == 15
+    kept = pd.read_csv(out).groupby("group").first()
+    assert (kept["distance"] == 0).all()  # each group starts with its kept image
+
+
+def test_a_chain_is_one_group_only_when_asked(tmp_path, capsys):
+    vectors = np.array([[0.0], [0.6], [1.2], [1.8], [10.0]])  # A~B~C~D one step apart (0.36 < 0.5), D far from A
+    gallery = gallery_of(tmp_path / "g", vectors)
+    for mode, expected in (("chain", {frozenset({0, 1, 2, 3})}), ("star", {frozenset({0, 1}), frozenset({2, 3})})):
+        out = tmp_path / f"{mode}.csv"
+        assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--group", mode, "--keep",
+                                     "first", "--out", str(out)]) == 0
+        assert groups_in(out, gallery) == expected, mode
+    assert "weakest pair" in capsys.readouterr().out
+
+
+def test_byte_identical_files_are_grouped_and_the_summary_counts_them(tmp_path, capsys):
+    vectors = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])  # far apart: no embedding says they are alike
+    contents = [b"same picture" * 10, b"another" * 3, b"same picture" * 10]
+    gallery = gallery_of(tmp_path / "g", vectors, labels=["a", "b", "c"], contents=contents)
+    out, summary = tmp_path / "d.csv", tmp_path / "d.json"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.1", "--out", str(out),
+                                 "--json", str(summary)]) == 0
+    assert groups_in(out, gallery) == {frozenset({0, 2})}
+    printed = capsys.readouterr().out
+    assert "1 groups holding 2 images" in printed and "would free 120 bytes" in printed
+    assert "1 groups mix labels" in printed and json.loads(summary.read_text())[0]["size"] == 2
+
+
+def test_no_duplicates_writes_the_header_alone_and_says_so(tmp_path, capsys):
+    gallery = gallery_of(tmp_path / "g", np.eye(4) * 3)
+    out = tmp_path / "d.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--out", str(out)]) == 0
+    assert out.read_text() == "group,path,label,distance\n"
+    assert "no duplicates closer than the threshold" in capsys.readouterr().out
+
+
+def test_leaks_between_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((20, 6))
+    val = np.concatenate([rng.standard_normal((5, 6)) + 10, train[[3]] + 0.01])  # one val image copies train 3
+    gallery, against = gallery_of(tmp_path / "train", train), gallery_of(tmp_path / "val", val)
+    out = tmp_path / "leaks.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--against", str(against), "--threshold", "0.1",
+                                 "--out", str(out)]) == 0
+    leaks = pd.read_csv(out)
+    assert list(leaks.columns) == ["path", "duplicates", "distance"] and len(leaks) == 1
+    assert leaks["path"][0].endswith("val/img_005.jpg") and leaks["duplicates"][0].endswith("train/img_003.jpg")
+
+
+def test_a_new_image_is_checked_against_the_gallery(prepared_master, tmp_path):
+    model = tmp_path / "m.model"
+    assert train_net.main(FAST + ["--epochs", "0", "--data", str(prepared_master), "--mining", "batch_all",
+                                  "--classes_per_batch", "2", "--images_per_class", "2", "--out", str(model)]) == 0
+    gallery = tmp_path / "gallery.npy"
+    assert gen_embeddings.main(["--model", str(model), "--data", str(prepared_master), "--split", "train",
+                                "--num_workers", "0", "--train_out", str(gallery)]) == 0
+    original = read_embeddings(gallery).paths[7]
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(original, new / "copy.JPEG")  # filed twice under another name
+    out = tmp_path / "q.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "1e-4", "--model", str(model),
+                                 "--query", str(new), "--num_workers", "0", "--out", str(out)]) == 0
+    found = pd.read_csv(out)
+    assert original in set(found["duplicates"]) and (found["path"] == str(new / "copy.JPEG")).all()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threshold", "0"], "must be a positive squared distance"),
+    (["--threshold", "-1"], "must be a positive squared distance"),
+    (["--threshold_from", "missing.json"], "cannot read --threshold_from"),
+])
+def test_bad_threshold_is_one_line(tmp_path, argv, message, capsys):
+    gallery = gallery_of(tmp_path / "g", np.eye(3))
+    assert run_cli(find_duplicates.main, ["--gallery", str(gallery), *argv, "--out", str(tmp_path / "d.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "d.csv").exists()
+
+
+def test_missing_gallery_is_one_line(tmp_path, capsys):
+    assert run_cli(find_duplicates.main, ["--gallery", str(tmp_path / "none.npy"), "--threshold", "1",
+                                          "--out", str(tmp_path / "d.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

@@ -147,8 +147,14 @@ def chain_groups(count, pairs, order, vectors):
     return sorted(groups, key=lambda group: rank[group[0]])
 
 
-def weakest_pair(vectors, rows):
-    """The largest squared distance between two images of a group (how tight it is)."""
-    block = np.asarray(vectors[sorted(rows)], dtype=np.float64)
-    d = (block * block).sum(1)[:, None] + (block * block).sum(1)[None, :] - 2 * block @ block.T
-    return float(max(d.max(), 0.0))
+def weakest_pair(vectors, rows, block=1024):
+    """The largest squared distance between two images of a group (how tight it is), `block` rows
+    at a time: a mega-group of chained near matches needs no group x group matrix."""
+    members = np.asarray(vectors[sorted(rows)], dtype=np.float64)
+    norms = (members * members).sum(1)
+    largest = 0.0
+    for start in range(0, len(members), block):
+        part = members[start:start + block]
+        d = norms[start:start + block, None] + norms[None, :] - 2 * part @ members.T
+        largest = max(largest, float(d.max()))
+    return largest

@@ -164,3 +164,10 @@ def test_missing_gallery_is_one_line(tmp_path, capsys):
                                           "--out", str(tmp_path / "d.csv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_weakest_pair_in_blocks_equals_the_whole_matrix():
+    from deeprank.duplicates import weakest_pair
+    vectors = np.random.default_rng(5).standard_normal((50, 4))
+    whole = max(((vectors[i] - vectors[j]) ** 2).sum() for i in range(50) for j in range(50))
+    assert weakest_pair(vectors, range(50), block=7) == pytest.approx(whole)

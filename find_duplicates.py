@@ -16,16 +16,19 @@ one group). Writes group,path,label,distance rows (distance to the kept image, 0
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import pandas as pd
 
+from deeprank.class_names import ClassNames
 from deeprank.common import (
     PipelineError,
     atomic_write,
     check_output_path,
     device_flag,
+    positive_int,
     print_args,
     run_cli,
     workers_flag,
@@ -41,14 +44,18 @@ from deeprank.duplicates import (
     star_groups,
     weakest_pair,
 )
-from deeprank.embedding_io import read_embeddings
-from deeprank.search.index import INDEX_KINDS, gallery_index
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.pictures import save_captioned_grid
+from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths
 
 # ---------------------------------------------------------------- hyperparameters
 OUT = "duplicates.csv"   # --out default
 GROUP = "star"           # star | chain
 KEEP = "largest"         # largest | first | pixels: which image of a group is kept
 SHOWN = 10               # groups named in the summary (largest first)
+MAX_GROUPS = 100         # --grid: groups drawn (largest first)
+ROWS_PER_PICTURE = 20    # --grid: groups per PNG
+CELLS = 12               # --grid: images shown of a group
 # ----------------------------------------------------------------
 
 
@@ -74,6 +81,18 @@ def build_parser():
       help="new images (or folders): embed them with --model and list the gallery images each duplicates")
     a("--model", default=None, help="--query: the checkpoint that wrote the gallery")
     a("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    a("--grid", default=None, metavar="DIR",
+      help="draw the groups, one captioned row each (the kept image first), into DIR/groups_<n>.png")
+    a("--move_to", default=None, metavar="DIR",
+      help="move every non-kept member of a group into DIR, keeping its path below the gallery's images; nothing "
+           "is deleted, nothing overwritten, and the CSV's moved_to column records each move (a rerun finishes an "
+           "interrupted one)")
+    a("--dry_run", action="store_true", help="--move_to: print what would move, and move nothing")
+    a("--update_gallery", action="store_true",
+      help="--move_to: rewrite --gallery without the moved images (atomically; its faiss index is rebuilt when "
+           "next used)")
+    a("--max_groups", type=positive_int, default=MAX_GROUPS,
+      help="--grid: draw at most this many groups, the largest first (default: %(default)s)")
     return parser
 
 
@@ -165,6 +184,81 @@ def write_csv(path, columns, rows):
         pd.DataFrame(rows, columns=columns).to_csv(handle, index=False, lineterminator="\n")
 
 
+def planned_moves(rows, gallery, folder):
+    """{path: destination} of every non-kept member: its path below the gallery's images' common
+    folder, under `folder`."""
+    root = os.path.commonpath([os.path.dirname(p) for p in gallery.paths])
+    kept = {number: path for number, path, _, _ in reversed(rows)}  # each group's first row is its kept image
+    return {path: os.path.join(os.path.abspath(folder), os.path.relpath(path, root))
+            for number, path, _, _ in rows if kept[number] != path}
+
+
+def move(moves, gallery, args):
+    """Move the members (or, --dry_run, say what would move); a rerun skips what an interrupted run
+    already moved; never overwrites. Then --update_gallery, or a note that the gallery is stale."""
+    done = [src for src, dst in moves.items() if not os.path.exists(src) and os.path.exists(dst)]
+    todo = [(src, dst) for src, dst in moves.items() if src not in done]
+    clash = [dst for src, dst in todo if os.path.exists(dst)]
+    if clash:
+        raise PipelineError(f"{clash[0]} exists already (and {len(clash) - 1} more); move_to never overwrites: "
+                            f"pick an empty --move_to folder")
+    missing = [src for src, _ in todo if not os.path.exists(src)]
+    if missing:
+        raise PipelineError(f"{missing[0]} is gone and not in --move_to (and {len(missing) - 1} more); the gallery "
+                            f"no longer matches the folders: re-embed it with gen_embeddings.py")
+    for src, dst in todo:
+        if args.dry_run:
+            print(f"would move {src} -> {dst}")
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+    verb = "would move" if args.dry_run else "moved"
+    print(f"{verb} {len(todo)} images to {args.move_to}" + (f" ({len(done)} moved by an earlier run)" if done else ""))
+    if args.dry_run:
+        return
+    if args.update_gallery:
+        drop_from_gallery(gallery, args.gallery, set(moves))
+    elif moves:
+        print(f"note: {args.gallery} still lists the {len(moves)} moved images; rerun with --update_gallery to "
+              f"drop them")
+
+
+def drop_from_gallery(gallery, path, moved):
+    """Rewrite the gallery file without the moved rows (atomically), and remove its faiss index."""
+    keep = np.array([p not in moved for p in gallery.paths])
+    header = gallery.header
+    source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
+    with EmbeddingWriter(path, header["dim"], header["normalized"], header["model"], source) as writer:
+        for start in range(0, len(keep), 4096):
+            rows = np.flatnonzero(keep[start:start + 4096]) + start
+            writer.write([gallery.paths[r] for r in rows], [gallery.labels[r] for r in rows],
+                         np.asarray(gallery.vectors[rows], dtype=np.float32))
+    for stale in index_paths(path):
+        stale.unlink(missing_ok=True)
+    print(f"rewrote {path} without the {int((~keep).sum())} moved images ({writer.count} rows now)")
+
+
+def draw_groups(rows, summary, folder, most):
+    """The largest `most` groups as captioned rows (the kept image, then its members with their
+    distance; class names where the dataset has them), ROWS_PER_PICTURE groups a PNG; returns how
+    many PNGs."""
+    os.makedirs(folder, exist_ok=True)
+    names = ClassNames.for_paths([path for _, path, _, _ in rows])
+    members = {}
+    for number, path, label, distance in rows:
+        members.setdefault(number, []).append((path, label, distance))
+    chosen = sorted(summary, key=lambda g: (-g["size"], g["group"]))[:most]
+    pictures = 0
+    for start in range(0, len(chosen), ROWS_PER_PICTURE):
+        grid = [[(path, f"{'kept' if i == 0 else f'd={distance:.4f}'}\n{names.name(label) or label}",
+                  "black" if i == 0 else "green")
+                 for i, (path, label, distance) in enumerate(members[group["group"]][:CELLS])]
+                for group in chosen[start:start + ROWS_PER_PICTURE]]
+        pictures += 1
+        save_captioned_grid(os.path.join(folder, f"groups_{pictures:03d}.png"), grid)
+    return pictures
+
+
 def report(rows, summary, total):
     """The printed summary of find_groups' result."""
     if not summary:
@@ -185,6 +279,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.against and args.query:
         raise PipelineError("--against and --query are two questions; ask one at a time")
+    if (args.dry_run or args.update_gallery) and not args.move_to:
+        raise PipelineError("--dry_run and --update_gallery go with --move_to DIR")
+    if args.move_to and (args.against or args.query):
+        raise PipelineError("--move_to moves the members of a gallery's groups; leave out --against / --query")
     threshold = read_threshold(args)
     check_output_path(args.out)
     if args.json:
@@ -202,8 +300,14 @@ def main(argv=None):
         result = [dict(zip(("path", "duplicates", "distance"), row, strict=True)) for row in rows]
     else:
         rows, summary = find_groups(gallery, args, threshold)
-        write_csv(args.out, ["group", "path", "label", "distance"], rows)
+        moves = planned_moves(rows, gallery, args.move_to) if args.move_to else {}
+        columns = ["group", "path", "label", "distance"] + (["moved_to"] if args.move_to else [])
+        write_csv(args.out, columns, [row + ((moves.get(row[1], ""),) if args.move_to else ()) for row in rows])
+        if args.move_to:
+            move(moves, gallery, args)
         report(rows, summary, len(gallery))
+        if args.grid:
+            print(f"drew {draw_groups(rows, summary, args.grid, args.max_groups)} group pictures into {args.grid}/")
         print(f"wrote {args.out}{'' if rows else ' (the header alone)'}")
         result = summary
     if args.json:

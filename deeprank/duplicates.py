@@ -110,7 +110,7 @@ def star_groups(count, pairs, order):
         keeper = int(keeper)
         if grouped[keeper] or keeper not in near:
             continue
-        members = sorted((other, d) for other, d in near[keeper] if not grouped[other])
+        members = sorted(((other, d) for other, d in near[keeper] if not grouped[other]), key=lambda m: (m[1], m[0]))
         if members:
             grouped[keeper] = True
             grouped[[other for other, _ in members]] = True

@@ -3,6 +3,7 @@ files, leaks between splits, new images checked against a gallery, and its one-l
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import find_duplicates
 import gen_embeddings
 import train_net
 from conftest import FAST
-from deeprank.common import run_cli
+from deeprank.common import PipelineError, run_cli
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 
 
@@ -171,3 +172,48 @@ def test_weakest_pair_in_blocks_equals_the_whole_matrix():
     vectors = np.random.default_rng(5).standard_normal((50, 4))
     whole = max(((vectors[i] - vectors[j]) ** 2).sum() for i in range(50) for j in range(50))
     assert weakest_pair(vectors, range(50), block=7) == pytest.approx(whole)
+
+
+def test_grid_draws_the_largest_groups_first(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def png(colour):
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(out, format="PNG")
+        return out.getvalue()
+    vectors = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [9.0]])  # a group of 3, a group of 2, one alone
+    gallery = gallery_of(tmp_path / "g", vectors, contents=[png((40 * row, 0, 0)) for row in range(6)])
+    pictures = tmp_path / "grid"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--keep", "first", "--out",
+                                 str(tmp_path / "d.csv"), "--grid", str(pictures), "--max_groups", "1"]) == 0
+    drawn = sorted(pictures.iterdir())
+    assert [p.name for p in drawn] == ["groups_001.png"]
+    with Image.open(drawn[0]) as picture:  # one row (the largest group): three cells wide, one row high
+        assert picture.height < 2 * 96 and picture.width >= 3 * 96
+
+
+def test_move_to_moves_only_members_dry_run_nothing_and_a_rerun_finishes(tmp_path, capsys):
+    vectors = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [9.0]])  # groups {0, 1, 2} and {3, 4}; 5 alone
+    gallery = gallery_of(tmp_path / "photos", vectors)
+    paths = read_embeddings(gallery).paths
+    moved = tmp_path / "moved"
+    argv = ["--gallery", str(gallery), "--threshold", "0.5", "--keep", "first", "--out", str(tmp_path / "d.csv"),
+            "--move_to", str(moved)]
+    assert find_duplicates.main(argv + ["--dry_run"]) == 0
+    assert "would move 3 images" in capsys.readouterr().out and not moved.exists()
+    assert all(Path(p).exists() for p in paths)
+    moved.joinpath("img_002.jpg").parent.mkdir(parents=True)  # an earlier run moved one member, then died
+    shutil.move(paths[2], moved / "img_002.jpg")
+    assert find_duplicates.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "moved 2 images" in printed and "(1 moved by an earlier run)" in printed and "--update_gallery" in printed
+    assert [Path(p).exists() for p in paths] == [True, False, False, True, False, True]  # kept images stay
+    assert sorted(p.name for p in moved.iterdir()) == ["img_001.jpg", "img_002.jpg", "img_004.jpg"]
+    frame = pd.read_csv(tmp_path / "d.csv", keep_default_na=False)
+    assert (frame["moved_to"] != "").sum() == 3  # the CSV records every move
+    assert find_duplicates.main(argv + ["--update_gallery"]) == 0  # again: nothing left to move; the gallery shrinks
+    assert read_embeddings(gallery).paths == [paths[0], paths[3], paths[5]]
+    with pytest.raises(PipelineError, match="go with --move_to"):
+        find_duplicates.main(argv[:-2] + ["--dry_run"])

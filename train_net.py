@@ -480,7 +480,8 @@ def train(args, out, cluster, device):
     if cluster.main:
         save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
         log.close()
-        print(f"wrote {out} (log: {log_path}, curves: {log.curves_path})")
+        curves = f", curves: {log.curves_path}" if log.curves_path.exists() else ""  # none before a first epoch
+        print(f"wrote {out} (log: {log_path}{curves})")
     cluster.barrier()  # every rank ends after rank 0 has written the model
     return 0
 

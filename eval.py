@@ -42,7 +42,6 @@ from deeprank.common import (
     seed_flag,
 )
 from deeprank.curves import read_log
-from deeprank.datasets import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
 from deeprank.embedding_io import read_embeddings
 from deeprank.metrics import (
     DECISION_CHUNK_ELEMENTS,
@@ -59,6 +58,7 @@ from deeprank.metrics import (
 )
 from deeprank.pictures import save_captioned_grid
 from deeprank.report import write_report
+from deeprank.sample_csv import csv_kind, read_decision_codes, read_triplet_csv, triplet_rows
 
 # ---------------------------------------------------------------- hyperparameters
 K = 30                       # neighbours for score_at_k / precision_at_k (the original's top-30)

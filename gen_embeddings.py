@@ -40,15 +40,7 @@ from deeprank.common import (
     run_cli,
     workers_flag,
 )
-from deeprank.datasets import (
-    ImageSource,
-    check_images_exist,
-    class_of,
-    read_triplet_csv,
-    readable_triplets,
-    triplet_rows,
-    unique_in_order,
-)
+from deeprank.datasets import ImageSource, check_images_exist, class_of, unique_in_order
 from deeprank.distributed import Cluster
 from deeprank.embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
 from deeprank.loaders import BadImages, preprocess_on_device
@@ -64,6 +56,7 @@ from deeprank.runtime import (
     prepare,
     want_compile,
 )
+from deeprank.sample_csv import read_triplet_csv, readable_triplets, triplet_rows
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = None               # images per forward pass; None: runtime.default_batch's (CPU: by image size)

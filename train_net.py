@@ -52,7 +52,7 @@ from deeprank.common import (
     seed_flag,
     workers_flag,
 )
-from deeprank.datasets import check_images_exist, read_pair_csv, read_triplet_csv, unique_in_order
+from deeprank.datasets import check_images_exist, unique_in_order
 from deeprank.distributed import Cluster
 from deeprank.loaders import (
     AUGMENTS,
@@ -76,6 +76,7 @@ from deeprank.runtime import (
     prepare,
     want_compile,
 )
+from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 from deeprank.training import (
     OPTIMS,
     EpochStats,

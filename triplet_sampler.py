@@ -32,16 +32,8 @@ from deeprank.common import (
     run_cli,
     seed_flag,
 )
-from deeprank.datasets import (
-    FLAG_COLUMN,
-    PAIR_COLUMNS,
-    TRIPLE_COLUMNS,
-    ImageSource,
-    check_images_exist,
-    need_classes,
-    write_image_csv,
-    write_triplet_csv,
-)
+from deeprank.datasets import ImageSource, check_images_exist, need_classes
+from deeprank.sample_csv import FLAG_COLUMN, PAIR_COLUMNS, TRIPLE_COLUMNS, write_image_csv, write_triplet_csv
 
 # ---------------------------------------------------------------- hyperparameters
 NUM_POS_IMAGES = 1   # positives per query image

@@ -39,9 +39,10 @@ import transform_validation
 import triplet_sampler
 from deep_rank_net import DeepRank
 from deeprank.checkpoints import save_checkpoint
-from deeprank.datasets import read_triplet_csv, unique_in_order
+from deeprank.datasets import unique_in_order
 from deeprank.loaders import Normalize
 from deeprank.runtime import FrozenRunner, autocast, prepare
+from deeprank.sample_csv import read_triplet_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deeprank.datasets import write_image_csv
 from deeprank.embedding_io import embedding_header
+from deeprank.sample_csv import write_image_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -101,7 +101,7 @@ def reference_train(csv_path, out_path, batch, image_size, backbone):
     import torch
 
     from deep_rank_net import DeepRank
-    from deeprank.datasets import read_triplet_csv
+    from deeprank.sample_csv import read_triplet_csv
     rows = list(zip(*(column.tolist() for column in read_triplet_csv(csv_path)), strict=True))
     torch.manual_seed(0)
     model = DeepRank(backbone=backbone, image_size=image_size, weights="none", trainable="conv5").train()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deeprank.common import PipelineError
-from deeprank.datasets import ImageSource, check_images_exist, read_pair_csv, read_triplet_csv, unique_in_order
+from deeprank.datasets import ImageSource, check_images_exist, unique_in_order
 from deeprank.distributed import Cluster
 from deeprank.loaders import (
     LabelledImages,
@@ -25,6 +25,7 @@ from deeprank.loaders import (
     triplet_batch,
 )
 from deeprank.losses import pair_loss, ranking_loss
+from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 
 MOMENTUM = 0.9             # SGD / RMSprop momentum
 OPTIMS = ("sgd", "adam", "rms")

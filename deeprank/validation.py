@@ -8,10 +8,11 @@ image embedded once (an image skipped by --on_bad_image skip leaves its rows out
 import numpy as np
 import torch
 
-from deeprank.datasets import read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows, unique_in_order
+from deeprank.datasets import unique_in_order
 from deeprank.loaders import preprocess_on_device
 from deeprank.metrics import best_threshold, decision_metrics, pair_scores, roc_auc, triplet_accuracy
 from deeprank.runtime import embed_batches
+from deeprank.sample_csv import read_pair_csv, read_triplet_csv, readable_triplets, triplet_rows
 
 
 def embed_listed(model, paths, device, args, bad_images):

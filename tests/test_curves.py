@@ -89,8 +89,8 @@ def test_contrastive_runs_report_val_pair_accuracy(prepared_master, tmp_path):
     import gen_embeddings
     from conftest import sample_pairs
     from deeprank import metrics
-    from deeprank.datasets import read_pair_csv
     from deeprank.embedding_io import read_embeddings
+    from deeprank.sample_csv import read_pair_csv
     pairs = sample_pairs(prepared_master, tmp_path)
     model = tmp_path / "c.model"
     assert train_net.main(FAST + ["--loss", "contrastive", "--pairs", str(pairs[1]), "--val_pairs", str(pairs[0]),

@@ -14,7 +14,8 @@ import synthetic_data
 import transform_validation
 import triplet_sampler
 from deeprank.common import PipelineError
-from deeprank.datasets import class_of, list_split, read_triplet_csv
+from deeprank.datasets import class_of, list_split
+from deeprank.sample_csv import read_triplet_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ import train_net
 import transform_validation
 import triplet_sampler
 from deeprank.checkpoints import save_checkpoint
-from deeprank.datasets import read_triplet_csv, unique_in_order
+from deeprank.datasets import unique_in_order
 from deeprank.embedding_io import read_embeddings
+from deeprank.sample_csv import read_triplet_csv
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image_size", "32", "--embed_dim", "64",
         "--num_workers", "0"]

@@ -26,9 +26,10 @@ from conftest import FAST, ROOT, read_log
 from deep_rank_net import DeepRank, ModelError
 from deeprank.checkpoints import load_model, save_checkpoint
 from deeprank.common import PipelineError, atomic_write
-from deeprank.datasets import list_split, read_triplet_csv
+from deeprank.datasets import list_split
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 from deeprank.loaders import load_rgb
+from deeprank.sample_csv import read_triplet_csv
 
 SMALL_MODEL = dict(backbone="resnet18", image_size=32, embed_dim=8, weights="none")
 

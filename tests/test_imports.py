@@ -18,6 +18,7 @@ PACKAGE = {
     "deeprank.common": set(),
     "deeprank.fastparse": set(),
     "deeprank.datasets": {"deeprank.common"},
+    "deeprank.sample_csv": {"deeprank.common", "deeprank.datasets"},
     "deeprank.class_names": {"deeprank.common"},
     "deeprank.embedding_io": {"deeprank.common", "deeprank.fastparse"},
     "deeprank.loaders": {"deeprank.common"},
@@ -29,10 +30,11 @@ PACKAGE = {
     "deeprank.curves": {"deeprank.common"},
     "deeprank.duplicates": {"deeprank.common", "deeprank.metrics"},
     "deeprank.report": {"deeprank.common", "deeprank.curves"},
-    "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime"},
+    "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime",
+                            "deeprank.sample_csv"},
     "deeprank.training_log": {"deeprank.common", "deeprank.curves"},
     "deeprank.training": {"deeprank.common", "deeprank.datasets", "deeprank.distributed", "deeprank.loaders",
-                          "deeprank.losses"},
+                          "deeprank.losses", "deeprank.sample_csv"},
     "deeprank.pictures": {"deeprank.common", "deeprank.loaders"},
     "deeprank.search.index": {"deeprank.common", "deeprank.embedding_io", "deeprank.metrics"},
     "deeprank.search.searcher": {"deeprank.checkpoints", "deeprank.class_names", "deeprank.common",
@@ -40,8 +42,8 @@ PACKAGE = {
                                  "deeprank.search.index"},
     "deeprank.search.web": {"deeprank.common", "deeprank.loaders"},
 }
-TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.embedding_io", "deeprank.fastparse", "synthetic_data",
-              "transform_validation", "triplet_sampler")
+TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.sample_csv", "deeprank.embedding_io",
+              "deeprank.fastparse", "synthetic_data", "transform_validation", "triplet_sampler")
 
 
 def file_of(name):

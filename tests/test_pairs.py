@@ -16,8 +16,8 @@ import triplet_sampler
 from conftest import FAST, read_log
 from deeprank import losses, metrics
 from deeprank.common import PipelineError, run_cli
-from deeprank.datasets import read_pair_csv, read_triple_csv
 from deeprank.embedding_io import read_embeddings
+from deeprank.sample_csv import read_pair_csv, read_triple_csv
 
 LABELS = ["a"] * 6 + ["b"] * 4 + ["c"] * 1 + ["d"] * 7 + ["e"] * 5
 

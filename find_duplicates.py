@@ -28,6 +28,7 @@ from deeprank.common import (
     atomic_write,
     check_output_path,
     device_flag,
+    pair_threshold_from,
     positive_int,
     print_args,
     run_cli,
@@ -45,6 +46,7 @@ from deeprank.duplicates import (
     weakest_pair,
 )
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.metrics import pair_scores
 from deeprank.pictures import save_captioned_grid
 from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths
 
@@ -98,17 +100,7 @@ def build_parser():
 
 def read_threshold(args):
     """--threshold, or the pair_threshold of eval.py's JSON; a positive number."""
-    value = args.threshold
-    if args.threshold_from:
-        try:
-            with open(args.threshold_from, encoding="utf-8") as handle:
-                value = json.load(handle).get("pair_threshold")
-        except (OSError, ValueError, AttributeError) as err:
-            raise PipelineError(f"cannot read --threshold_from {args.threshold_from} ({err}); give eval.py's "
-                                f"--json output") from None
-        if not isinstance(value, (int, float)):
-            raise PipelineError(f"{args.threshold_from} has no pair_threshold; write one with eval.py --pairs PAIRS "
-                                f"--calibrate OTHER_PAIRS --json {args.threshold_from}")
+    value = pair_threshold_from(args.threshold_from) if args.threshold_from else args.threshold
     if not value or value != value or value <= 0 or value == float("inf"):
         raise PipelineError(f"the threshold must be a positive squared distance, not {value}; see eval.py --pairs "
                             f"--calibrate, or pass --threshold T")
@@ -125,9 +117,8 @@ def find_groups(gallery, args, threshold):
     extra = [(i, j) for i, j in identical_files(gallery.paths) if (i, j) not in known]
     if extra:  # byte-identical files whose embeddings are not closer than the threshold (another crop size?)
         i, j = np.array(extra).T
-        d = ((np.asarray(gallery.vectors[i], np.float64) - np.asarray(gallery.vectors[j], np.float64)) ** 2).sum(1)
-        pairs = (np.concatenate([pairs[0], i]), np.concatenate([pairs[1], j]),
-                 np.concatenate([pairs[2], d.astype(np.float32)]))
+        d = pair_scores(gallery.vectors[i], gallery.vectors[j]).astype(np.float32)
+        pairs = (np.concatenate([pairs[0], i]), np.concatenate([pairs[1], j]), np.concatenate([pairs[2], d]))
     order = keep_order(gallery.paths, args.keep)
     groups = (star_groups(len(gallery), pairs, order) if args.group == "star"
               else chain_groups(len(gallery), pairs, order, gallery.vectors))
@@ -226,9 +217,7 @@ def move(moves, gallery, args):
 def drop_from_gallery(gallery, path, moved):
     """Rewrite the gallery file without the moved rows (atomically), and remove its faiss index."""
     keep = np.array([p not in moved for p in gallery.paths])
-    header = gallery.header
-    source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
-    with EmbeddingWriter(path, header["dim"], header["normalized"], header["model"], source) as writer:
+    with EmbeddingWriter.like(path, gallery.header) as writer:
         for start in range(0, len(keep), 4096):
             rows = np.flatnonzero(keep[start:start + 4096]) + start
             writer.write([gallery.paths[r] for r in rows], [gallery.labels[r] for r in rows],

@@ -31,6 +31,7 @@ from deeprank.common import (
     check_output_path,
     device_flag,
     non_negative_int,
+    pair_threshold_from,
     positive_int,
     print_args,
     run_cli,
@@ -214,19 +215,7 @@ def query_label(query, gallery, labels):
 
 def read_threshold(args):
     """--threshold, or the pair_threshold in eval.py's --json; None when neither is given."""
-    if args.threshold_from is None:
-        return args.threshold
-    try:
-        with open(args.threshold_from, encoding="utf-8") as handle:
-            metrics = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"cannot read --threshold_from {args.threshold_from} ({err}); give eval.py's --json "
-                            f"output") from None
-    value = metrics.get("pair_threshold") if isinstance(metrics, dict) else None
-    if not isinstance(value, (int, float)):
-        raise PipelineError(f"{args.threshold_from} has no pair_threshold; write one with eval.py --pairs PAIRS "
-                            f"--calibrate OTHER_PAIRS --json {args.threshold_from}")
-    return float(value)
+    return args.threshold if args.threshold_from is None else pair_threshold_from(args.threshold_from)
 
 
 def compare_pair(searcher, args):
@@ -268,9 +257,7 @@ def add_to_gallery(searcher, args):
     except PipelineError:  # faiss not installed: no index to keep up to date
         pass
     vectors, kept = searcher.embed(new)
-    header = gallery.header
-    source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
-    with EmbeddingWriter(args.gallery, header["dim"], header["normalized"], header["model"], source) as writer:
+    with EmbeddingWriter.like(args.gallery, gallery.header) as writer:
         writer.copy_rows(args.gallery, len(gallery))
         writer.write(kept, [class_of(p) for p in kept], vectors)
     print(f"added {len(kept)} images to {args.gallery} ({writer.count} rows now)")

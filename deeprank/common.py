@@ -12,6 +12,7 @@ move together with the data.
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -166,6 +167,20 @@ def print_args(stage, args, stream=None, skip=(), **resolved):
     for key, value in sorted({**vars(args), **resolved}.items()):
         if key not in skip:
             print(f"  {key}: {value}", file=stream)
+
+
+def pair_threshold_from(path):
+    """The pair_threshold that eval.py --pairs --calibrate wrote to its --json (a --threshold_from flag)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot read --threshold_from {path} ({err}); give eval.py's --json output") from None
+    value = metrics.get("pair_threshold") if isinstance(metrics, dict) else None
+    if not isinstance(value, (int, float)):
+        raise PipelineError(f"{path} has no pair_threshold; write one with eval.py --pairs PAIRS --calibrate "
+                            f"OTHER_PAIRS --json {path}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- paths and files

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from deeprank.common import PipelineError
-from deeprank.metrics import CHUNK_ELEMENTS, squared_distances, squared_norms
+from deeprank.metrics import CHUNK_ELEMENTS, pair_scores, squared_distances, squared_norms
 
 KEEP_CHOICES = ("largest", "first", "pixels")  # which image of a group is kept
 GROUP_CHOICES = ("star", "chain")
@@ -142,8 +142,8 @@ def chain_groups(count, pairs, order, vectors):
     for rows in components.values():
         keeper = min(rows, key=lambda row: rank[row])
         members = [row for row in rows if row != keeper]
-        d = ((np.asarray(vectors[members], dtype=np.float64) - np.asarray(vectors[keeper], dtype=np.float64)) ** 2)
-        groups.append((keeper, list(zip(members, d.sum(1).tolist(), strict=True))))
+        d = pair_scores(vectors[members], vectors[[keeper] * len(members)])
+        groups.append((keeper, list(zip(members, d.tolist(), strict=True))))
     return sorted(groups, key=lambda group: rank[group[0]])
 
 

@@ -142,6 +142,13 @@ class EmbeddingWriter:
         self._row = " ".join(["%.7g"] * self.dim)  # 7 significant digits: < 1e-6 error on unit vectors
         self.count = 0
 
+    @classmethod
+    def like(cls, path, header):
+        """A writer of path whose header says what a read file's header says (dim, normalization,
+        checkpoint and how the vectors were made): a gallery rewritten or grown."""
+        source = {key: value for key, value in header.items() if key not in ("dim", "normalized", "model")}
+        return cls(path, header["dim"], header["normalized"], header["model"], source)
+
     def __enter__(self):
         self._handle = self._text.__enter__()
         self._handle.write(self._header)

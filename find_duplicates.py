@@ -55,6 +55,7 @@ OUT = "duplicates.csv"   # --out default
 GROUP = "star"           # star | chain
 KEEP = "largest"         # largest | first | pixels: which image of a group is kept
 SHOWN = 10               # groups named in the summary (largest first)
+MATCHES = 10             # --against / --query: the nearest gallery images checked for each image
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
 ROWS_PER_PICTURE = 20    # --grid: groups per PNG
 CELLS = 12               # --grid: images shown of a group
@@ -144,7 +145,7 @@ def find_leaks(gallery, args, threshold):
     rows = []
     for start in range(0, len(other), 4096):
         block = np.array(other.vectors[start:start + 4096], dtype=np.float32)  # a writable copy of a mapped block
-        distances, found = index.search(block, min(10, len(gallery)))
+        distances, found = index.search(block, min(MATCHES, len(gallery)))
         for offset, (dist, hits) in enumerate(zip(distances.tolist(), found.tolist(), strict=True)):
             rows += [(other.paths[start + offset], gallery.paths[row], d) for d, row in zip(dist, hits, strict=True)
                      if row >= 0 and d < threshold]
@@ -156,9 +157,10 @@ def find_query_duplicates(gallery, args, threshold):
     from deeprank.search.searcher import Searcher
     if not args.model:
         raise PipelineError("--query needs --model, the checkpoint that wrote the gallery")
-    searcher = Searcher(args.model, args.gallery, args.device, args.index, num_workers=args.num_workers, log=print)
+    searcher = Searcher(args.model, args.gallery, args.device, args.index, num_workers=args.num_workers)
+    searcher.gallery = gallery  # read once: main has it already
     vectors, kept = searcher.embed(images_in(args.query, "--query"))
-    found = searcher.search(vectors, min(10, len(gallery)))
+    found = searcher.search(vectors, min(MATCHES, len(gallery)))
     return [(query, hit["path"], hit["distance"]) for query, hits in zip(kept, found, strict=True) for hit in hits
             if hit["distance"] < threshold]
 

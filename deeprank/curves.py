@@ -34,6 +34,12 @@ class RunLog:
         self.name, self.epochs, self.steps, self.flags = name, epochs, steps, dict(flags or {})
         self.folder = folder
 
+    @classmethod
+    def from_rows(cls, name, rows, flags=None, folder=""):
+        """A RunLog of a log's records in file order (epoch and step records mixed)."""
+        return cls(name, [r for r in rows if not is_step_record(r)], [r for r in rows if is_step_record(r)], flags,
+                   folder)
+
     def epoch_ends(self):
         """The global step at the end of each epoch record (its steps added up)."""
         ends, total = [], 0
@@ -67,8 +73,7 @@ def read_log(path, flags=None):
         rows.append(row)
     if not rows:
         raise PipelineError(f"{path} has no records yet; train_net.py writes one after its first steps")
-    return RunLog(path.name.removesuffix("_log.jsonl"), [r for r in rows if not is_step_record(r)],
-                  [r for r in rows if is_step_record(r)], flags, path.resolve().parent.name)
+    return RunLog.from_rows(path.name.removesuffix("_log.jsonl"), rows, flags, path.resolve().parent.name)
 
 
 def distinct_names(runs):
@@ -93,49 +98,62 @@ def draw_curves(runs, out, title=None):
     return out
 
 
-def curves_png(runs, title=None):
-    """PNG bytes of the runs' curves, a panel per quantity, against the global step (step records
-    as lines, epoch records as markers; the first run's epoch ends on a top axis)."""
+def figure_png(draw, size):
+    """PNG bytes of a matplotlib figure of `size` inches drawn by draw(figure) (Agg canvas, no pyplot)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    draw(figure)
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=90)
+    return out.getvalue()
+
+
+def curves_png(runs, title=None):
+    """PNG bytes of the runs' curves, a panel per quantity, against the global step (step records
+    as lines, epoch records as markers; the first run's epoch ends on a top axis)."""
     panels = [(name, keys) for name, keys in PANELS if any(k in row for run in runs for row in run.epochs + run.steps
                                                           for k in keys)]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure = Figure(figsize=(4.6 * columns, 3.6 * rows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for spare in axes[len(panels):]:
-        spare.set_visible(False)
+
+    def draw(figure):
+        axes = figure.subplots(rows, columns, squeeze=False).ravel()
+        for spare in axes[len(panels):]:
+            spare.set_visible(False)
+        for ax, (name, keys) in zip(axes, panels, strict=False):
+            draw_panel(ax, name, keys, runs)
+        figure.suptitle(title if title is not None else title_of(runs[0].flags))
+
+    return figure_png(draw, (4.6 * columns, 3.6 * rows))
+
+
+def draw_panel(ax, name, keys, runs):
+    """One quantity's panel: each run's step records as a thin line, its epoch records as markers."""
     colours = [f"C{i}" for i in range(10)]
-    for ax, (name, keys) in zip(axes, panels, strict=False):
-        for r, run in enumerate(runs):
-            ends = run.epoch_ends()
-            for k, key in enumerate(keys):
-                colour, style = colours[(r * len(keys) + k) % 10], ("-", "--")[k % 2]
-                label = (LABELS.get(key, key) if len(keys) > 1 else None)
-                label = f"{run.name}: {label}" if len(runs) > 1 and label else (run.name if len(runs) > 1 else label)
-                steps = [(row["step"], row[key]) for row in run.steps if row.get(key) is not None]
-                if steps:
-                    ax.plot(*zip(*steps, strict=True), style, color=colour, alpha=0.5, linewidth=1)
-                epochs = [(end, row[key]) for end, row in zip(ends, run.epochs, strict=True)
-                          if row.get(key) is not None]
-                if epochs:
-                    ax.plot(*zip(*epochs, strict=True), style, marker="o", color=colour, label=label)
-        ax.set_title(name)
-        ax.set_xlabel("global step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-        first = runs[0].epoch_ends()
-        if first:  # the first run's epochs on a second axis above
-            top = ax.secondary_xaxis("top")
-            top.set_xticks(first, [str(row["epoch"]) for row in runs[0].epochs])
-            top.set_xlabel("epoch")
-    figure.suptitle(title if title is not None else title_of(runs[0].flags))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
+    for r, run in enumerate(runs):
+        ends = run.epoch_ends()
+        for k, key in enumerate(keys):
+            colour, style = colours[(r * len(keys) + k) % 10], ("-", "--")[k % 2]
+            label = (LABELS.get(key, key) if len(keys) > 1 else None)
+            label = f"{run.name}: {label}" if len(runs) > 1 and label else (run.name if len(runs) > 1 else label)
+            steps = [(row["step"], row[key]) for row in run.steps if row.get(key) is not None]
+            if steps:
+                ax.plot(*zip(*steps, strict=True), style, color=colour, alpha=0.5, linewidth=1)
+            epochs = [(end, row[key]) for end, row in zip(ends, run.epochs, strict=True) if row.get(key) is not None]
+            if epochs:
+                ax.plot(*zip(*epochs, strict=True), style, marker="o", color=colour, label=label)
+    ax.set_title(name)
+    ax.set_xlabel("global step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    first = runs[0].epoch_ends()
+    if first:  # the first run's epochs on a second axis above
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(first, [str(row["epoch"]) for row in runs[0].epochs])
+        top.set_xlabel("epoch")

@@ -9,13 +9,12 @@ the distance histograms of same and different pairs with the threshold marked.
 
 import base64
 import html
-import io
 import os
 
 import numpy as np
 
 from deeprank.common import atomic_write
-from deeprank.curves import curves_png
+from deeprank.curves import curves_png, figure_png
 
 # metric key -> (name shown, definition); {k} is the run's k
 DEFINITIONS = {
@@ -50,19 +49,6 @@ def png_data_uri(data):
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def figure_png(draw, size=(6, 3.6)):
-    """PNG bytes of a matplotlib figure drawn by draw(figure) (Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(figure)
-    draw(figure)
-    out = io.BytesIO()
-    figure.savefig(out, format="png", dpi=90)
-    return out.getvalue()
-
-
 def decision_pictures(kind, scores, labels, threshold):
     """(ROC curve PNG or None, histogram PNG) of a pair / triple CSV's scores (lower: 'same')."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
@@ -92,7 +78,7 @@ def decision_pictures(kind, scores, labels, threshold):
         ax.set_ylabel("true positive rate")
         ax.legend()
 
-    return (figure_png(roc, (4.5, 4)) if kind == "pairs" else None), figure_png(histogram)
+    return (figure_png(roc, (4.5, 4)) if kind == "pairs" else None), figure_png(histogram, (6, 3.6))
 
 
 def fmt(value):

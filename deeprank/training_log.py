@@ -15,7 +15,7 @@ import sys
 import time
 
 from deeprank.common import PipelineError, atomic_write
-from deeprank.curves import RunLog, draw_curves, is_step_record, title_of
+from deeprank.curves import RunLog, draw_curves, title_of
 
 LOG_EVERY = 50      # a step record every this many steps (--log_every) ...
 STEP_SECONDS = 30   # ... and at least every this many seconds
@@ -65,9 +65,7 @@ class TrainingLog:
         self.last_step = 0
         self._write()
         self._scalars("epoch", row, global_step)
-        epochs = [r for r in self.rows if not is_step_record(r)]
-        steps = [r for r in self.rows if is_step_record(r)]
-        draw_curves([RunLog(self.path.name.removesuffix("_log.jsonl"), epochs, steps, self.flags)],
+        draw_curves([RunLog.from_rows(self.path.name.removesuffix("_log.jsonl"), self.rows, self.flags)],
                     self.curves_path, title_of(self.flags))
 
     def close(self):

@@ -11,13 +11,16 @@ one group). Writes group,path,label,distance rows (distance to the kept image, 0
     python find_duplicates.py --gallery gallery.npy --threshold 0.05 --out groups.csv
     python find_duplicates.py --gallery train.npy --against val.npy --threshold 0.05 --out leaks.csv
     python find_duplicates.py --gallery gallery.npy --threshold 0.05 --model m.model --query new_photos/
+    python find_duplicates.py --gallery gallery.npy --calibrate_copies 500 --model m.model --out groups.csv
 """
 
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -28,18 +31,23 @@ from deeprank.common import (
     atomic_write,
     check_output_path,
     device_flag,
+    fraction,
     pair_threshold_from,
     positive_int,
     print_args,
     run_cli,
+    seed_flag,
     workers_flag,
 )
+from deeprank.copies import KINDS, save_copy
 from deeprank.datasets import images_in
 from deeprank.duplicates import (
+    CELL_PROBES,
     GROUP_CHOICES,
     KEEP_CHOICES,
     chain_groups,
     close_pairs,
+    copy_threshold,
     identical_files,
     keep_order,
     star_groups,
@@ -48,13 +56,14 @@ from deeprank.duplicates import (
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 from deeprank.metrics import pair_scores
 from deeprank.pictures import save_captioned_grid
-from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths
+from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths, read_rows
 
 # ---------------------------------------------------------------- hyperparameters
 OUT = "duplicates.csv"   # --out default
 GROUP = "star"           # star | chain
 KEEP = "largest"         # largest | first | pixels: which image of a group is kept
 SHOWN = 10               # groups named in the summary (largest first)
+PRECISION = 0.99         # --calibrate_copies: copies' share of the calibration pairs below the threshold
 MATCHES = 10             # --against / --query: the nearest gallery images checked for each image
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
 ROWS_PER_PICTURE = 20    # --grid: groups per PNG
@@ -64,7 +73,7 @@ CELLS = 12               # --grid: images shown of a group
 
 def build_parser():
     """find_duplicates.py's flags; constants above are their defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, parents=[device_flag(), workers_flag()],
+    parser = argparse.ArgumentParser(description=__doc__, parents=[device_flag(), workers_flag(), seed_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--gallery", required=True, help="embedding file of the collection (gen_embeddings.py; .npy or .txt)")
@@ -72,12 +81,21 @@ def build_parser():
     threshold.add_argument("--threshold", type=float, help="duplicates: squared L2 distance below this")
     threshold.add_argument("--threshold_from", metavar="JSON",
                            help="the pair_threshold of eval.py --pairs --calibrate --json JSON")
+    threshold.add_argument("--calibrate_copies", type=positive_int, metavar="N",
+                           help="make N synthetic copies of gallery images (resized, JPEG, cropped, mirrored, "
+                                "colour-shifted), embed them with --model, and take the threshold that separates them "
+                                "from each copy's nearest non-copy at --precision")
+    a("--precision", type=fraction, default=PRECISION,
+      help="--calibrate_copies: the share of copies among the pairs below the threshold (default: %(default)s)")
     a("--out", default=OUT, help="the CSV to write (default: %(default)s)")
     a("--group", default=GROUP, choices=GROUP_CHOICES, help="star or chain groups (default: %(default)s)")
     a("--keep", default=KEEP, choices=KEEP_CHOICES, help="the image each group keeps (default: %(default)s)")
     a("--index", default="auto", choices=INDEX_KINDS,
-      help="exact: a chunked self-join; faiss: the saved index's neighbours, re-checked exactly; auto: exact below "
-           "200,000 rows (default: %(default)s)")
+      help="exact: a chunked self-join; faiss: a self-join inside the saved IVF index's cells (HNSW, below 100,000 "
+           "rows: its neighbours), re-checked exactly; auto: exact below 200,000 rows (default: %(default)s)")
+    a("--nprobe", type=positive_int, default=CELL_PROBES,
+      help="faiss IVF: the nearest cells each image is compared in (and --against / --query search); more finds "
+           "more pairs, in proportion slower (default: %(default)s)")
     a("--against", default=None, metavar="EMBEDDINGS",
       help="leaks: each image of this embedding file (val, test) that near-duplicates a --gallery (train) image")
     a("--query", nargs="+", default=None, metavar="IMAGE",
@@ -100,7 +118,10 @@ def build_parser():
 
 
 def read_threshold(args):
-    """--threshold, or the pair_threshold of eval.py's JSON; a positive number."""
+    """--threshold, or the pair_threshold of eval.py's JSON; a positive number (None: --calibrate_copies
+    chooses it once the gallery is read)."""
+    if args.calibrate_copies:
+        return None
     value = pair_threshold_from(args.threshold_from) if args.threshold_from else args.threshold
     if not value or value != value or value <= 0 or value == float("inf"):
         raise PipelineError(f"the threshold must be a positive squared distance, not {value}; see eval.py --pairs "
@@ -112,24 +133,27 @@ def read_threshold(args):
 
 def find_groups(gallery, args, threshold):
     """Rows of the groups CSV ([group, path, label, distance]) and a summary per group."""
-    index = gallery_index(gallery, args.gallery, args.index)
-    pairs = close_pairs(gallery.vectors, threshold, index if index.kind == "faiss" else None)
+    index = gallery_index(gallery, args.gallery, args.index, args.nprobe)
+    vectors = gallery.vectors
+    if index.kind == "faiss" and index.ivf is not None:  # rows read at random below: all in memory, not mapped
+        vectors = read_rows(gallery.vectors, args.gallery)
+    pairs = close_pairs(vectors, threshold, index if index.kind == "faiss" else None, probes=args.nprobe)
     known = set(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
     extra = [(i, j) for i, j in identical_files(gallery.paths) if (i, j) not in known]
     if extra:  # byte-identical files whose embeddings are not closer than the threshold (another crop size?)
         i, j = np.array(extra).T
-        d = pair_scores(gallery.vectors[i], gallery.vectors[j]).astype(np.float32)
+        d = pair_scores(vectors[i], vectors[j]).astype(np.float32)
         pairs = (np.concatenate([pairs[0], i]), np.concatenate([pairs[1], j]), np.concatenate([pairs[2], d]))
     order = keep_order(gallery.paths, args.keep)
     groups = (star_groups(len(gallery), pairs, order) if args.group == "star"
-              else chain_groups(len(gallery), pairs, order, gallery.vectors))
+              else chain_groups(len(gallery), pairs, order, vectors))
     rows, summary = [], []
     for number, (kept, members) in enumerate(groups, start=1):
         rows.append((number, gallery.paths[kept], gallery.labels[kept], 0.0))
         rows += [(number, gallery.paths[row], gallery.labels[row], d) for row, d in members]
         every = [kept] + [row for row, _ in members]
         summary.append({"group": number, "kept": gallery.paths[kept], "size": len(every),
-                        "weakest_pair": weakest_pair(gallery.vectors, every),
+                        "weakest_pair": weakest_pair(vectors, every),
                         "labels": sorted({gallery.labels[row] for row in every}),
                         "bytes_freed": sum(_size(gallery.paths[row]) for row, _ in members)})
     return rows, summary
@@ -141,7 +165,7 @@ def find_leaks(gallery, args, threshold):
     if other.vectors.shape[1] != gallery.vectors.shape[1]:
         raise PipelineError(f"--against {args.against} has dim={other.vectors.shape[1]} but --gallery has "
                             f"dim={gallery.vectors.shape[1]}; embed both with one checkpoint")
-    index = gallery_index(gallery, args.gallery, args.index)
+    index = gallery_index(gallery, args.gallery, args.index, args.nprobe)
     rows = []
     for start in range(0, len(other), 4096):
         block = np.array(other.vectors[start:start + 4096], dtype=np.float32)  # a writable copy of a mapped block
@@ -154,15 +178,57 @@ def find_leaks(gallery, args, threshold):
 
 def find_query_duplicates(gallery, args, threshold):
     """[query, duplicates, distance] of new images: each embedded as the gallery was, then searched."""
-    from deeprank.search.searcher import Searcher
-    if not args.model:
-        raise PipelineError("--query needs --model, the checkpoint that wrote the gallery")
-    searcher = Searcher(args.model, args.gallery, args.device, args.index, num_workers=args.num_workers)
-    searcher.gallery = gallery  # read once: main has it already
+    searcher = query_searcher(gallery, args)
     vectors, kept = searcher.embed(images_in(args.query, "--query"))
     found = searcher.search(vectors, min(MATCHES, len(gallery)))
     return [(query, hit["path"], hit["distance"]) for query, hits in zip(kept, found, strict=True) for hit in hits
             if hit["distance"] < threshold]
+
+
+def calibrate_copies(gallery, args):
+    """The threshold that separates synthetic copies of gallery images from their nearest non-copies
+    (deeprank.duplicates.copy_threshold), printed with what it keeps of each kind of copy."""
+    searcher = query_searcher(gallery, args)
+    rng = random.Random(args.seed)
+    present = [row for row in range(len(gallery)) if os.path.isfile(gallery.paths[row])]
+    if len(present) < args.calibrate_copies:
+        raise PipelineError(f"--calibrate_copies {args.calibrate_copies}: {args.gallery} lists {len(present)} images "
+                            f"that are on disk; ask for {len(present)} or fewer")
+    rows = sorted(rng.sample(present, args.calibrate_copies))
+    with tempfile.TemporaryDirectory(prefix="calibrate_copies_") as folder:
+        made = {}
+        for number, row in enumerate(rows):
+            kind = KINDS[number % len(KINDS)]
+            target = os.path.join(folder, f"copy_{number:05d}_{kind}.jpg")
+            save_copy(gallery.paths[row], kind, target, rng)
+            made[target] = (row, kind)
+        vectors, kept = searcher.embed(list(made))
+    originals = np.array([made[path][0] for path in kept])
+    kinds = np.array([made[path][1] for path in kept])
+    copy_d = pair_scores(vectors, np.asarray(gallery.vectors[originals], dtype=np.float32))
+    distances, _ = searcher.index.search(vectors, 1, exclude=originals)  # each copy's nearest non-copy
+    chosen = copy_threshold(copy_d, distances[:, 0], args.precision)
+    if chosen is None:
+        raise PipelineError(f"no threshold separates {len(kept)} synthetic copies from their nearest non-copies at "
+                            f"precision {args.precision}: this embedding does not tell copies from look-alikes; embed "
+                            f"the gallery with gen_embeddings.py --layer backbone --tta flip, or lower --precision")
+    threshold, recall, share = chosen
+    per_kind = ", ".join(f"{kind} {np.mean(copy_d[kinds == kind] < threshold):.2f}" for kind in KINDS
+                         if (kinds == kind).any())
+    print(f"calibrated on {len(kept)} synthetic copies: threshold {threshold:.4g} keeps {recall:.1%} of them "
+          f"({per_kind}) at precision {share:.1%} against each copy's nearest non-copy")
+    return threshold
+
+
+def query_searcher(gallery, args):
+    """A Searcher that embeds new images as the gallery was (--model), over the gallery already read."""
+    from deeprank.search.searcher import Searcher
+    if not args.model:
+        raise PipelineError(f"{'--query' if args.query else '--calibrate_copies'} needs --model, the checkpoint that "
+                            f"wrote the gallery")
+    searcher = Searcher(args.model, args.gallery, args.device, args.index, args.nprobe, num_workers=args.num_workers)
+    searcher.gallery = gallery  # read once: main has it already
+    return searcher
 
 
 def _size(path):
@@ -282,6 +348,8 @@ def main(argv=None):
     gallery = read_embeddings(args.gallery, mmap=True)
     if len(gallery) == 0:
         raise PipelineError(f"{args.gallery} has no rows; embed a collection with gen_embeddings.py first")
+    if threshold is None:
+        threshold = calibrate_copies(gallery, args)
     if args.against or args.query:
         rows = find_leaks(gallery, args, threshold) if args.against else find_query_duplicates(gallery, args, threshold)
         write_csv(args.out, ["path", "duplicates", "distance"], rows)

@@ -1,7 +1,7 @@
 """Benchmark: finding planted copies, this project's find_duplicates.py against imagededup's PHash.
 
 A collection of every image of --data (TinyImageNet layout) plus --copies modified copies of
-randomly chosen ones. Each copy gets one kind of modification, in turn:
+randomly chosen ones (deeprank/copies.py). Each copy gets one kind of modification, in turn:
 - resize: 50-90% of the side;
 - jpeg: re-encoded at quality 60-90;
 - crop: up to 10% off each side;
@@ -24,6 +24,11 @@ virtualenv) and name it with --imagededup_path:
         cloudpickle narwhals
     python -m bench.bench_duplicates --data ../shared/data/tiny-imagenet-mini --model recommended.model \\
         --imagededup_path /tmp/idd
+
+--distances_out JSON keeps the measured copy distances for bench_duplicates_scale.py (the file in
+bench/copy_distances.json came from a model written by train_net.py --epochs 0 --backbone
+efficientnet_lite0 --weights imagenet --image_size 160, with --embed_flags "--layer backbone --tta
+flip"); --grid DIR draws half B's 20 largest groups (the README's picture is its first eight rows).
 """
 
 import argparse
@@ -38,14 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageEnhance
 
+from deeprank.copies import KINDS, save_copy
 from deeprank.datasets import list_split
 from deeprank.duplicates import close_pairs
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("resize", "jpeg", "crop", "flip", "colour")
 CANDIDATES = 1.0  # ours: pairs closer than this are the candidates whose best threshold is sought
 
 PHASH = """
@@ -58,24 +62,6 @@ json.dump(hashes, open(out, "w"))
 if threshold >= 0:  # the search the timing is about: imagededup's own, on half B
     phash.find_duplicates(encoding_map={name: hashes[name] for name in half}, max_distance_threshold=threshold)
 """
-
-
-def modified(picture, kind, rng):
-    """A copy of a PIL image with one kind of modification (see KINDS), and its JPEG quality."""
-    if kind == "resize":
-        scale = rng.uniform(0.5, 0.9)
-        return picture.resize((max(8, int(picture.width * scale)), max(8, int(picture.height * scale)))), 95
-    if kind == "jpeg":
-        return picture, rng.randint(60, 90)
-    if kind == "crop":
-        w, h = picture.size
-        left, top = int(w * rng.uniform(0, 0.1)), int(h * rng.uniform(0, 0.1))
-        return picture.crop((left, top, w - int(w * rng.uniform(0, 0.1)), h - int(h * rng.uniform(0, 0.1)))), 95
-    if kind == "flip":
-        return picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT), 95
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        picture = enhance(picture).enhance(rng.uniform(0.8, 1.2))
-    return picture, 95
 
 
 def make_collection(data, folder, copies, seed=0):
@@ -92,10 +78,8 @@ def make_collection(data, folder, copies, seed=0):
     truth = []
     for number, row in enumerate(originals):
         kind = KINDS[number % len(KINDS)]
-        with Image.open(rows[row][0]) as picture:
-            copy, quality = modified(picture.convert("RGB"), kind, rng)
         target = folder / "images" / rows[row][1] / f"copy_{number:04d}_{kind}.jpg"
-        copy.save(target, format="JPEG", quality=quality)
+        save_copy(rows[row][0], kind, target, rng)
         truth.append((rows[row][0], str(target), kind))
     paths = [path for path, _ in rows] + [copy for _, copy, _ in truth]
     labels = [label for _, label in rows] + [Path(copy).parent.name for _, copy, _ in truth]
@@ -150,6 +134,31 @@ def evaluate(name, by_half, truth, seconds):
     return threshold
 
 
+def write_distances(path, gallery, rows, truth):
+    """JSON: each planted copy's squared distance to its original (with its kind), and each image's
+    squared distance to its nearest image that is neither itself nor its copy / original."""
+    import torch
+
+    from deeprank.metrics import knn
+    copy = pair_scores_of(gallery, rows, truth)
+    partner = np.full(len(gallery), -1)
+    for o, c in zip(truth["original"], truth["copy"], strict=True):
+        partner[rows[o]], partner[rows[c]] = rows[c], rows[o]
+    d, found = knn(torch.from_numpy(np.asarray(gallery.vectors)), torch.from_numpy(np.asarray(gallery.vectors)), 2,
+                   exclude=np.arange(len(gallery)))
+    nearest = np.where(found[:, 0].numpy() == partner, d[:, 1].numpy(), d[:, 0].numpy())
+    Path(path).write_text(json.dumps({"dim": int(gallery.vectors.shape[1]), "copy": copy.tolist(),
+                                      "kind": truth["kind"].tolist(), "nearest_other": nearest.tolist()}) + "\n")
+    print(f"wrote {path}: copy distances median {np.median(copy):.3f}, nearest non-copy median "
+          f"{np.median(nearest):.3f}", flush=True)
+
+
+def pair_scores_of(gallery, rows, truth):
+    from deeprank.metrics import pair_scores
+    return pair_scores(gallery.vectors[[rows[o] for o in truth["original"]]],
+                       gallery.vectors[[rows[c] for c in truth["copy"]]])
+
+
 def timed(command, env=None):
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -166,6 +175,10 @@ def main():
     parser.add_argument("--embed_flags", default="",
                         help="more gen_embeddings.py flags, e.g. '--layer backbone --tta flip'")
     parser.add_argument("--imagededup_path", default=None, help="folder imagededup was installed into (--target)")
+    parser.add_argument("--distances_out", default=None, metavar="JSON",
+                        help="write each planted copy's distance to its original and each image's distance to its "
+                             "nearest non-copy (the scale benchmark's model of real distances: bench_duplicates_scale)")
+    parser.add_argument("--grid", default=None, metavar="DIR", help="also draw half B's groups into DIR (untimed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -203,6 +216,11 @@ def main():
                         str(threshold_a), "--out", str(folder / "groups.csv")])
         evaluate(f"find_duplicates.py, {Path(args.model).name} {args.embed_flags}".strip(), by_half, truth,
                  f"{embed_s:.1f} s embedding + {find_s:.1f} s finding")
+        if args.distances_out:
+            write_distances(args.distances_out, gallery, rows, truth)
+        if args.grid:
+            timed([sys.executable, str(ROOT / "find_duplicates.py"), "--gallery", str(half_b), "--threshold",
+                   str(threshold_a), "--out", str(folder / "grid.csv"), "--grid", args.grid, "--max_groups", "20"])
 
         if args.imagededup_path:
             env = {**os.environ, "PYTHONPATH": args.imagededup_path}

@@ -83,6 +83,14 @@ positive_float = _number(float, 0.0, inclusive=False)
 non_negative_float = _number(float, 0.0, inclusive=True)
 
 
+def fraction(text):
+    """An argparse type: a share in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, not {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------- flags
 # Each shared flag is its own argparse parent, so a stage takes exactly the flags it reads:
 #     argparse.ArgumentParser(parents=[data_flag(), seed_flag()])

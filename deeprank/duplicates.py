@@ -19,13 +19,19 @@ from deeprank.metrics import CHUNK_ELEMENTS, pair_scores, squared_distances, squ
 
 KEEP_CHOICES = ("largest", "first", "pixels")  # which image of a group is kept
 GROUP_CHOICES = ("star", "chain")
-NEIGHBOURS = 32  # faiss: candidates per image (each re-checked exactly); a group larger than this is cut
+NEIGHBOURS = 32  # faiss HNSW: candidates per image (each re-checked exactly); a group larger than this is cut
+CELL_PROBES = 16  # faiss IVF: the cells each image is compared in (its own and the nearest others); see cell_pairs
+CELL_CHUNK = 1 << 22  # faiss IVF: distances computed at a time in the cell join (16 MB of float32)
+MARGIN = 1e-3     # candidates from float32 products within this of the threshold are re-checked in float64
 
 
-def close_pairs(vectors, threshold, index=None, chunk_elements=CHUNK_ELEMENTS):
+def close_pairs(vectors, threshold, index=None, chunk_elements=CHUNK_ELEMENTS, probes=CELL_PROBES):
     """(i, j, d) int64, int64, float32 arrays: every pair of rows i < j with squared L2 distance
     d < threshold. Exact: blocks of rows against all rows (never an N x N matrix). With a faiss
-    search index (search_index.FaissIndex): each row's NEIGHBOURS nearest, re-checked exactly."""
+    search index (search.index.FaissIndex): an IVF index's cells joined exactly (cell_pairs: vectors
+    in memory), or an HNSW index's NEIGHBOURS nearest of each row, re-checked exactly."""
+    if index is not None and index.ivf is not None:
+        return cell_pairs(vectors, threshold, index, probes)
     found_i, found_j, found_d = [], [], []
     if index is not None:
         for start in range(0, len(vectors), 4096):
@@ -49,6 +55,61 @@ def close_pairs(vectors, threshold, index=None, chunk_elements=CHUNK_ELEMENTS):
             found_j.append(cols[keep].numpy())
             found_d.append(d[rows[keep] - start, cols[keep]].numpy())
     return _joined(found_i, np.int64), _joined(found_j, np.int64), _joined(found_d, np.float32)
+
+
+def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CELL_CHUNK):
+    """close_pairs for a large gallery: a self-join inside the cells of its IVF index (FaissIndex).
+
+    Each row lives in the cell of its nearest centroid and is compared, by one matrix product a
+    block, with every row of its `probes` nearest cells. A pair is found when either row probes
+    the other's cell, so a pair is missed only when its two rows fall in cells far apart (which
+    close rows seldom do); probing every cell is the exact self-join. Candidates within MARGIN
+    of the threshold are re-checked in float64 (metrics.pair_scores) and kept when d < threshold.
+    Cost: about probes x N^2 / cells products, against N^2 for the exact join."""
+    refs = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"]))  # (N, D), in memory
+    cells = index.ivf.nlist
+    probes = min(int(probes), cells)
+    probed = np.concatenate([index.nearest_cells(refs[s:s + 65536].numpy(), probes)
+                             for s in range(0, len(refs), 65536)])  # (N, probes), the nearest first
+    members, member_start = _grouped(probed[:, 0], cells)       # rows by their own cell
+    askers, asker_start = _grouped(probed.ravel(), cells)       # (row, probe) slots by the cell probed
+    askers //= probes                                           # ... as rows
+    del probed
+    ref_sq = squared_norms(refs)
+    largest = int(np.diff(member_start).max())
+    step = max(1, chunk_elements // max(1, largest))
+    # buffers reused by every block: a loop of fresh allocations fragments the heap by gigabytes
+    member_rows, asker_rows = torch.empty(largest, refs.shape[1]), torch.empty(step, refs.shape[1])
+    block = torch.empty(step * largest)
+    found_i, found_j = [], []
+    for cell in range(cells):
+        inside = torch.from_numpy(members[member_start[cell]:member_start[cell + 1]])
+        asking = askers[asker_start[cell]:asker_start[cell + 1]]
+        if len(inside) == 0 or len(asking) == 0:
+            continue
+        there = torch.index_select(refs, 0, inside, out=member_rows[:len(inside)])
+        for start in range(0, len(asking), step):
+            rows = torch.from_numpy(asking[start:start + step])
+            here = torch.index_select(refs, 0, rows, out=asker_rows[:len(rows)])
+            d = squared_distances(here, there, ref_sq[inside], ref_sq[rows],
+                                  out=block[:len(rows) * len(inside)].view(len(rows), len(inside)))
+            r, c = torch.nonzero(d < threshold + MARGIN, as_tuple=True)
+            i, j = rows[r], inside[c]
+            keep = i != j
+            found_i.append(torch.minimum(i, j)[keep].numpy())
+            found_j.append(torch.maximum(i, j)[keep].numpy())
+    i, j = _joined(found_i, np.int64), _joined(found_j, np.int64)
+    unique = np.unique(i * len(refs) + j)  # a pair found from both of its rows counts once, ordered by (i, j)
+    i, j = unique // len(refs), unique % len(refs)
+    d = pair_scores(refs.numpy()[i], refs.numpy()[j])
+    keep = d < threshold
+    return i[keep], j[keep], d[keep].astype(np.float32)
+
+
+def _grouped(keys, count):
+    """(rows sorted by key, start of each key's run): rows[start[k]:start[k + 1]] have key k."""
+    rows = np.argsort(keys, kind="stable")
+    return rows, np.searchsorted(keys[rows], np.arange(count + 1))
 
 
 def _joined(parts, kind):
@@ -158,3 +219,23 @@ def weakest_pair(vectors, rows, block=1024):
         d = norms[start:start + block, None] + norms[None, :] - 2 * part @ members.T
         largest = max(largest, float(d.max()))
     return largest
+
+
+def copy_threshold(copy_d, other_d, precision):
+    """(threshold, recall, precision at it) from calibration pairs: copy_d, each synthetic copy's
+    distance to its original; other_d, its distance to its nearest non-copy. The threshold keeps the
+    most copies (d < threshold) while at least `precision` of the pairs below it are copies; it lies
+    halfway between the last pair it keeps and the next. None when no threshold reaches `precision`."""
+    d = np.concatenate([np.asarray(copy_d, np.float64), np.asarray(other_d, np.float64)])
+    is_copy = np.concatenate([np.ones(len(copy_d), bool), np.zeros(len(other_d), bool)])
+    order = np.argsort(d, kind="stable")
+    d, is_copy = d[order], is_copy[order]
+    hits = np.cumsum(is_copy)
+    share = hits / np.arange(1, len(d) + 1)
+    run_end = np.append(d[1:] != d[:-1], True)  # a threshold cannot split pairs at one distance
+    ok = np.flatnonzero(run_end & (share >= precision))
+    if len(ok) == 0 or hits[ok].max() == 0:
+        return None
+    last = ok[np.argmax(hits[ok])]  # the most copies kept; of equals, the lowest threshold
+    threshold = (d[last] + d[last + 1]) / 2 if last + 1 < len(d) else np.nextafter(d[last], np.inf)
+    return float(threshold), float(hits[last] / len(copy_d)), float(share[last])

@@ -28,12 +28,13 @@ def squared_norms(rows, block=65536):
     return torch.cat([(part * part).sum(1) for part in rows.split(block)]) if len(rows) else rows.new_zeros(0)
 
 
-def squared_distances(queries, refs, ref_sq=None):
-    """(Q, M) squared L2 distances between rows, via |q|^2 - 2 q.r + |r|^2 (clamped at 0)."""
+def squared_distances(queries, refs, ref_sq=None, query_sq=None, out=None):
+    """(Q, M) squared L2 distances between rows, via |q|^2 - 2 q.r + |r|^2 (clamped at 0); the
+    squared norms when known, and `out`, a (Q, M) tensor to write into (no allocation per call)."""
     if ref_sq is None:
         ref_sq = squared_norms(refs)
-    d = torch.addmm(ref_sq[None, :], queries, refs.T, beta=1, alpha=-2)
-    d += (queries * queries).sum(1, keepdim=True)
+    d = torch.addmm(ref_sq[None, :], queries, refs.T, beta=1, alpha=-2, out=out)
+    d += (queries * queries).sum(1, keepdim=True) if query_sq is None else query_sq[:, None]
     return d.clamp_(min=0)
 
 

@@ -67,10 +67,16 @@ def groups_in(csv, gallery):
     return {frozenset(rows[p] for p in part["path"]) for _, part in frame.groupby("group")}
 
 
-@pytest.mark.parametrize("mode,index", [("star", "exact"), ("chain", "exact"), ("star", "faiss"), ("chain", "faiss")])
-def test_groups_equal_a_brute_force_reference(tmp_path, mode, index):
-    if index == "faiss":
+@pytest.mark.parametrize("mode,index", [("star", "exact"), ("chain", "exact"), ("star", "faiss"), ("chain", "faiss"),
+                                        ("star", "ivf"), ("chain", "ivf")])
+def test_groups_equal_a_brute_force_reference(tmp_path, mode, index, monkeypatch):
+    probes = []
+    if index != "exact":
         pytest.importorskip("faiss", reason="faiss-cpu is not installed (requirements-faiss.txt)")
+    if index == "ivf":  # the large-gallery path on a small one: IVF cells, every cell probed
+        import deeprank.search.index
+        monkeypatch.setattr(deeprank.search.index, "IVF_MIN_ROWS", 1)
+        index, probes = "faiss", ["--nprobe", "1000"]
     rng = np.random.default_rng(3)
     base = rng.standard_normal((40, 8))
     copies = base[:12] + rng.normal(0, 0.05, (12, 8))  # near copies of the first 12
@@ -78,11 +84,46 @@ def test_groups_equal_a_brute_force_reference(tmp_path, mode, index):
     gallery = gallery_of(tmp_path / "g", vectors)
     out = tmp_path / f"{mode}.csv"
     assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--group", mode, "--keep", "first",
-                                 "--index", index, "--out", str(out)]) == 0
+                                 "--index", index, "--out", str(out), *probes]) == 0
     got = groups_in(out, gallery)
     assert got == brute_force(vectors, 0.5, range(len(vectors)), mode) and len(got) == 15
     kept = pd.read_csv(out).groupby("group").first()
     assert (kept["distance"] == 0).all()  # each group starts with its kept image
+
+
+def test_the_ivf_cell_join_finds_close_pairs_and_every_cell_makes_it_exact():
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (requirements-faiss.txt)")
+    from deeprank.duplicates import close_pairs
+    from deeprank.search.index import FaissIndex, build_faiss, random_rows
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((60, 16))
+    base = centres[rng.integers(0, 60, 3000)] + rng.normal(0, 0.3, (3000, 16))
+    vectors = np.concatenate([base, base[:300] + rng.normal(0, 0.05, (300, 16))]).astype(np.float32)
+    faiss_index = build_faiss([vectors], len(vectors), 16, lambda count, seed: random_rows(vectors, count, seed),
+                              structure="ivf")
+    index = FaissIndex(faiss_index, vectors)
+    exact = close_pairs(vectors, 0.2)
+    truth = set(zip(exact[0].tolist(), exact[1].tolist(), strict=True))
+    assert len(truth) >= 300
+    every = close_pairs(vectors, 0.2, index, probes=faiss_index.nlist)
+    assert set(zip(every[0].tolist(), every[1].tolist(), strict=True)) == truth
+    float64 = ((vectors[every[0]].astype(np.float64) - vectors[every[1]]) ** 2).sum(1)
+    assert np.allclose(every[2], float64, rtol=1e-6) and np.allclose(every[2], exact[2], atol=1e-4)
+    few = close_pairs(vectors, 0.2, index, probes=2)  # 2 of the cells: fewer pairs, each a true one
+    found = set(zip(few[0].tolist(), few[1].tolist(), strict=True))
+    assert found <= truth and len(found) >= 0.9 * len(truth) and (few[0] < few[1]).all()
+
+
+def test_copy_threshold_keeps_the_most_copies_at_the_precision():
+    from deeprank.duplicates import copy_threshold
+    copies = [0.1, 0.2, 0.3, 0.5, 0.9]
+    others = [0.4, 0.6, 0.7, 0.8]
+    # sorted: .1c .2c .3c .4o .5c .6o .7o .8o .9c; precision 0.8 holds up to .5 (4 of 5), not at .9 (5 of 9)
+    threshold, recall, share = copy_threshold(copies, others, 0.8)
+    assert threshold == pytest.approx(0.55) and recall == pytest.approx(0.8) and share == pytest.approx(0.8)
+    assert copy_threshold(copies, others, 1.0)[:2] == (pytest.approx(0.35), pytest.approx(0.6))
+    assert copy_threshold([0.5, 0.5], [0.5, 0.1], 0.9) is None  # an equal distance cannot be split
+    assert copy_threshold([0.2], [0.1], 0.99) is None
 
 
 def test_a_chain_is_one_group_only_when_asked(tmp_path, capsys):
@@ -217,3 +258,42 @@ def test_move_to_moves_only_members_dry_run_nothing_and_a_rerun_finishes(tmp_pat
     assert read_embeddings(gallery).paths == [paths[0], paths[3], paths[5]]
     with pytest.raises(PipelineError, match="go with --move_to"):
         find_duplicates.main(argv[:-2] + ["--dry_run"])
+
+
+def test_calibrate_copies_picks_a_threshold_that_groups_a_planted_copy(prepared_master, tmp_path, capsys):
+    from PIL import Image
+    data = Path(shutil.copytree(prepared_master, tmp_path / "data"))
+    original = sorted((data / "train").rglob("*.JPEG"))[5]
+    with Image.open(original) as picture:  # a copy filed twice: re-encoded at another quality
+        picture.convert("RGB").save(original.with_name("copy_of_" + original.name), format="JPEG", quality=70)
+    model = tmp_path / "m.model"
+    assert train_net.main(FAST + ["--epochs", "0", "--data", str(data), "--mining", "batch_all",
+                                  "--classes_per_batch", "2", "--images_per_class", "2", "--out", str(model)]) == 0
+    gallery = tmp_path / "gallery.npy"
+    assert gen_embeddings.main(["--model", str(model), "--data", str(data), "--split", "train", "--layer", "backbone",
+                                "--num_workers", "0", "--train_out", str(gallery)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "groups.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--calibrate_copies", "30", "--precision", "0.9",
+                                 "--model", str(model), "--num_workers", "0", "--keep", "first", "--out",
+                                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated on 30 synthetic copies" in printed
+    frame = pd.read_csv(out)
+    group = dict(zip(frame["path"], frame["group"], strict=True))
+    copy = str(original.with_name("copy_of_" + original.name))
+    assert copy in group and group[copy] == group.get(str(original)), printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--calibrate_copies", "5"], "--calibrate_copies needs --model"),
+    (["--calibrate_copies", "5", "--precision", "1.5"], "must be at most 1"),
+])
+def test_calibrate_copies_errors_are_one_line(tmp_path, argv, message, capsys):
+    gallery = gallery_of(tmp_path / "g", np.eye(3))
+    try:
+        code = run_cli(find_duplicates.main, ["--gallery", str(gallery), *argv, "--out", str(tmp_path / "d.csv")])
+    except SystemExit as exit:  # a flag argparse refuses: its usage line, then the reason
+        code = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and message in err[-1] and not (tmp_path / "d.csv").exists()

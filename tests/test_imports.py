@@ -28,6 +28,7 @@ PACKAGE = {
     "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
+    "deeprank.copies": set(),
     "deeprank.duplicates": {"deeprank.common", "deeprank.metrics"},
     "deeprank.report": {"deeprank.common", "deeprank.curves"},
     "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime",
@@ -43,7 +44,7 @@ PACKAGE = {
     "deeprank.search.web": {"deeprank.common", "deeprank.loaders"},
 }
 TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.sample_csv", "deeprank.embedding_io",
-              "deeprank.fastparse", "synthetic_data", "transform_validation", "triplet_sampler")
+              "deeprank.fastparse", "deeprank.copies", "synthetic_data", "transform_validation", "triplet_sampler")
 
 
 def file_of(name):

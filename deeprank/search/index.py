@@ -95,6 +95,11 @@ class FaissIndex:
     def __len__(self):
         return self.index.ntotal
 
+    def nearest_cells(self, vectors, count):
+        """An IVF index's `count` cells nearest to each vector (its coarse quantizer): (N, count) int64,
+        the nearest first."""
+        return self.ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), count)[1]
+
     @property
     def description(self):
         if self.ivf is not None:
@@ -246,6 +251,17 @@ def row_blocks(vectors, gallery=None, rows=ADD_ROWS):
             yield np.fromfile(handle, dtype=source.dtype, count=count * source.shape[1]).reshape(count, -1)
 
 
+def read_rows(vectors, gallery=None):
+    """The gallery's vectors as one float32 array in memory, filled block by block (row_blocks): a
+    copy of a memory map would leave the map's pages resident beside it."""
+    out = np.empty(vectors.shape, dtype=np.float32)
+    start = 0
+    for block in row_blocks(vectors, gallery):
+        out[start:start + len(block)] = block
+        start += len(block)
+    return out
+
+
 def is_npy(gallery):
     return gallery is not None and Path(gallery).suffix.lower() == ".npy"
 
@@ -305,7 +321,7 @@ def gallery_index(gallery, gallery_path, kind="auto", nprobe=NPROBE, log=print):
     its vectors read into memory and checked finite, or faiss (open_index)."""
     if choose_kind(kind, len(gallery)) == "exact":
         if isinstance(gallery.vectors, np.memmap):
-            gallery.vectors = np.array(gallery.vectors)
+            gallery.vectors = read_rows(gallery.vectors, gallery_path)
         check_finite(gallery, gallery_path)
         return ExactIndex(gallery.vectors)
     return open_index(gallery_path, gallery.vectors, "faiss", nprobe, log)

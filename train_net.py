@@ -1,4 +1,5 @@
-"""Stage 2: train DeepRank with the triplet hinge loss (or, with --loss contrastive, on pairs).
+"""Stage 2: train DeepRank with the triplet hinge loss (or, with --loss contrastive, on pairs; --loss
+multi_similarity, on the pairs of P x K batches).
 
 Reads a triplet CSV (query,positive,negative) from triplet_sampler.py (--mining none, the
 original's way), or with --mining batch_hard|batch_semihard|batch_all the train split of
@@ -102,7 +103,11 @@ WEIGHT_DECAY = 0.0         # L2 weight regularisation (the paper's); 0 as the or
 HEAD_LR_MULT = 1.0         # LR multiplier of the new layers over the pretrained backbone's
 SCHEDULE = "constant"      # constant | cosine (after WARMUP_EPOCHS of linear warm-up)
 WARMUP_EPOCHS = 0.0        # linear warm-up length, in epochs (fractions allowed)
-LOSS = "triplet"           # triplet (the paper's) | contrastive (pairs)
+LOSS = "triplet"           # triplet (the paper's) | contrastive (pairs) | multi_similarity (P x K pairs)
+MS_ALPHA = 2.0             # multi-similarity: the positives' scale (Wang et al. 2019; PML's default too)
+MS_BETA = 50.0             # multi-similarity: the negatives' scale
+MS_BASE = 0.5              # multi-similarity: the cosine similarity the terms are centred on (lambda)
+MS_EPSILON = 0.1           # multi-similarity miner: how far past the hardest opposite a pair may be and still count
 MARGIN = 1.0               # loss margin (the original's F.triplet_margin_loss default)
 DISTANCE = "euclidean"     # euclidean (the original's) | squared (the paper's) inside the loss
 WEIGHTS = "imagenet"       # imagenet | none | PATH to a local backbone state_dict
@@ -115,7 +120,7 @@ DISTILL = 0.0              # weight of the pull toward the pretrained backbone's
 DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distributions (standardised similarities)
 # ----------------------------------------------------------------
 
-LOSSES = ("triplet", "contrastive")
+LOSSES = ("triplet", "contrastive", "multi_similarity")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -139,7 +144,17 @@ def build_parser():
       help="linear LR warm-up (default: %(default)s)")
     a("--loss", default=LOSS, choices=LOSSES,
       help="triplet: max(0, margin + D(q,p) - D(q,n)); contrastive: same * d^2 + (1 - same) * "
-           "max(0, margin - d)^2 on pairs (Hadsell, Chopra & LeCun 2006) (default: %(default)s)")
+           "max(0, margin - d)^2 on pairs (Hadsell, Chopra & LeCun 2006); multi_similarity: the pairs of each P x K "
+           "batch its miner keeps, weighted by their cosine similarities (Wang et al. 2019) (default: %(default)s)")
+    a("--ms_alpha", type=positive_float, default=MS_ALPHA, help="multi_similarity: positives' scale (default: "
+                                                                "%(default)s)")
+    a("--ms_beta", type=positive_float, default=MS_BETA, help="multi_similarity: negatives' scale (default: "
+                                                              "%(default)s)")
+    a("--ms_base", type=float, default=MS_BASE, help="multi_similarity: the similarity both terms are centred on "
+                                                     "(default: %(default)s)")
+    a("--ms_epsilon", type=non_negative_float, default=MS_EPSILON,
+      help="multi_similarity miner: a positive counts while less similar than the hardest negative + this, a "
+           "negative while more similar than the hardest positive - this (default: %(default)s)")
     a("--margin", type=non_negative_float, default=MARGIN, help="loss margin (default: %(default)s)")
     a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
@@ -205,6 +220,12 @@ def check_flags(args, cluster, device):
     if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
         raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
                             f"P x K batch (--mining batch_all), not --mining {args.mining}")
+    if args.loss == "multi_similarity" and args.mining != "batch_all":
+        raise PipelineError(f"--loss multi_similarity mines the pairs of each P x K batch itself: pass --mining "
+                            f"batch_all (with --data), not --mining {args.mining}")
+    if args.loss == "multi_similarity" and (args.soft_margin or args.distance != DISTANCE):
+        raise PipelineError("--soft_margin and --distance belong to the triplet loss; the multi-similarity loss uses "
+                            "cosine similarities and --ms_alpha / --ms_beta / --ms_base / --ms_epsilon")
     if args.loss == "contrastive" and (args.soft_margin or args.distance != DISTANCE):
         raise PipelineError("--soft_margin and --distance belong to the triplet loss; the contrastive loss uses "
                             "the Euclidean distance and --margin")

@@ -8,6 +8,7 @@ queries, then all positives, then all negatives, so a, p, n = 0..B, B..2B, 2B..3
     loss, stats = ranking_loss(embeddings, labels, "batch_all", margin=0.1, distance="euclidean")
 
 The contrastive loss (pair_loss) takes pairs: a pair CSV's, or every pair of a P x K batch.
+The multi-similarity loss (multi_similarity_loss) mines pairs of a P x K batch by its own rule.
 """
 
 import torch
@@ -165,3 +166,32 @@ def neighbour_kl(student, teacher, temperature):
         return F.log_softmax((z / temperature).masked_fill(eye, -1e4), dim=1)  # exp(-1e4) == 0: never oneself
 
     return F.kl_div(log_p(student.float()), log_p(teacher.float()), log_target=True, reduction="batchmean")
+
+
+def multi_similarity_pairs(sim, labels, epsilon):
+    """The multi-similarity miner (Wang et al. 2019): (positive mask, negative mask), each (B, B)
+    bool, of the pairs it keeps. Anchor i keeps a positive j when S_ij - epsilon < its most similar
+    negative's S, and a negative k when S_ik + epsilon > its least similar positive's S."""
+    pos, neg = pair_masks(labels)
+    hardest_neg = sim.masked_fill(~neg, float("-inf")).max(1, keepdim=True).values  # (B, 1)
+    hardest_pos = sim.masked_fill(~pos, float("inf")).min(1, keepdim=True).values
+    return pos & (sim - epsilon < hardest_neg), neg & (sim + epsilon > hardest_pos)
+
+
+def multi_similarity_loss(emb, labels, alpha, beta, base, epsilon):
+    """(loss, stats) of a P x K batch (N, D), labels (N,): the multi-similarity loss (Wang et al.
+    2019) on cosine similarities S of the mined pairs, averaged over the N anchors:
+    1/alpha log(1 + sum_pos exp(-alpha (S - base))) + 1/beta log(1 + sum_neg exp(beta (S - base)))."""
+    unit = F.normalize(emb.float(), dim=1)
+    sim = unit @ unit.T
+    keep_pos, keep_neg = multi_similarity_pairs(sim.detach(), labels, epsilon)
+    zero = sim.new_zeros(len(sim), 1)  # the 1 inside each log: log(1 + sum) = logsumexp(0, ...)
+    pull = torch.logsumexp(torch.cat([zero, (-alpha * (sim - base)).masked_fill(~keep_pos, float("-inf"))], 1), 1)
+    push = torch.logsumexp(torch.cat([zero, (beta * (sim - base)).masked_fill(~keep_neg, float("-inf"))], 1), 1)
+    loss = (pull / alpha + push / beta).mean()
+    pos, neg = pair_masks(labels)
+    d = distance_matrix(unit.detach(), "euclidean")
+    stats = {"active": int(keep_pos.sum() + keep_neg.sum()), "count": int(pos.sum() + neg.sum()),
+             "d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
+             "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
+    return loss, stats

@@ -24,7 +24,7 @@ from deeprank.loaders import (
     pair_batch,
     triplet_batch,
 )
-from deeprank.losses import pair_loss, ranking_loss
+from deeprank.losses import multi_similarity_loss, pair_loss, ranking_loss
 from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 
 MOMENTUM = 0.9             # SGD / RMSprop momentum
@@ -91,7 +91,7 @@ class PKBatches:
         self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed,
                                       f"--data {self.source.root('train')}")
         self.images_per_batch, self.collate = args.classes_per_batch * args.images_per_class, labelled_batch
-        self.unit = "pairs" if args.loss == "contrastive" else "triplets"
+        self.unit = "triplets" if args.loss == "triplet" else "pairs"
 
     def dataset(self, size, augment):
         return LabelledImages(self.paths, self.codes, size(self.paths), augment)
@@ -99,6 +99,8 @@ class PKBatches:
     def loss(self, emb, labels, args):
         if args.loss == "contrastive":
             return pair_loss(emb, labels, None, args.margin)
+        if args.loss == "multi_similarity":
+            return multi_similarity_loss(emb, labels, args.ms_alpha, args.ms_beta, args.ms_base, args.ms_epsilon)
         return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
 
 
@@ -107,9 +109,14 @@ def mode_of(args):
     return PKBatches if args.mining != "none" else CsvPairs if args.loss == "contrastive" else CsvTriplets
 
 
+MS_FLAGS = ("ms_alpha", "ms_beta", "ms_base", "ms_epsilon")  # the multi-similarity loss's own
+
+
 def unused_flags(args):
-    """The flags this run does not read (its mode's, and --distill's temperature without --distill)."""
-    return mode_of(args).unused + (() if args.distill else ("distill_temperature",))
+    """The flags this run does not read (its mode's, its loss's, and --distill's temperature without
+    --distill)."""
+    loss = ("margin", "distance", "soft_margin") if args.loss == "multi_similarity" else MS_FLAGS
+    return mode_of(args).unused + loss + (() if args.distill else ("distill_temperature",))
 
 
 def training_mode(args):

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from deeprank import metrics
 from deeprank.copies import KINDS, save_copy
 from deeprank.datasets import list_split
 from deeprank.duplicates import close_pairs
@@ -137,26 +138,18 @@ def evaluate(name, by_half, truth, seconds):
 def write_distances(path, gallery, rows, truth):
     """JSON: each planted copy's squared distance to its original (with its kind), and each image's
     squared distance to its nearest image that is neither itself nor its copy / original."""
-    import torch
-
-    from deeprank.metrics import knn
-    copy = pair_scores_of(gallery, rows, truth)
+    copy = metrics.pair_scores(gallery.vectors[[rows[o] for o in truth["original"]]],
+                               gallery.vectors[[rows[c] for c in truth["copy"]]])
     partner = np.full(len(gallery), -1)
     for o, c in zip(truth["original"], truth["copy"], strict=True):
         partner[rows[o]], partner[rows[c]] = rows[c], rows[o]
-    d, found = knn(torch.from_numpy(np.asarray(gallery.vectors)), torch.from_numpy(np.asarray(gallery.vectors)), 2,
-                   exclude=np.arange(len(gallery)))
+    vectors = np.asarray(gallery.vectors)
+    d, found = metrics.knn(vectors, vectors, 2, exclude=np.arange(len(gallery)))  # the nearest two others
     nearest = np.where(found[:, 0].numpy() == partner, d[:, 1].numpy(), d[:, 0].numpy())
     Path(path).write_text(json.dumps({"dim": int(gallery.vectors.shape[1]), "copy": copy.tolist(),
                                       "kind": truth["kind"].tolist(), "nearest_other": nearest.tolist()}) + "\n")
     print(f"wrote {path}: copy distances median {np.median(copy):.3f}, nearest non-copy median "
           f"{np.median(nearest):.3f}", flush=True)
-
-
-def pair_scores_of(gallery, rows, truth):
-    from deeprank.metrics import pair_scores
-    return pair_scores(gallery.vectors[[rows[o] for o in truth["original"]]],
-                       gallery.vectors[[rows[c] for c in truth["copy"]]])
 
 
 def timed(command, env=None):

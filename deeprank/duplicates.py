@@ -88,10 +88,11 @@ def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CEL
         if len(inside) == 0 or len(asking) == 0:
             continue
         there = torch.index_select(refs, 0, inside, out=member_rows[:len(inside)])
+        there_sq = ref_sq[inside]
         for start in range(0, len(asking), step):
             rows = torch.from_numpy(asking[start:start + step])
             here = torch.index_select(refs, 0, rows, out=asker_rows[:len(rows)])
-            d = squared_distances(here, there, ref_sq[inside], ref_sq[rows],
+            d = squared_distances(here, there, there_sq, ref_sq[rows],
                                   out=block[:len(rows) * len(inside)].view(len(rows), len(inside)))
             r, c = torch.nonzero(d < threshold + MARGIN, as_tuple=True)
             i, j = rows[r], inside[c]

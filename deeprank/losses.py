@@ -168,11 +168,11 @@ def neighbour_kl(student, teacher, temperature):
     return F.kl_div(log_p(student.float()), log_p(teacher.float()), log_target=True, reduction="batchmean")
 
 
-def multi_similarity_pairs(sim, labels, epsilon):
-    """The multi-similarity miner (Wang et al. 2019): (positive mask, negative mask), each (B, B)
-    bool, of the pairs it keeps. Anchor i keeps a positive j when S_ij - epsilon < its most similar
-    negative's S, and a negative k when S_ik + epsilon > its least similar positive's S."""
-    pos, neg = pair_masks(labels)
+def multi_similarity_pairs(sim, pos, neg, epsilon):
+    """The multi-similarity miner (Wang et al. 2019): of a batch's positive and negative pair masks
+    (pair_masks), the (B, B) masks of the pairs it keeps. Anchor i keeps a positive j when S_ij -
+    epsilon < its most similar negative's S, and a negative k when S_ik + epsilon > its least
+    similar positive's S."""
     hardest_neg = sim.masked_fill(~neg, float("-inf")).max(1, keepdim=True).values  # (B, 1)
     hardest_pos = sim.masked_fill(~pos, float("inf")).min(1, keepdim=True).values
     return pos & (sim - epsilon < hardest_neg), neg & (sim + epsilon > hardest_pos)
@@ -184,12 +184,12 @@ def multi_similarity_loss(emb, labels, alpha, beta, base, epsilon):
     1/alpha log(1 + sum_pos exp(-alpha (S - base))) + 1/beta log(1 + sum_neg exp(beta (S - base)))."""
     unit = F.normalize(emb.float(), dim=1)
     sim = unit @ unit.T
-    keep_pos, keep_neg = multi_similarity_pairs(sim.detach(), labels, epsilon)
+    pos, neg = pair_masks(labels)
+    keep_pos, keep_neg = multi_similarity_pairs(sim.detach(), pos, neg, epsilon)
     zero = sim.new_zeros(len(sim), 1)  # the 1 inside each log: log(1 + sum) = logsumexp(0, ...)
     pull = torch.logsumexp(torch.cat([zero, (-alpha * (sim - base)).masked_fill(~keep_pos, float("-inf"))], 1), 1)
     push = torch.logsumexp(torch.cat([zero, (beta * (sim - base)).masked_fill(~keep_neg, float("-inf"))], 1), 1)
     loss = (pull / alpha + push / beta).mean()
-    pos, neg = pair_masks(labels)
     d = distance_matrix(unit.detach(), "euclidean")
     stats = {"active": int(keep_pos.sum() + keep_neg.sum()), "count": int(pos.sum() + neg.sum()),
              "d_pos": float(d[pos].mean()) if pos.any() else float("nan"),

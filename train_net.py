@@ -1,5 +1,6 @@
 """Stage 2: train DeepRank with the triplet hinge loss (or, with --loss contrastive, on pairs; --loss
-multi_similarity, on the pairs of P x K batches).
+multi_similarity, on the pairs of P x K batches; --loss proxy_anchor, against a learned proxy per
+class; --memory N adds the last N embeddings to the contrastive and multi-similarity losses).
 
 Reads a triplet CSV (query,positive,negative) from triplet_sampler.py (--mining none, the
 original's way), or with --mining batch_hard|batch_semihard|batch_all the train split of
@@ -65,6 +66,7 @@ from deeprank.loaders import (
     make_loader,
     preprocess_on_device,
 )
+from deeprank.loss_state import LossState
 from deeprank.losses import DISTANCES, MINERS, neighbour_kl
 from deeprank.runtime import (
     COMPILE,
@@ -103,11 +105,15 @@ WEIGHT_DECAY = 0.0         # L2 weight regularisation (the paper's); 0 as the or
 HEAD_LR_MULT = 1.0         # LR multiplier of the new layers over the pretrained backbone's
 SCHEDULE = "constant"      # constant | cosine (after WARMUP_EPOCHS of linear warm-up)
 WARMUP_EPOCHS = 0.0        # linear warm-up length, in epochs (fractions allowed)
-LOSS = "triplet"           # triplet (the paper's) | contrastive (pairs) | multi_similarity (P x K pairs)
+LOSS = "triplet"           # triplet (the paper's) | contrastive (pairs) | multi_similarity | proxy_anchor (P x K)
 MS_ALPHA = 2.0             # multi-similarity: the positives' scale (Wang et al. 2019; PML's default too)
 MS_BETA = 50.0             # multi-similarity: the negatives' scale
 MS_BASE = 0.5              # multi-similarity: the cosine similarity the terms are centred on (lambda)
 MS_EPSILON = 0.1           # multi-similarity miner: how far past the hardest opposite a pair may be and still count
+PA_ALPHA = 32.0            # proxy-anchor: the scale of its similarities (Kim et al. 2020; PML's default too)
+PA_DELTA = 0.1             # proxy-anchor: its margin
+PROXY_LR_MULT = 100.0      # proxy-anchor: the proxies' learning rate over --lr (the paper's 1e-2 over 1e-4)
+MEMORY = 0                 # cross-batch memory: the last N embeddings as more references (0: off; Wang et al. 2020)
 MARGIN = 1.0               # loss margin (the original's F.triplet_margin_loss default)
 DISTANCE = "euclidean"     # euclidean (the original's) | squared (the paper's) inside the loss
 WEIGHTS = "imagenet"       # imagenet | none | PATH to a local backbone state_dict
@@ -120,7 +126,7 @@ DISTILL = 0.0              # weight of the pull toward the pretrained backbone's
 DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distributions (standardised similarities)
 # ----------------------------------------------------------------
 
-LOSSES = ("triplet", "contrastive", "multi_similarity")
+LOSSES = ("triplet", "contrastive", "multi_similarity", "proxy_anchor")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -145,7 +151,8 @@ def build_parser():
     a("--loss", default=LOSS, choices=LOSSES,
       help="triplet: max(0, margin + D(q,p) - D(q,n)); contrastive: same * d^2 + (1 - same) * "
            "max(0, margin - d)^2 on pairs (Hadsell, Chopra & LeCun 2006); multi_similarity: the pairs of each P x K "
-           "batch its miner keeps, weighted by their cosine similarities (Wang et al. 2019) (default: %(default)s)")
+           "batch its miner keeps, weighted by their cosine similarities (Wang et al. 2019); proxy_anchor: each "
+           "image of a P x K batch against one learned proxy per class (Kim et al. 2020) (default: %(default)s)")
     a("--ms_alpha", type=positive_float, default=MS_ALPHA, help="multi_similarity: positives' scale (default: "
                                                                 "%(default)s)")
     a("--ms_beta", type=positive_float, default=MS_BETA, help="multi_similarity: negatives' scale (default: "
@@ -155,6 +162,15 @@ def build_parser():
     a("--ms_epsilon", type=non_negative_float, default=MS_EPSILON,
       help="multi_similarity miner: a positive counts while less similar than the hardest negative + this, a "
            "negative while more similar than the hardest positive - this (default: %(default)s)")
+    a("--pa_alpha", type=positive_float, default=PA_ALPHA, help="proxy_anchor: the similarities' scale (default: "
+                                                                "%(default)s)")
+    a("--pa_delta", type=non_negative_float, default=PA_DELTA, help="proxy_anchor: the margin (default: %(default)s)")
+    a("--proxy_lr_mult", type=positive_float, default=PROXY_LR_MULT,
+      help="proxy_anchor: the proxies' learning rate over --lr, on the same schedule (default: %(default)s)")
+    a("--memory", type=non_negative_int, default=MEMORY,
+      help="contrastive / multi_similarity on P x K batches: also pair each batch with the last N embeddings "
+           "(its own included; cross-batch memory, Wang et al. 2020), saved in checkpoints (0: off) "
+           "(default: %(default)s)")
     a("--margin", type=non_negative_float, default=MARGIN, help="loss margin (default: %(default)s)")
     a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
@@ -220,12 +236,18 @@ def check_flags(args, cluster, device):
     if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
         raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
                             f"P x K batch (--mining batch_all), not --mining {args.mining}")
-    if args.loss == "multi_similarity" and args.mining != "batch_all":
-        raise PipelineError(f"--loss multi_similarity mines the pairs of each P x K batch itself: pass --mining "
+    own = {"multi_similarity": "--ms_alpha / --ms_beta / --ms_base / --ms_epsilon",
+           "proxy_anchor": "--pa_alpha / --pa_delta / --proxy_lr_mult"}.get(args.loss)
+    if own and args.mining != "batch_all":
+        raise PipelineError(f"--loss {args.loss} takes the images of P x K batches with their classes: pass --mining "
                             f"batch_all (with --data), not --mining {args.mining}")
-    if args.loss == "multi_similarity" and (args.soft_margin or args.distance != DISTANCE):
-        raise PipelineError("--soft_margin and --distance belong to the triplet loss; the multi-similarity loss uses "
-                            "cosine similarities and --ms_alpha / --ms_beta / --ms_base / --ms_epsilon")
+    if own and (args.soft_margin or args.distance != DISTANCE):
+        raise PipelineError(f"--soft_margin and --distance belong to the triplet loss; --loss {args.loss} uses "
+                            f"cosine similarities and {own}")
+    if args.memory and (args.mining == "none" or args.loss not in ("contrastive", "multi_similarity")):
+        raise PipelineError(f"--memory keeps the embeddings of earlier P x K batches for --loss contrastive or "
+                            f"multi_similarity with --mining batch_all, not --loss {args.loss} --mining {args.mining}; "
+                            f"drop --memory")
     if args.loss == "contrastive" and (args.soft_margin or args.distance != DISTANCE):
         raise PipelineError("--soft_margin and --distance belong to the triplet loss; the contrastive loss uses "
                             "the Euclidean distance and --margin")
@@ -304,9 +326,9 @@ class Network:
     --distill, a frozen copy of the pretrained backbone as teacher. images_per_run sizes the
     compile decision. Under torchrun the loss is computed on the gathered global batch."""
 
-    def __init__(self, model, args, mode, device, images_per_batch, images_per_run, cluster):
+    def __init__(self, model, args, mode, state, device, images_per_batch, images_per_run, cluster):
         self.model, self.device, self.amp, self.args, self.cluster = model, device, not args.no_amp, args, cluster
-        self.mode = mode
+        self.mode, self.state = mode, state
         on_device = preprocess_on_device(args.preprocess, device)
         self.normalize = Normalize(device, model.image_size, args.augment) if on_device else Normalize(device)
         compile = want_compile(args.compile, images_per_run, model.image_size, device)
@@ -338,15 +360,15 @@ class Network:
             return self.trained(self.trunk(images) if self.trunk is not None else images, images).float()
 
     def batch_loss(self, images, labels):
-        """(loss, stats) of one batch (uint8 images; class labels, pair flags or None): the triplet
-        or contrastive loss, plus --distill's neighbourhood term; of the global batch under torchrun
-        (stats["images"]: the images it holds)."""
+        """(loss, stats) of one batch (uint8 images; class labels, pair flags or None): --loss's loss
+        (with its proxies and memory), plus --distill's neighbourhood term; of the global batch under
+        torchrun (stats["images"]: the images it holds)."""
         images = self.normalize(images)
         gather, a = self.cluster.gather, self.args
         emb = gather(self.embed(images), self.mode.columns)
         if labels is not None:
             labels = gather(labels.to(self.device), self.mode.label_columns, grad=False)
-        loss, stats = self.mode.loss(emb, labels, a)
+        loss, stats = self.mode.loss(emb, labels, a, self.state)
         if self.teacher is not None:
             with autocast(self.device, self.amp):
                 target = gather(self.teacher(images), self.mode.columns, grad=False)
@@ -355,6 +377,13 @@ class Network:
             stats["distill"] = float(kl.detach())
         stats["images"] = len(emb)
         return loss, stats
+
+    def backward(self, loss):
+        """The gradients of one step's loss: under torchrun scaled for DistributedDataParallel's
+        average, the proxies' (the same on every rank, not averaged) unscaled again."""
+        scale = self.cluster.grad_scale if self.cluster.distributed else 1
+        (loss * scale).backward()
+        self.state.unscale_grad(scale)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -381,7 +410,7 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
             raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; training "
                                 f"stopped, last good checkpoint: {last_good or 'none'}; lower --lr or use --no_amp")
         optimizer.zero_grad(set_to_none=True)
-        (loss * network.cluster.grad_scale if network.cluster.distributed else loss).backward()
+        network.backward(loss)
         optimizer.step()
         stats.add(loss.item(), batch_stats, batch_stats.pop("images"))
         bar.set_postfix(stats.postfix())
@@ -456,13 +485,14 @@ def train(args, out, cluster, device):
     data = TrainingData(args, mode, model.image_size, preprocess_on_device(args.preprocess, device))
     check_validation_csvs(args)
     model = prepare(model, device)
-    optimizer = build_optimizer(model, args, ckpt)
+    state = LossState.create(args, getattr(mode, "classes", 0), model.model_args["embed_dim"], device, ckpt)
+    optimizer = build_optimizer(model, args, ckpt, state.parameter_groups(args.lr * args.proxy_lr_mult))
     say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
         f"{'on' if precision(device, not args.no_amp) == 'bf16' else 'off'}, {data.description}, "
         f"{sum(p.numel() for p in trainable_parameters(model)):,} trainable parameters")
     steps = data.steps_per_epoch
     local_batch = -(-data.images_per_batch // cluster.world_size)  # this process's share of a global batch
-    network = Network(model, args, mode, device, local_batch, local_batch * steps * (args.epochs - start_epoch),
+    network = Network(model, args, mode, state, device, local_batch, local_batch * steps * (args.epochs - start_epoch),
                       cluster)
     config, metrics, last_good = dict(vars(args)), {}, args.resume
     shown = {key: value for key, value in config.items() if key not in unused_flags(args)}  # the curves' title
@@ -489,7 +519,7 @@ def train(args, out, cluster, device):
                                                                       bad_images)
             if args.val_pairs:
                 metrics.update(pair_figures_of(model, args.val_pairs, device, args, bad_images))
-            save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics)
+            save_checkpoint(temp, model, optimizer, epoch + 1, config, metrics, {"loss_state": state.state_dict()})
             if args.keep_last and epoch + 1 - args.keep_last >= 1:
                 (folder / f"temp_net{epoch + 1 - args.keep_last}.model").unlink(missing_ok=True)
             log.epoch(metrics, (epoch + 1) * steps)
@@ -500,7 +530,8 @@ def train(args, out, cluster, device):
             break
 
     if cluster.main:
-        save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics)
+        save_checkpoint(out, model, optimizer, int(metrics.get("epoch", start_epoch)), config, metrics,
+                        {"loss_state": state.state_dict()})
         log.close()
         curves = f", curves: {log.curves_path}" if log.curves_path.exists() else ""  # none before a first epoch
         print(f"wrote {out} (log: {log_path}{curves})")

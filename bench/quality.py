@@ -22,8 +22,23 @@ threshold calibrated on one half of the val pairs / triples and scored on the ot
 untrained, recommended (triplet-trained) and contrastive (the recommended recipe with
 --loss contrastive: every pair of each P x K batch).
 
+--losses triplet,contrastive,multi_similarity,proxy_anchor,multi_similarity+memory compares
+losses as "A Metric Learning Reality Check" (Musgrave et al. 2020) asks: every one over the
+recommended recipe (same backbone, embedding size, P x K batch, augmentation, optimiser), only
+the loss and its few hyperparameters changed. Three stages, each run's figures kept in
+--work/results/ (a stage run again skips the runs already there, so the comparison can be
+finished in parts):
+  tune    each loss's small grid (LOSS_GRIDS), --tune_minutes each, trained on 3/4 of the
+          train images and scored (MAP@R) on the other 1/4: never on the val images
+  screen  each loss with its best grid point, --screen_minutes, seed 0, scored on val
+  final   the best two of the screen and today's recommended recipe, --minutes, seeds 0 and 1;
+          untrained and the original recipe (seed 0) as the floor
+Every model is scored on everything: the kNN metrics, test triplets, pair and triple accuracy
+(thresholds calibrated on the other half of the val pairs / triples).
+
     python -m bench.quality --data ../shared/data/tiny-imagenet-mini --minutes 30
     python -m bench.quality --data mini-imagefolder --task pairs --minutes 30
+    python -m bench.quality --data ../shared/data/tiny-imagenet-mini --losses triplet,contrastive --work runs
 """
 
 import argparse
@@ -36,6 +51,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import eval as evaluation
 import gen_embeddings
@@ -43,6 +59,7 @@ import train_net
 import transform_validation
 import triplet_sampler
 from deeprank.datasets import detect_layout
+from deeprank.runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- the recommended recipe
@@ -55,6 +72,18 @@ EMBED = ["--tta", "flip"]  # every model (baselines too) embeds each image and i
 CONTRASTIVE = ["--loss", "contrastive", "--margin", "1.0"]  # over RECOMMENDED: every pair of each P x K batch
 DECISION_KEYS = ("pair_accuracy", "pair_roc_auc", "pair_f1", "pair_threshold", "triple_accuracy", "triple_f1",
                  "triple_threshold")
+# --losses: each loss over RECOMMENDED, and its grid of hyperparameters to tune (on train images only);
+# NAME+memory is NAME with its tuned flags and a grid of --memory sizes
+LOSS_FLAGS = {"triplet": ["--loss", "triplet"], "contrastive": ["--loss", "contrastive"],
+              "multi_similarity": ["--loss", "multi_similarity"], "proxy_anchor": ["--loss", "proxy_anchor"]}
+LOSS_GRIDS = {"triplet": [["--margin", "0.1"], ["--margin", "0.2"]],
+              "contrastive": [["--margin", "1.0"], ["--margin", "0.8"]],
+              "multi_similarity": [["--ms_base", "0.5"], ["--ms_base", "0.75"]],
+              "proxy_anchor": [["--proxy_lr_mult", "100"], ["--proxy_lr_mult", "10"]],
+              "memory": [["--memory", "1024"], ["--memory", "2048"]]}
+TUNE_FRACTION = 0.25  # of each class's train images: the tuning stage's held-out queries
+METRICS = ("precision_at_1", "r_precision", "map_at_r", "score_at_k", "test_triplet_accuracy", "pair_accuracy",
+           "triple_accuracy")
 ORIGINAL = ["--mining", "none", "--optim", "sgd", "--lr", "0.001", "--batch_size", "25", "--margin", "1.0",
             "--augment", "flip", "--trainable", "conv5", "--embed_dim", "4096"]
 # ----------------------------------------------------------------
@@ -140,6 +169,116 @@ def main_decisions(args, work, data, prep_s):
     return 0
 
 
+def score_all(work, name, model, data, csvs, layer="embedding", split_flags=()):
+    """Every figure of one model: embed every train and val image of data once, then the kNN metrics
+    (val against train), test triplets, and the decided pairs and triples (None: ranking only)."""
+    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
+    stage(gen_embeddings.main, ["--model", str(model), "--data", str(data), *split_flags, "--train_out",
+                                str(train_out), "--test_out", str(test_out), "--layer", layer, "--batch_size", "128",
+                                *EMBED])
+    metrics_path = work / f"{name}_metrics.json"
+    decide = [] if csvs is None else [
+        "--train_triplets", str(csvs["triplets"][0]), "--test_triplets", str(csvs["triplets"][1]),
+        "--pairs", str(csvs["pairs"][1]), "--triples", str(csvs["triples"][1]),
+        "--calibrate", str(csvs["pairs"][0]), str(csvs["triples"][0])]
+    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out), *decide,
+                            "--json", str(metrics_path)])
+    metrics = json.loads(metrics_path.read_text())
+    for path in (train_out, test_out, metrics_path):
+        path.unlink()
+    return {key: metrics[key] for key in METRICS if key in metrics}
+
+
+class Runs:
+    """The comparison's runs, each trained once and kept as work/results/<stage>_<name>_s<seed>.json."""
+
+    def __init__(self, work, common, csvs):
+        self.work, self.common, self.csvs = work, common, csvs
+        (work / "results").mkdir(exist_ok=True)
+
+    def get(self, stage_name, name, flags, minutes, seed, data, split_flags=(), csvs="val"):
+        path = self.work / "results" / f"{stage_name}_{name}_s{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        folder = self.work / "runs" / f"{stage_name}_{name}_s{seed}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        model = folder / "deepranknet.model"
+        start = time.perf_counter()
+        budget = ["--epochs", "0"] if minutes == 0 else ["--epochs", "1000", "--max_minutes", str(minutes)]
+        stage(train_net.main, self.common + ["--data", str(data), *split_flags, "--seed", str(seed), *flags, *budget,
+                                             "--keep_last", "1", "--out", str(model)])
+        log_path = folder / "deepranknet_log.jsonl"
+        log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+        steps = sum(row.get("steps", 0) for row in log if row.get("record") != "step")
+        result = {"flags": " ".join(flags), "minutes": minutes, "seed": seed, "steps": steps,
+                  "train_seconds": round(time.perf_counter() - start, 1),
+                  **score_all(self.work, f"{stage_name}_{name}", model, data, self.csvs if csvs == "val" else None,
+                              "backbone" if minutes == 0 else "embedding", split_flags)}
+        shutil.rmtree(folder)
+        path.write_text(json.dumps(result))
+        print(f"{stage_name} {name} seed {seed}: " + ", ".join(f"{k} {result[k]:.4f}" for k in METRICS if k in result),
+              file=sys.stderr)
+        return result
+
+
+def summary(rows):
+    """Mean and range of each metric over seeds."""
+    return {key: {"mean": sum(r[key] for r in rows) / len(rows), "low": min(r[key] for r in rows),
+                  "high": max(r[key] for r in rows)} for key in METRICS if all(key in r for r in rows)}
+
+
+def main_losses(args, work, data):
+    """--losses: tune each loss on train images, screen at --screen_minutes, the best two and today's
+    recommended recipe at --minutes with two seeds; untrained and original as the floor."""
+    names = args.losses.split(",")
+    for name in names:
+        if name.split("+")[0] not in LOSS_FLAGS or name.count("+") > 1 or name.split("+")[1:] not in ([], ["memory"]):
+            raise SystemExit(f"--losses: unknown {name}; choose among {', '.join(LOSS_FLAGS)} (NAME+memory: with "
+                             f"cross-batch memory)")
+    csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
+    csvs["triplets"] = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
+    for training, csv in zip((1, 0), csvs["triplets"], strict=True):
+        stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
+                                     "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
+    runs = Runs(work, BACKBONE, csvs)
+    tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
+    result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(RECOMMENDED),
+              "precision": precision(torch.device("cpu")), "tune": {}, "chosen": {}}
+    for name in names:  # tune: each grid point on 3/4 of the train images, MAP@R on the other 1/4
+        base, memory = name.split("+")[0], name.endswith("+memory")
+        fixed = LOSS_FLAGS[base] + (result["chosen"].get(base) or []) if memory else LOSS_FLAGS[base]
+        if memory and base not in result["chosen"]:
+            raise SystemExit(f"--losses: {name} takes {base}'s tuned flags: list {base} before it")
+        grid = LOSS_GRIDS["memory" if memory else base]
+        tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}", RECOMMENDED + fixed + point,
+                                  args.tune_minutes, args.seed, tune_data, tune_split, csvs=None)) for point in grid]
+        result["tune"][name] = [{"flags": " ".join(point), "map_at_r": r["map_at_r"]} for point, r in tried]
+        result["chosen"][name] = fixed[2:] + max(tried, key=lambda t: t[1]["map_at_r"])[0]
+    if args.stop_after == "tune":
+        print(json.dumps(result))
+        return 0
+    flags_of = {name: RECOMMENDED + LOSS_FLAGS[name.split("+")[0]] + result["chosen"][name] for name in names}
+    result["screen"] = {name: runs.get("screen", name, flags_of[name], args.screen_minutes, 0, data)
+                        for name in names}
+    if args.stop_after == "screen":
+        print(json.dumps(result))
+        return 0
+    best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]
+    result["best_two"] = best
+    today = RECOMMENDED + ["--loss", "triplet", "--margin", "0.1"]  # the triplet loss tuned to today's recipe
+    finals = {"recommended": RECOMMENDED, **{name: flags_of[name] for name in best if flags_of[name] != today}}
+    result["final"] = {}
+    for name, flags in finals.items():
+        rows = [runs.get("final", name, flags, args.minutes, seed, data) for seed in (0, 1)]
+        result["final"][name] = {"flags": " ".join(flags), "seeds": rows, **summary(rows)}
+    result["floor"] = {"untrained": runs.get("final", "untrained", RECOMMENDED, 0, 0, data),
+                       "original": runs.get("final", "original", ORIGINAL + ["--triplets", str(csvs["triplets"][0])],
+                                            args.minutes, 0, data)}
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset (TinyImageNet-layout directory, copied; or with "
@@ -155,6 +294,13 @@ def main(argv=None):
     parser.add_argument("--skip_original", action="store_true", help="only the recommended recipe and untrained")
     parser.add_argument("--flags", default="", help="extra train_net.py flags for the recommended recipe (they "
                                                     "override its own), to try a variant against the baselines")
+    parser.add_argument("--losses", default=None, metavar="NAMES",
+                        help="compare these losses (comma-separated: triplet, contrastive, multi_similarity, "
+                             "proxy_anchor, NAME+memory) in three stages instead (see above)")
+    parser.add_argument("--tune_minutes", type=float, default=3, help="--losses: training budget of a tuning run")
+    parser.add_argument("--screen_minutes", type=float, default=15, help="--losses: training budget of a screen run")
+    parser.add_argument("--stop_after", default="final", choices=("tune", "screen", "final"),
+                        help="--losses: the last stage to run (default: %(default)s)")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +312,8 @@ def main(argv=None):
         if not data.exists():
             shutil.copytree(args.data, data)
             stage(transform_validation.main, ["--data", str(data)])
+        if args.losses:
+            return main_losses(args, work, data)
         if args.task != "triplets":
             return main_decisions(args, work, data, time.perf_counter() - begin)
         csvs = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")

@@ -9,6 +9,9 @@ queries, then all positives, then all negatives, so a, p, n = 0..B, B..2B, 2B..3
 
 The contrastive loss (pair_loss) takes pairs: a pair CSV's, or every pair of a P x K batch.
 The multi-similarity loss (multi_similarity_loss) mines pairs of a P x K batch by its own rule.
+Both also take reference rows (ref, ref_labels) other than the batch itself: cross-batch memory
+(deeprank.loss_state), whose first rows are the batch's own (their self-pairs left out).
+The proxy-anchor loss (proxy_anchor_loss) pairs each image with one learned proxy per class.
 """
 
 import torch
@@ -33,10 +36,13 @@ def distance_matrix(emb, distance):
     return (d + EPS).sqrt() if distance == "euclidean" else d
 
 
-def pair_masks(labels):
-    """(positive pair mask, negative pair mask) of a batch's (B,) labels, each (B, B) bool."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+def pair_masks(labels, ref_labels=None):
+    """(positive pair mask, negative pair mask) of a batch's (B,) labels against the references'
+    (M,) (the batch itself when None; else the batch's own rows first), each (B, M) bool; an
+    image is never its own positive."""
+    ref_labels = labels if ref_labels is None else ref_labels
+    same = labels[:, None] == ref_labels[None, :]
+    eye = torch.eye(len(labels), len(ref_labels), dtype=torch.bool, device=labels.device)
     return same & ~eye, ~same
 
 
@@ -130,23 +136,35 @@ def contrastive_loss(d, same, margin):
     return per_pair.mean(), int((per_pair > 0).sum())
 
 
-def pair_loss(emb, labels, same, margin):
+def pair_loss(emb, labels, same, margin, ref=None, ref_labels=None):
     """(loss, stats) of one batch of embeddings (N, D) for the contrastive loss: the CSV batch's
     own pairs when labels is None (rows 0..B the first images, B..2B the second, `same` (B,)
-    their flags), else every pair i < j of the batch, same-class or not by labels (N,)."""
+    their flags), else every pair i < j of the batch, same-class or not by labels (N,); with
+    references (M, D) (the batch's own rows first), every pair of a batch image and a reference
+    but itself."""
     if labels is None:
         b = len(emb) // 2
         d = row_distances(emb[:b], emb[b:], "euclidean")
         same = same.to(emb.device)
-    else:
+    elif ref is None:
         i, j = torch.triu_indices(len(emb), len(emb), offset=1, device=emb.device)
         d = distance_matrix(emb, "euclidean")[i, j]
         same = labels[i] == labels[j]
+    else:
+        pos, neg = pair_masks(labels, ref_labels)
+        d = cross_distances(emb, ref)[pos | neg]
+        same = pos[pos | neg]
     loss, active = contrastive_loss(d, same, margin)
     pos, neg = d.detach()[same.bool()], d.detach()[~same.bool()]
     return loss, {"active": active, "count": len(d),
                   "d_pos": float(pos.mean()) if len(pos) else float("nan"),
                   "d_neg": float(neg.mean()) if len(neg) else float("nan")}
+
+
+def cross_distances(emb, ref):
+    """(B, M) Euclidean distances between the rows of emb (B, D) and ref (M, D)."""
+    d = (emb.pow(2).sum(1)[:, None] + ref.pow(2).sum(1)[None, :] - 2 * emb @ ref.T).clamp(min=0)
+    return (d + EPS).sqrt()
 
 
 def neighbour_kl(student, teacher, temperature):
@@ -178,20 +196,52 @@ def multi_similarity_pairs(sim, pos, neg, epsilon):
     return pos & (sim - epsilon < hardest_neg), neg & (sim + epsilon > hardest_pos)
 
 
-def multi_similarity_loss(emb, labels, alpha, beta, base, epsilon):
+def multi_similarity_loss(emb, labels, alpha, beta, base, epsilon, ref=None, ref_labels=None):
     """(loss, stats) of a P x K batch (N, D), labels (N,): the multi-similarity loss (Wang et al.
     2019) on cosine similarities S of the mined pairs, averaged over the N anchors:
-    1/alpha log(1 + sum_pos exp(-alpha (S - base))) + 1/beta log(1 + sum_neg exp(beta (S - base)))."""
+    1/alpha log(1 + sum_pos exp(-alpha (S - base))) + 1/beta log(1 + sum_neg exp(beta (S - base))).
+    Pairs are anchor and batch image, or with references (M, D) anchor and reference."""
     unit = F.normalize(emb.float(), dim=1)
-    sim = unit @ unit.T
-    pos, neg = pair_masks(labels)
+    ref_unit = unit if ref is None else F.normalize(ref.float(), dim=1)
+    sim = unit @ ref_unit.T
+    pos, neg = pair_masks(labels, ref_labels)
     keep_pos, keep_neg = multi_similarity_pairs(sim.detach(), pos, neg, epsilon)
-    zero = sim.new_zeros(len(sim), 1)  # the 1 inside each log: log(1 + sum) = logsumexp(0, ...)
-    pull = torch.logsumexp(torch.cat([zero, (-alpha * (sim - base)).masked_fill(~keep_pos, float("-inf"))], 1), 1)
-    push = torch.logsumexp(torch.cat([zero, (beta * (sim - base)).masked_fill(~keep_neg, float("-inf"))], 1), 1)
+    pull = log1p_sum_exp(-alpha * (sim - base), keep_pos)
+    push = log1p_sum_exp(beta * (sim - base), keep_neg)
     loss = (pull / alpha + push / beta).mean()
-    d = distance_matrix(unit.detach(), "euclidean")
-    stats = {"active": int(keep_pos.sum() + keep_neg.sum()), "count": int(pos.sum() + neg.sum()),
-             "d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
-             "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
-    return loss, stats
+    return loss, {"active": int(keep_pos.sum() + keep_neg.sum()), "count": int(pos.sum() + neg.sum()),
+                  **pair_distances(unit.detach(), ref_unit.detach(), pos, neg)}
+
+
+def log1p_sum_exp(x, keep):
+    """log(1 + sum of exp(x) over the kept entries) of each row of x (R, C), stably: logsumexp(0, ...)."""
+    zero = x.new_zeros(len(x), 1)
+    return torch.logsumexp(torch.cat([zero, x.masked_fill(~keep, float("-inf"))], 1), 1)
+
+
+def pair_distances(unit, ref_unit, pos, neg):
+    """The stats' d_pos and d_neg: mean Euclidean distance of the positive and negative pairs of unit
+    rows (B, D) against reference rows (M, D)."""
+    d = cross_distances(unit, ref_unit)
+    return {"d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
+            "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
+
+
+def proxy_anchor_loss(emb, labels, proxies, alpha, delta):
+    """(loss, stats) of a batch (N, D), labels (N,) in 0..C-1, against one proxy per class (C, D):
+    the proxy-anchor loss (Kim et al. 2020) on cosine similarities s(x, p),
+    1/|P+| sum_{p in P+} log(1 + sum_{x of p's class} exp(-alpha (s - delta)))
+    + 1/C sum_p log(1 + sum_{x of other classes} exp(alpha (s + delta))), P+ the proxies with an image
+    in the batch. stats' active: the images not yet nearer their own proxy than any other by 2 delta."""
+    unit = F.normalize(emb.float(), dim=1)
+    sim = unit @ F.normalize(proxies.float(), dim=1).T  # (N, C)
+    own = F.one_hot(labels, len(proxies)).bool()
+    pull = log1p_sum_exp((-alpha * (sim - delta)).T, own.T)  # (C,), per proxy over its images
+    push = log1p_sum_exp((alpha * (sim + delta)).T, ~own.T)
+    present = own.any(0)
+    loss = pull[present].sum() / present.sum() + push.mean()
+    s = sim.detach()
+    nearest_other = s.masked_fill(own, float("-inf")).max(1).values
+    active = int((s[own] - nearest_other < 2 * delta).sum())
+    pos, neg = pair_masks(labels)
+    return loss, {"active": active, "count": len(emb), **pair_distances(unit.detach(), unit.detach(), pos, neg)}

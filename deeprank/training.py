@@ -3,7 +3,7 @@ pairs, P x K batches with online mining), the optimiser and learning-rate schedu
 that train, and an epoch's running statistics.
 
     mode = training_mode(args)          # its dataset, batch layout and loss, decided once
-    loss, stats = mode.loss(embeddings, labels, args)
+    loss, stats = mode.loss(embeddings, labels, args, state)   # state: deeprank.loss_state.LossState
 """
 
 import math
@@ -24,7 +24,7 @@ from deeprank.loaders import (
     pair_batch,
     triplet_batch,
 )
-from deeprank.losses import multi_similarity_loss, pair_loss, ranking_loss
+from deeprank.losses import multi_similarity_loss, pair_loss, proxy_anchor_loss, ranking_loss
 from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 
 MOMENTUM = 0.9             # SGD / RMSprop momentum
@@ -52,7 +52,7 @@ class CsvTriplets:
         q, p, n = self.rows
         return TripletImages(q, p, n, size(q), augment)
 
-    def loss(self, emb, labels, args):
+    def loss(self, emb, labels, args, state):
         return ranking_loss(emb, None, args.mining, args.margin, args.distance, args.soft_margin)
 
 
@@ -72,13 +72,15 @@ class CsvPairs:
         first, second, same = self.rows
         return PairImages(first, second, same, size(first), augment)
 
-    def loss(self, emb, same, args):
+    def loss(self, emb, same, args, state):
         return pair_loss(emb, None, same, args.margin)
 
 
 class PKBatches:
-    """--mining batch_*: P classes x K images of --data's train split a batch, labelled by class;
-    the loss mines its triplets (or, contrastive, takes every pair) inside the batch."""
+    """--mining batch_*: P classes x K images of --data's train split a batch, labelled by class
+    0..classes-1; the loss mines its triplets inside the batch (contrastive: takes every pair;
+    multi-similarity: mines pairs; proxy-anchor: pairs each image with every class's proxy), and
+    with --memory also against the memory's earlier embeddings (XBM's two terms, weight 1)."""
 
     columns = label_columns = 1
     unused = ("triplets", "pairs", "batch_size")
@@ -87,21 +89,33 @@ class PKBatches:
         self.source = ImageSource.from_args(args)
         self.paths, labels = self.source.split("train")
         self.codes = np.unique(np.asarray(labels), return_inverse=True)[1]
+        self.classes = int(self.codes.max()) + 1 if len(self.codes) else 0
         check_images_exist(self.paths, f"--data {args.data} (train)", empty_ok=empty_ok)
         self.sampler = PKBatchSampler(labels, args.classes_per_batch, args.images_per_class, args.seed,
                                       f"--data {self.source.root('train')}")
         self.images_per_batch, self.collate = args.classes_per_batch * args.images_per_class, labelled_batch
-        self.unit = "triplets" if args.loss == "triplet" else "pairs"
+        self.unit = {"triplet": "triplets", "proxy_anchor": "images"}.get(args.loss, "pairs")
 
     def dataset(self, size, augment):
         return LabelledImages(self.paths, self.codes, size(self.paths), augment)
 
-    def loss(self, emb, labels, args):
+    def loss(self, emb, labels, args, state):
+        if args.loss == "triplet":
+            return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
+        if args.loss == "proxy_anchor":
+            return proxy_anchor_loss(emb, labels, state.proxies, args.pa_alpha, args.pa_delta)
         if args.loss == "contrastive":
-            return pair_loss(emb, labels, None, args.margin)
-        if args.loss == "multi_similarity":
-            return multi_similarity_loss(emb, labels, args.ms_alpha, args.ms_beta, args.ms_base, args.ms_epsilon)
-        return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
+            def pairs(ref=None, ref_labels=None):
+                return pair_loss(emb, labels, None, args.margin, ref, ref_labels)
+        else:
+            def pairs(ref=None, ref_labels=None):
+                return multi_similarity_loss(emb, labels, args.ms_alpha, args.ms_beta, args.ms_base, args.ms_epsilon,
+                                             ref, ref_labels)
+        loss, stats = pairs()
+        if state.memory is not None:  # the batch against the memory, the batch's own rows included
+            loss = loss + pairs(*state.memory.references(emb, labels))[0]
+            state.memory.push(emb, labels)
+        return loss, stats
 
 
 def mode_of(args):
@@ -110,13 +124,16 @@ def mode_of(args):
 
 
 MS_FLAGS = ("ms_alpha", "ms_beta", "ms_base", "ms_epsilon")  # the multi-similarity loss's own
+PA_FLAGS = ("pa_alpha", "pa_delta", "proxy_lr_mult")         # the proxy-anchor loss's own
+LOSS_FLAGS = {"triplet": ("margin", "distance", "soft_margin"), "contrastive": ("margin", "memory"),
+              "multi_similarity": MS_FLAGS + ("memory",), "proxy_anchor": PA_FLAGS}
 
 
 def unused_flags(args):
-    """The flags this run does not read (its mode's, its loss's, and --distill's temperature without
-    --distill)."""
-    loss = ("margin", "distance", "soft_margin") if args.loss == "multi_similarity" else MS_FLAGS
-    return mode_of(args).unused + loss + (() if args.distill else ("distill_temperature",))
+    """The flags this run does not read (its mode's, the other losses', and --distill's temperature
+    without --distill)."""
+    others = {flag for flags in LOSS_FLAGS.values() for flag in flags} - set(LOSS_FLAGS[args.loss])
+    return mode_of(args).unused + tuple(sorted(others)) + (() if args.distill else ("distill_temperature",))
 
 
 def training_mode(args):
@@ -150,11 +167,12 @@ def make_optimizer(name, params, lr, weight_decay, momentum=MOMENTUM, fused=Fals
     raise PipelineError(f"unknown --optim {name}; choose {', '.join(OPTIMS)}")
 
 
-def build_optimizer(model, args, ckpt):
-    """The optimiser over the trainable layers, with --resume's state when there is one."""
+def build_optimizer(model, args, ckpt, extra_groups=()):
+    """The optimiser over the trainable layers (and extra_groups: the loss's proxies), with
+    --resume's state when there is one."""
     cuda = next(model.parameters()).device.type == "cuda"
-    optimizer = make_optimizer(args.optim, parameter_groups(model, args.lr, args.head_lr_mult), args.lr,
-                               args.weight_decay, fused=cuda)
+    groups = parameter_groups(model, args.lr, args.head_lr_mult) + list(extra_groups)
+    optimizer = make_optimizer(args.optim, groups, args.lr, args.weight_decay, fused=cuda)
     if ckpt is not None and ckpt.get("optimizer"):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -23,6 +23,7 @@ PACKAGE = {
     "deeprank.embedding_io": {"deeprank.common", "deeprank.fastparse"},
     "deeprank.loaders": {"deeprank.common"},
     "deeprank.losses": set(),
+    "deeprank.loss_state": {"deeprank.common"},
     "deeprank.metrics": {"deeprank.common"},
     "deeprank.checkpoints": {"deeprank.common"},
     "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},

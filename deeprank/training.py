@@ -8,6 +8,7 @@ that train, and an epoch's running statistics.
 
 import math
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -104,13 +105,9 @@ class PKBatches:
             return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
         if args.loss == "proxy_anchor":
             return proxy_anchor_loss(emb, labels, state.proxies, args.pa_alpha, args.pa_delta)
-        if args.loss == "contrastive":
-            def pairs(ref=None, ref_labels=None):
-                return pair_loss(emb, labels, None, args.margin, ref, ref_labels)
-        else:
-            def pairs(ref=None, ref_labels=None):
-                return multi_similarity_loss(emb, labels, args.ms_alpha, args.ms_beta, args.ms_base, args.ms_epsilon,
-                                             ref, ref_labels)
+        ms = (args.ms_alpha, args.ms_beta, args.ms_base, args.ms_epsilon)
+        pairs = (partial(pair_loss, emb, labels, None, args.margin) if args.loss == "contrastive" else
+                 partial(multi_similarity_loss, emb, labels, *ms))
         loss, stats = pairs()
         if state.memory is not None:  # the batch against the memory, the batch's own rows included
             loss = loss + pairs(*state.memory.references(emb, labels))[0]

@@ -228,6 +228,29 @@ def summary(rows):
                   "high": max(r[key] for r in rows)} for key in METRICS if all(key in r for r in rows)}
 
 
+HEADS = ("P@1", "R-precision", "MAP@R", "score@30", "test triplets", "pair acc.", "triple acc.")  # METRICS'
+
+
+def markdown_table(result):
+    """The comparison's rows as a Markdown table: the screen, then the final runs (mean, and range
+    over seeds) and the floor."""
+    lines = ["| stage | loss | its flags over the base recipe | " + " | ".join(HEADS) + " |",
+             "|---" * (3 + len(HEADS)) + "|"]
+    chosen = {name: f"`{' '.join(flags)}`" for name, flags in result["chosen"].items()}
+
+    def add(stage_name, name, flags, cells):
+        lines.append(f"| {stage_name} | {name} | {flags} | " + " | ".join(cells) + " |")
+
+    for name, row in result.get("screen", {}).items():
+        add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], [f"{row[key]:.3f}" for key in METRICS])
+    for name, row in result.get("final", {}).items():
+        add(f"final, {row['seeds'][0]['minutes']:g} min, seeds 0 and 1", name, chosen.get(name, "today's recipe"),
+            [f"{row[key]['mean']:.3f} ({row[key]['low']:.3f}-{row[key]['high']:.3f})" for key in METRICS])
+    for name, row in result.get("floor", {}).items():
+        add("floor, seed 0", name, "", [f"{row[key]:.3f}" for key in METRICS])
+    return "\n".join(lines)
+
+
 def main_losses(args, work, data):
     """--losses: tune each loss on train images, screen at --screen_minutes, the best two and today's
     recommended recipe at --minutes with two seeds; untrained and original as the floor."""
@@ -256,14 +279,12 @@ def main_losses(args, work, data):
         result["tune"][name] = [{"flags": " ".join(point), "map_at_r": r["map_at_r"]} for point, r in tried]
         result["chosen"][name] = fixed[2:] + max(tried, key=lambda t: t[1]["map_at_r"])[0]
     if args.stop_after == "tune":
-        print(json.dumps(result))
-        return 0
+        return finish(result)
     flags_of = {name: RECOMMENDED + LOSS_FLAGS[name.split("+")[0]] + result["chosen"][name] for name in names}
     result["screen"] = {name: runs.get("screen", name, flags_of[name], args.screen_minutes, 0, data)
                         for name in names}
     if args.stop_after == "screen":
-        print(json.dumps(result))
-        return 0
+        return finish(result)
     best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]
     result["best_two"] = best
     today = RECOMMENDED + ["--loss", "triplet", "--margin", "0.1"]  # the triplet loss tuned to today's recipe
@@ -275,6 +296,12 @@ def main_losses(args, work, data):
     result["floor"] = {"untrained": runs.get("final", "untrained", RECOMMENDED, 0, 0, data),
                        "original": runs.get("final", "original", ORIGINAL + ["--triplets", str(csvs["triplets"][0])],
                                             args.minutes, 0, data)}
+    return finish(result)
+
+
+def finish(result):
+    """Print the comparison: its Markdown table on stderr, its JSON line on stdout."""
+    print(markdown_table(result), file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -485,7 +485,7 @@ def train(args, out, cluster, device):
     data = TrainingData(args, mode, model.image_size, preprocess_on_device(args.preprocess, device))
     check_validation_csvs(args)
     model = prepare(model, device)
-    state = LossState.create(args, getattr(mode, "classes", 0), model.model_args["embed_dim"], device, ckpt)
+    state = LossState.create(args, mode.classes, model.model_args["embed_dim"], device, ckpt)
     optimizer = build_optimizer(model, args, ckpt, state.parameter_groups(args.lr * args.proxy_lr_mult))
     say(f"device {device}{f' x {cluster.world_size} processes' if cluster.distributed else ''}, bf16 autocast "
         f"{'on' if precision(device, not args.no_amp) == 'bf16' else 'off'}, {data.description}, "

@@ -41,7 +41,7 @@ class CsvTriplets:
     """--mining none, --loss triplet: rows of a triplet CSV; a batch is B queries | B positives |
     B negatives (columns first), and the loss takes the rows' own triplets."""
 
-    unit, columns, label_columns = "triplets", 3, 1
+    unit, columns, label_columns, classes = "triplets", 3, 1, 0  # classes: none (no proxies without labels)
     unused = ("pairs", "classes_per_batch", "images_per_class") + DATASET_FLAGS  # flags it does not read
 
     def __init__(self, args, empty_ok):
@@ -61,7 +61,7 @@ class CsvPairs:
     """--mining none, --loss contrastive: rows of a pair CSV; a batch is B first | B second images,
     and its labels are the rows' same flags."""
 
-    unit, columns, label_columns = "pairs", 2, 1
+    unit, columns, label_columns, classes = "pairs", 2, 1, 0
     unused = ("triplets", "classes_per_batch", "images_per_class", "distance", "soft_margin") + DATASET_FLAGS
 
     def __init__(self, args, empty_ok):

@@ -234,20 +234,22 @@ HEADS = ("P@1", "R-precision", "MAP@R", "score@30", "test triplets", "pair acc."
 def markdown_table(result):
     """The comparison's rows as a Markdown table: the screen, then the final runs (mean, and range
     over seeds) and the floor."""
-    lines = ["| stage | loss | its flags over the base recipe | " + " | ".join(HEADS) + " |",
-             "|---" * (3 + len(HEADS)) + "|"]
+    lines = ["| stage | loss | its flags over the base recipe | steps | " + " | ".join(HEADS) + " |",
+             "|---" * (4 + len(HEADS)) + "|"]
     chosen = {name: f"`{' '.join(flags)}`" for name, flags in result["chosen"].items()}
 
-    def add(stage_name, name, flags, cells):
-        lines.append(f"| {stage_name} | {name} | {flags} | " + " | ".join(cells) + " |")
+    def add(stage_name, name, flags, steps, cells):
+        lines.append(f"| {stage_name} | {name} | {flags} | {steps} | " + " | ".join(cells) + " |")
 
     for name, row in result.get("screen", {}).items():
-        add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], [f"{row[key]:.3f}" for key in METRICS])
+        add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], row["steps"],
+            [f"{row[key]:.3f}" for key in METRICS])
     for name, row in result.get("final", {}).items():
         add(f"final, {row['seeds'][0]['minutes']:g} min, seeds 0 and 1", name, chosen.get(name, "today's recipe"),
+            " / ".join(str(seed["steps"]) for seed in row["seeds"]),
             [f"{row[key]['mean']:.3f} ({row[key]['low']:.3f}-{row[key]['high']:.3f})" for key in METRICS])
     for name, row in result.get("floor", {}).items():
-        add("floor, seed 0", name, "", [f"{row[key]:.3f}" for key in METRICS])
+        add("floor, seed 0", name, "", row["steps"], [f"{row[key]:.3f}" for key in METRICS])
     return "\n".join(lines)
 
 

@@ -232,8 +232,8 @@ HEADS = ("P@1", "R-precision", "MAP@R", "score@30", "test triplets", "pair acc."
 
 
 def markdown_table(result):
-    """The comparison's rows as a Markdown table: the screen, then the final runs (mean, and range
-    over seeds) and the floor."""
+    """The comparison's rows as a Markdown table: the tuning runs (ranking metrics only), the screen,
+    then the final runs (mean, and range over seeds) and the floor."""
     lines = ["| stage | loss | its flags over the base recipe | steps | " + " | ".join(HEADS) + " |",
              "|---" * (4 + len(HEADS)) + "|"]
     chosen = {name: f"`{' '.join(flags)}`" for name, flags in result["chosen"].items()}
@@ -241,6 +241,10 @@ def markdown_table(result):
     def add(stage_name, name, flags, steps, cells):
         lines.append(f"| {stage_name} | {name} | {flags} | {steps} | " + " | ".join(cells) + " |")
 
+    for name, rows in result["tune"].items():
+        for row in rows:
+            add(f"tune, {row['minutes']:g} min, 3/4 of train vs 1/4", name, f"`{row['flags']}`", row["steps"],
+                [f"{row[key]:.3f}" if key in row else "-" for key in METRICS])
     for name, row in result.get("screen", {}).items():
         add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], row["steps"],
             [f"{row[key]:.3f}" for key in METRICS])
@@ -278,7 +282,7 @@ def main_losses(args, work, data):
         grid = LOSS_GRIDS["memory" if memory else base]
         tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}", RECOMMENDED + fixed + point,
                                   args.tune_minutes, args.seed, tune_data, tune_split, csvs=None)) for point in grid]
-        result["tune"][name] = [{"flags": " ".join(point), "map_at_r": r["map_at_r"]} for point, r in tried]
+        result["tune"][name] = [{**r, "flags": " ".join(point)} for point, r in tried]
         result["chosen"][name] = fixed[2:] + max(tried, key=lambda t: t[1]["map_at_r"])[0]
     if args.stop_after == "tune":
         return finish(result)

@@ -26,8 +26,8 @@ untrained, recommended (triplet-trained) and contrastive (the recommended recipe
 losses as "A Metric Learning Reality Check" (Musgrave et al. 2020) asks: every one over the
 recommended recipe (same backbone, embedding size, P x K batch, augmentation, optimiser), only
 the loss and its few hyperparameters changed. Three stages, each run's figures kept in
---work/results/ (a stage run again skips the runs already there, so the comparison can be
-finished in parts):
+--results (default: --work's results/; a stage run again reads back the runs already there,
+on the same kind of CPU, so the comparison can be finished in parts):
   tune    each loss's small grid (LOSS_GRIDS), --tune_minutes each, trained on 3/4 of the
           train images and scored (MAP@R) on the other 1/4: never on the val images
   screen  each loss with its best grid point, --screen_minutes, seed 0, scored on val
@@ -190,16 +190,21 @@ def score_all(work, name, model, data, csvs, layer="embedding", split_flags=()):
 
 
 class Runs:
-    """The comparison's runs, each trained once and kept as work/results/<stage>_<name>_s<seed>.json."""
+    """The comparison's runs, each trained once and kept as RESULTS/<stage>_<name>_s<seed>_<precision>.json
+    (--results, default WORK/results): a kept run of the same dataset, flags and minutes on the same
+    kind of CPU (bf16 or fp32) is read back, not trained again."""
 
-    def __init__(self, work, common, csvs):
-        self.work, self.common, self.csvs = work, common, csvs
-        (work / "results").mkdir(exist_ok=True)
+    def __init__(self, work, results, dataset, common, csvs):
+        self.work, self.results, self.dataset, self.common, self.csvs = work, results, dataset, common, csvs
+        self.kind = precision(torch.device("cpu"))
+        results.mkdir(parents=True, exist_ok=True)
 
     def get(self, stage_name, name, flags, minutes, seed, data, split_flags=(), csvs="val"):
-        path = self.work / "results" / f"{stage_name}_{name}_s{seed}.json"
+        path = self.results / f"{stage_name}_{name}_s{seed}_{self.kind}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            kept = json.loads(path.read_text())
+            if (kept.get("dataset"), kept["flags"], kept["minutes"]) == (self.dataset, " ".join(flags), minutes):
+                return kept
         folder = self.work / "runs" / f"{stage_name}_{name}_s{seed}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -211,7 +216,8 @@ class Runs:
         log_path = folder / "deepranknet_log.jsonl"
         log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
         steps = sum(row.get("steps", 0) for row in log if row.get("record") != "step")
-        result = {"flags": " ".join(flags), "minutes": minutes, "seed": seed, "steps": steps,
+        result = {"dataset": self.dataset, "precision": self.kind, "flags": " ".join(flags), "minutes": minutes,
+                  "seed": seed, "steps": steps,
                   "train_seconds": round(time.perf_counter() - start, 1),
                   **score_all(self.work, f"{stage_name}_{name}", model, data, self.csvs if csvs == "val" else None,
                               "backbone" if minutes == 0 else "embedding", split_flags)}
@@ -270,7 +276,8 @@ def main_losses(args, work, data):
     for training, csv in zip((1, 0), csvs["triplets"], strict=True):
         stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
                                      "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
-    runs = Runs(work, BACKBONE, csvs)
+    runs = Runs(work, Path(args.results) if args.results else work / "results", Path(args.data).resolve().name,
+                BACKBONE, csvs)
     tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
     result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(RECOMMENDED),
               "precision": precision(torch.device("cpu")), "tune": {}, "chosen": {}}
@@ -332,6 +339,8 @@ def main(argv=None):
                              "proxy_anchor, NAME+memory) in three stages instead (see above)")
     parser.add_argument("--tune_minutes", type=float, default=3, help="--losses: training budget of a tuning run")
     parser.add_argument("--screen_minutes", type=float, default=15, help="--losses: training budget of a screen run")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="--losses: where each run's figures are kept and read back (default: WORK/results)")
     parser.add_argument("--stop_after", default="final", choices=("tune", "screen", "final"),
                         help="--losses: the last stage to run (default: %(default)s)")
     args = parser.parse_args(argv)

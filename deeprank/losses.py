@@ -29,10 +29,11 @@ def row_distances(x, y, distance):
     return (d + EPS).sqrt() if distance == "euclidean" else d
 
 
-def distance_matrix(emb, distance):
-    """(B, B) distances between the rows of emb (B, D): squared L2 or Euclidean."""
-    sq = emb.pow(2).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * emb @ emb.T).clamp(min=0)
+def distance_matrix(emb, distance, ref=None):
+    """(B, M) distances between the rows of emb (B, D) and those of ref (M, D; emb itself when
+    None): squared L2 or Euclidean."""
+    ref = emb if ref is None else ref
+    d = (emb.pow(2).sum(1)[:, None] + ref.pow(2).sum(1)[None, :] - 2 * emb @ ref.T).clamp(min=0)
     return (d + EPS).sqrt() if distance == "euclidean" else d
 
 
@@ -152,19 +153,13 @@ def pair_loss(emb, labels, same, margin, ref=None, ref_labels=None):
         same = labels[i] == labels[j]
     else:
         pos, neg = pair_masks(labels, ref_labels)
-        d = cross_distances(emb, ref)[pos | neg]
+        d = distance_matrix(emb, "euclidean", ref)[pos | neg]
         same = pos[pos | neg]
     loss, active = contrastive_loss(d, same, margin)
     pos, neg = d.detach()[same.bool()], d.detach()[~same.bool()]
     return loss, {"active": active, "count": len(d),
                   "d_pos": float(pos.mean()) if len(pos) else float("nan"),
                   "d_neg": float(neg.mean()) if len(neg) else float("nan")}
-
-
-def cross_distances(emb, ref):
-    """(B, M) Euclidean distances between the rows of emb (B, D) and ref (M, D)."""
-    d = (emb.pow(2).sum(1)[:, None] + ref.pow(2).sum(1)[None, :] - 2 * emb @ ref.T).clamp(min=0)
-    return (d + EPS).sqrt()
 
 
 def neighbour_kl(student, teacher, temperature):
@@ -222,7 +217,7 @@ def log1p_sum_exp(x, keep):
 def pair_distances(unit, ref_unit, pos, neg):
     """The stats' d_pos and d_neg: mean Euclidean distance of the positive and negative pairs of unit
     rows (B, D) against reference rows (M, D)."""
-    d = cross_distances(unit, ref_unit)
+    d = distance_matrix(unit, "euclidean", ref_unit)
     return {"d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
             "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
 

@@ -153,6 +153,9 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
             loss = weight.pow(2).sum()
             return (loss * math.nan if self.calls > self.poison else loss), dict(stats)
 
+        def backward(self, loss):
+            loss.backward()
+
     batches = [(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), None, [])] * 5
     bad_images = BadImages("error", None)
     schedule = training.Schedule(optimizer, flags, steps_per_epoch=4, start_epoch=0)

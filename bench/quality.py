@@ -97,19 +97,32 @@ def stage(main, argv):
         raise SystemExit(f"{main.__module__} {' '.join(argv)} exited with {status}")
 
 
+def embed_and_evaluate(work, name, model, images, evaluate, layer="embedding", embed_flags=EMBED):
+    """Embed a checkpoint's train and test images (images: gen_embeddings.py's flags choosing them),
+    run eval.py on the two files with the `evaluate` flags, and return its metrics (eval's --json)."""
+    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
+    stage(gen_embeddings.main, ["--model", str(model), *images, "--train_out", str(train_out), "--test_out",
+                                str(test_out), "--layer", layer, "--batch_size", "128", *embed_flags])
+    metrics_path = work / f"{name}_metrics.json"
+    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out), *evaluate,
+                            "--json", str(metrics_path)])
+    return json.loads(metrics_path.read_text())
+
+
 def score(work, name, model, csvs, layer="embedding", embed_flags=EMBED):
     """Embed every train and val image with a checkpoint and evaluate val against train."""
-    train_csv, val_csv = csvs
-    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
-    stage(gen_embeddings.main, ["--model", str(model), "--train_triplets", str(train_csv),
-                                "--test_triplets", str(val_csv), "--train_out", str(train_out),
-                                "--test_out", str(test_out), "--layer", layer, "--batch_size", "128", *embed_flags])
-    metrics_path = work / f"{name}_metrics.json"
-    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out),
-                            "--train_triplets", str(train_csv), "--test_triplets", str(val_csv),
-                            "--json", str(metrics_path)])
-    metrics = json.loads(metrics_path.read_text())
+    triplets = ["--train_triplets", str(csvs[0]), "--test_triplets", str(csvs[1])]
+    metrics = embed_and_evaluate(work, name, model, triplets, triplets, layer, embed_flags)
     return {key: metrics[key] for key in evaluation.METRIC_KEYS + ("k",)}
+
+
+def triplet_csvs(work, data, seed):
+    """(train, val) triplet CSVs of data, N = M = 1."""
+    csvs = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
+    for training, csv in zip((1, 0), csvs, strict=True):
+        stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
+                                     "--num_neg_images", "1", "--out", str(csv), "--seed", str(seed)])
+    return csvs
 
 
 def decision_csvs(work, data, kind, seed):
@@ -131,14 +144,9 @@ def decision_csvs(work, data, kind, seed):
 def score_decisions(work, name, model, data, csvs, layer="embedding"):
     """Embed every train and val image, then decide the scored pairs and triples with thresholds
     calibrated on the other halves."""
-    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
-    stage(gen_embeddings.main, ["--model", str(model), "--data", str(data), "--train_out", str(train_out),
-                                "--test_out", str(test_out), "--layer", layer, "--batch_size", "128", *EMBED])
-    metrics_path = work / f"{name}_metrics.json"
-    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out),
-                            "--pairs", str(csvs["pairs"][1]), "--triples", str(csvs["triples"][1]), "--calibrate",
-                            str(csvs["pairs"][0]), str(csvs["triples"][0]), "--json", str(metrics_path)])
-    metrics = json.loads(metrics_path.read_text())
+    metrics = embed_and_evaluate(work, name, model, ["--data", str(data)], [
+        "--pairs", str(csvs["pairs"][1]), "--triples", str(csvs["triples"][1]), "--calibrate", str(csvs["pairs"][0]),
+        str(csvs["triples"][0])], layer)
     return {key: metrics[key] for key in DECISION_KEYS + ("precision_at_1", "map_at_r")}
 
 
@@ -172,20 +180,13 @@ def main_decisions(args, work, data, prep_s):
 def score_all(work, name, model, data, csvs, layer="embedding", split_flags=()):
     """Every figure of one model: embed every train and val image of data once, then the kNN metrics
     (val against train), test triplets, and the decided pairs and triples (None: ranking only)."""
-    train_out, test_out = work / f"{name}_train.txt", work / f"{name}_test.txt"
-    stage(gen_embeddings.main, ["--model", str(model), "--data", str(data), *split_flags, "--train_out",
-                                str(train_out), "--test_out", str(test_out), "--layer", layer, "--batch_size", "128",
-                                *EMBED])
-    metrics_path = work / f"{name}_metrics.json"
     decide = [] if csvs is None else [
         "--train_triplets", str(csvs["triplets"][0]), "--test_triplets", str(csvs["triplets"][1]),
         "--pairs", str(csvs["pairs"][1]), "--triples", str(csvs["triples"][1]),
         "--calibrate", str(csvs["pairs"][0]), str(csvs["triples"][0])]
-    stage(evaluation.main, ["--train_embeddings", str(train_out), "--test_embeddings", str(test_out), *decide,
-                            "--json", str(metrics_path)])
-    metrics = json.loads(metrics_path.read_text())
-    for path in (train_out, test_out, metrics_path):
-        path.unlink()
+    metrics = embed_and_evaluate(work, name, model, ["--data", str(data), *split_flags], decide, layer)
+    for suffix in ("train.txt", "test.txt", "metrics.json"):  # hundreds of runs: keep only their figures
+        (work / f"{name}_{suffix}").unlink()
     return {key: metrics[key] for key in METRICS if key in metrics}
 
 
@@ -268,32 +269,30 @@ def main_losses(args, work, data):
     recommended recipe at --minutes with two seeds; untrained and original as the floor."""
     names = args.losses.split(",")
     for name in names:
-        if name.split("+")[0] not in LOSS_FLAGS or name.count("+") > 1 or name.split("+")[1:] not in ([], ["memory"]):
+        if name.removesuffix("+memory") not in LOSS_FLAGS:
             raise SystemExit(f"--losses: unknown {name}; choose among {', '.join(LOSS_FLAGS)} (NAME+memory: with "
                              f"cross-batch memory)")
     csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
-    csvs["triplets"] = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
-    for training, csv in zip((1, 0), csvs["triplets"], strict=True):
-        stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
-                                     "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
+    csvs["triplets"] = triplet_csvs(work, data, args.seed)
     runs = Runs(work, Path(args.results) if args.results else work / "results", Path(args.data).resolve().name,
                 BACKBONE, csvs)
     tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
     result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(RECOMMENDED),
-              "precision": precision(torch.device("cpu")), "tune": {}, "chosen": {}}
+              "precision": runs.kind, "tune": {}, "chosen": {}}
     for name in names:  # tune: each grid point on 3/4 of the train images, MAP@R on the other 1/4
-        base, memory = name.split("+")[0], name.endswith("+memory")
-        fixed = LOSS_FLAGS[base] + (result["chosen"].get(base) or []) if memory else LOSS_FLAGS[base]
-        if memory and base not in result["chosen"]:
+        base = name.removesuffix("+memory")
+        if base != name and base not in result["chosen"]:
             raise SystemExit(f"--losses: {name} takes {base}'s tuned flags: list {base} before it")
-        grid = LOSS_GRIDS["memory" if memory else base]
-        tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}", RECOMMENDED + fixed + point,
-                                  args.tune_minutes, args.seed, tune_data, tune_split, csvs=None)) for point in grid]
+        tuned = result["chosen"][base] if base != name else []  # NAME+memory: NAME's, then the memory size
+        grid = LOSS_GRIDS["memory" if base != name else base]
+        tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}",
+                                  RECOMMENDED + LOSS_FLAGS[base] + tuned + point, args.tune_minutes, args.seed,
+                                  tune_data, tune_split, csvs=None)) for point in grid]
         result["tune"][name] = [{**r, "flags": " ".join(point)} for point, r in tried]
-        result["chosen"][name] = fixed[2:] + max(tried, key=lambda t: t[1]["map_at_r"])[0]
+        result["chosen"][name] = tuned + max(tried, key=lambda t: t[1]["map_at_r"])[0]
     if args.stop_after == "tune":
         return finish(result)
-    flags_of = {name: RECOMMENDED + LOSS_FLAGS[name.split("+")[0]] + result["chosen"][name] for name in names}
+    flags_of = {name: RECOMMENDED + LOSS_FLAGS[name.removesuffix("+memory")] + result["chosen"][name] for name in names}
     result["screen"] = {name: runs.get("screen", name, flags_of[name], args.screen_minutes, 0, data)
                         for name in names}
     if args.stop_after == "screen":
@@ -358,10 +357,7 @@ def main(argv=None):
             return main_losses(args, work, data)
         if args.task != "triplets":
             return main_decisions(args, work, data, time.perf_counter() - begin)
-        csvs = (work / "training_triplet_sample.csv", work / "val_triplet_sample.csv")
-        for training, csv in zip((1, 0), csvs, strict=False):
-            stage(triplet_sampler.main, ["--data", str(data), "--training", str(training), "--num_pos_images", "1",
-                                         "--num_neg_images", "1", "--out", str(csv), "--seed", str(args.seed)])
+        csvs = triplet_csvs(work, data, args.seed)
         common = BACKBONE + ["--data", str(data), "--seed", str(args.seed), "--triplets", str(csvs[0])]
         result = {"data": str(args.data), "minutes": args.minutes, "backbone": " ".join(BACKBONE),
                   "recommended_flags": " ".join(RECOMMENDED), "original_flags": " ".join(ORIGINAL),

@@ -122,8 +122,7 @@ def ranking_loss(emb, labels, mining, margin, distance, soft=False):
         pos, neg = pair_masks(labels)
         d_pos, d_neg = d.detach()[pos], d.detach()[neg]
     stats = {"active": active, "count": len(a),
-             "d_pos": float(d_pos.mean()) if len(d_pos) else float("nan"),
-             "d_neg": float(d_neg.mean()) if len(d_neg) else float("nan")}
+             **mean_distances(d_pos, d_neg)}
     return loss, stats
 
 
@@ -158,8 +157,7 @@ def pair_loss(emb, labels, same, margin, ref=None, ref_labels=None):
     loss, active = contrastive_loss(d, same, margin)
     pos, neg = d.detach()[same.bool()], d.detach()[~same.bool()]
     return loss, {"active": active, "count": len(d),
-                  "d_pos": float(pos.mean()) if len(pos) else float("nan"),
-                  "d_neg": float(neg.mean()) if len(neg) else float("nan")}
+                  **mean_distances(pos, neg)}
 
 
 def neighbour_kl(student, teacher, temperature):
@@ -218,8 +216,13 @@ def pair_distances(unit, ref_unit, pos, neg):
     """The stats' d_pos and d_neg: mean Euclidean distance of the positive and negative pairs of unit
     rows (B, D) against reference rows (M, D)."""
     d = distance_matrix(unit, "euclidean", ref_unit)
-    return {"d_pos": float(d[pos].mean()) if pos.any() else float("nan"),
-            "d_neg": float(d[neg].mean()) if neg.any() else float("nan")}
+    return mean_distances(d[pos], d[neg])
+
+
+def mean_distances(d_pos, d_neg):
+    """The stats' d_pos and d_neg: the means of a batch's positive and negative pair distances (nan for none)."""
+    return {"d_pos": float(d_pos.mean()) if len(d_pos) else float("nan"),
+            "d_neg": float(d_neg.mean()) if len(d_neg) else float("nan")}
 
 
 def proxy_anchor_loss(emb, labels, proxies, alpha, delta):

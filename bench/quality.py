@@ -3,10 +3,10 @@
 On a TinyImageNet-layout directory (copied to a work folder first; never modified) it
 runs every stage through the stage scripts' own main(), then evaluates val against train:
 
-  recommended  online batch-all mining (P x K batches), AdamW + weight decay, new layers at
-               10x the LR, warm-up + cosine over the budget, mild augmentation, every layer
-               of the ImageNet-pretrained efficientnet_lite0 (offline,
-               requirements-pretrained.txt) trainable, 160 px
+  recommended  the contrastive loss (margin 0.8) over every pair of each online P x K batch,
+               AdamW + weight decay, new layers at 10x the LR, warm-up + cosine over the
+               budget, mild augmentation, every layer of the ImageNet-pretrained
+               efficientnet_lite0 (offline, requirements-pretrained.txt) trainable, 160 px
   untrained    the same pretrained backbone, not trained: its pooled features, L2-normalised
   original     the original recipe: pre-sampled random triplets (N = M = 1), SGD 0.001 with
                Nesterov momentum, margin 1, batch 25, conv5 trainable; same backbone, same
@@ -19,19 +19,20 @@ Prints one JSON line with the three metric sets side by side (stage logs go to s
 --task pairs|triples asks the other two questions instead, on --data of any layout: "same
 class?" for val pairs, "at least two of one class?" for val triples (half of each label), each
 threshold calibrated on one half of the val pairs / triples and scored on the other. The models:
-untrained, recommended (triplet-trained) and contrastive (the recommended recipe with
---loss contrastive: every pair of each P x K batch).
+untrained, recommended (contrastive) and triplet (the same recipe with the paper's triplet loss,
+batch-all mined, margin 0.1: the recipe recommended before --losses compared them).
 
 --losses triplet,contrastive,multi_similarity,proxy_anchor,multi_similarity+memory compares
 losses as "A Metric Learning Reality Check" (Musgrave et al. 2020) asks: every one over the
-recommended recipe (same backbone, embedding size, P x K batch, augmentation, optimiser), only
+base recipe, BASE (same backbone, embedding size, P x K batch, augmentation, optimiser), only
 the loss and its few hyperparameters changed. Three stages, each run's figures kept in
 --results (default: --work's results/; a stage run again reads back the runs already there,
 on the same kind of CPU, so the comparison can be finished in parts):
   tune    each loss's small grid (LOSS_GRIDS), --tune_minutes each, trained on 3/4 of the
           train images and scored (MAP@R) on the other 1/4: never on the val images
   screen  each loss with its best grid point, --screen_minutes, seed 0, scored on val
-  final   the best two of the screen and today's recommended recipe, --minutes, seeds 0 and 1;
+  final   the triplet recipe, the best two of the screen and today's recommended recipe (each
+          recipe once), --minutes, seeds 0 and 1;
           untrained and the original recipe (seed 0) as the floor
 Every model is scored on everything: the kNN metrics, test triplets, pair and triple accuracy
 (thresholds calibrated on the other half of the val pairs / triples).
@@ -64,15 +65,18 @@ from deeprank.runtime import precision
 ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- the recommended recipe
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image_size", "160"]
-RECOMMENDED = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_per_class", "4",
-               "--optim", "adam", "--lr", "0.0002", "--head_lr_mult", "10", "--weight_decay", "0.0005",
-               "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "all",
-               "--margin", "0.1", "--embed_dim", "512"]
+# the shared recipe every loss of --losses trains over; with train_net.py's default loss (the paper's
+# triplet loss, batch-all mined, margin 0.1) it is the triplet recipe, recommended before --losses compared
+BASE = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_per_class", "4",
+        "--optim", "adam", "--lr", "0.0002", "--head_lr_mult", "10", "--weight_decay", "0.0005",
+        "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "all",
+        "--margin", "0.1", "--embed_dim", "512"]
+# the best measured row of --losses (README, "Comparing losses"): every pair of each P x K batch
+RECOMMENDED = BASE + ["--loss", "contrastive", "--margin", "0.8"]
 EMBED = ["--tta", "flip"]  # every model (baselines too) embeds each image and its mirror image
-CONTRASTIVE = ["--loss", "contrastive", "--margin", "1.0"]  # over RECOMMENDED: every pair of each P x K batch
 DECISION_KEYS = ("pair_accuracy", "pair_roc_auc", "pair_f1", "pair_threshold", "triple_accuracy", "triple_f1",
                  "triple_threshold")
-# --losses: each loss over RECOMMENDED, and its grid of hyperparameters to tune (on train images only);
+# --losses: each loss over BASE, and its grid of hyperparameters to tune (on train images only);
 # NAME+memory is NAME with its tuned flags and a grid of --memory sizes
 LOSS_FLAGS = {"triplet": ["--loss", "triplet"], "contrastive": ["--loss", "contrastive"],
               "multi_similarity": ["--loss", "multi_similarity"], "proxy_anchor": ["--loss", "proxy_anchor"]}
@@ -151,11 +155,11 @@ def score_decisions(work, name, model, data, csvs, layer="embedding"):
 
 
 def main_decisions(args, work, data, prep_s):
-    """--task pairs / triples: untrained, triplet-trained and contrastive-trained models side by side."""
+    """--task pairs / triples: untrained, recommended (contrastive) and triplet-trained models side by side."""
     csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
     common = BACKBONE + ["--data", str(data), "--seed", str(args.seed)]
     result = {"data": str(args.data), "task": args.task, "minutes": args.minutes, "backbone": " ".join(BACKBONE),
-              "recommended_flags": " ".join(RECOMMENDED), "contrastive_flags": " ".join(RECOMMENDED + CONTRASTIVE)}
+              "recommended_flags": " ".join(RECOMMENDED), "triplet_flags": " ".join(BASE)}
     untrained = work / "untrained.model"
     start = time.perf_counter()
     stage(train_net.main, common + RECOMMENDED + ["--epochs", "0", "--out", str(untrained)])
@@ -163,8 +167,7 @@ def main_decisions(args, work, data, prep_s):
     scoring_s = time.perf_counter() - start
     train_minutes = max(1.0, (args.minutes * 60 - prep_s - 1.2 * scoring_s) / 60)
     result["train_minutes"] = None if args.epochs else round(train_minutes, 2)
-    for name, flags in (("recommended", RECOMMENDED + args.flags.split()),
-                        ("contrastive", RECOMMENDED + CONTRASTIVE + args.flags.split())):
+    for name, flags in (("recommended", RECOMMENDED + args.flags.split()), ("triplet", BASE + args.flags.split())):
         (work / name).mkdir(exist_ok=True)
         model = work / name / "deepranknet.model"
         budget = (["--epochs", str(args.epochs)] if args.epochs else
@@ -256,7 +259,7 @@ def markdown_table(result):
         add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], row["steps"],
             [f"{row[key]:.3f}" for key in METRICS])
     for name, row in result.get("final", {}).items():
-        add(f"final, {row['seeds'][0]['minutes']:g} min, seeds 0 and 1", name, chosen.get(name, "today's recipe"),
+        add(f"final, {row['seeds'][0]['minutes']:g} min, seeds 0 and 1", name, chosen.get(name, "recommended"),
             " / ".join(str(seed["steps"]) for seed in row["seeds"]),
             [f"{row[key]['mean']:.3f} ({row[key]['low']:.3f}-{row[key]['high']:.3f})" for key in METRICS])
     for name, row in result.get("floor", {}).items():
@@ -277,7 +280,7 @@ def main_losses(args, work, data):
     runs = Runs(work, Path(args.results) if args.results else work / "results", Path(args.data).resolve().name,
                 BACKBONE, csvs)
     tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
-    result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(RECOMMENDED),
+    result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(BASE),
               "precision": runs.kind, "tune": {}, "chosen": {}}
     for name in names:  # tune: each grid point on 3/4 of the train images, MAP@R on the other 1/4
         base = name.removesuffix("+memory")
@@ -286,26 +289,31 @@ def main_losses(args, work, data):
         tuned = result["chosen"][base] if base != name else []  # NAME+memory: NAME's, then the memory size
         grid = LOSS_GRIDS["memory" if base != name else base]
         tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}",
-                                  RECOMMENDED + LOSS_FLAGS[base] + tuned + point, args.tune_minutes, args.seed,
+                                  BASE + LOSS_FLAGS[base] + tuned + point, args.tune_minutes, args.seed,
                                   tune_data, tune_split, csvs=None)) for point in grid]
         result["tune"][name] = [{**r, "flags": " ".join(point)} for point, r in tried]
         result["chosen"][name] = tuned + max(tried, key=lambda t: t[1]["map_at_r"])[0]
     if args.stop_after == "tune":
         return finish(result)
-    flags_of = {name: RECOMMENDED + LOSS_FLAGS[name.removesuffix("+memory")] + result["chosen"][name] for name in names}
+    flags_of = {name: BASE + LOSS_FLAGS[name.removesuffix("+memory")] + result["chosen"][name] for name in names}
     result["screen"] = {name: runs.get("screen", name, flags_of[name], args.screen_minutes, 0, data)
                         for name in names}
     if args.stop_after == "screen":
         return finish(result)
     best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]
     result["best_two"] = best
-    today = RECOMMENDED + ["--loss", "triplet", "--margin", "0.1"]  # the triplet loss tuned to today's recipe
-    finals = {"recommended": RECOMMENDED, **{name: flags_of[name] for name in best if flags_of[name] != today}}
+    # the final stage: the triplet recipe (BASE, recommended before this comparison), the best two and
+    # today's recommended recipe, each recipe once (the triplet loss at margin 0.1 is BASE itself)
+    same = {" ".join(BASE + LOSS_FLAGS["triplet"] + ["--margin", "0.1"]): " ".join(BASE)}
+    finals = {}
+    for name, flags in [("triplet", BASE), *((n, flags_of[n]) for n in best), ("recommended", RECOMMENDED)]:
+        if same.get(" ".join(flags), " ".join(flags)) not in {" ".join(f) for f in finals.values()}:
+            finals[name] = flags
     result["final"] = {}
     for name, flags in finals.items():
         rows = [runs.get("final", name, flags, args.minutes, seed, data) for seed in (0, 1)]
         result["final"][name] = {"flags": " ".join(flags), "seeds": rows, **summary(rows)}
-    result["floor"] = {"untrained": runs.get("final", "untrained", RECOMMENDED, 0, 0, data),
+    result["floor"] = {"untrained": runs.get("final", "untrained", BASE, 0, 0, data),
                        "original": runs.get("final", "original", ORIGINAL + ["--triplets", str(csvs["triplets"][0])],
                                             args.minutes, 0, data)}
     return finish(result)

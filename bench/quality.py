@@ -303,11 +303,11 @@ def main_losses(args, work, data):
     best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]
     result["best_two"] = best
     # the final stage: the triplet recipe (BASE, recommended before this comparison), the best two and
-    # today's recommended recipe, each recipe once (the triplet loss at margin 0.1 is BASE itself)
-    same = {" ".join(BASE + LOSS_FLAGS["triplet"] + ["--margin", "0.1"]): " ".join(BASE)}
-    finals = {}
+    # today's recommended recipe, each recipe once: flags train_net.py parses to the same run (the
+    # triplet loss at margin 0.1 is BASE itself) are one recipe
+    parser, finals = train_net.build_parser(), {}
     for name, flags in [("triplet", BASE), *((n, flags_of[n]) for n in best), ("recommended", RECOMMENDED)]:
-        if same.get(" ".join(flags), " ".join(flags)) not in {" ".join(f) for f in finals.values()}:
+        if vars(parser.parse_args(flags)) not in [vars(parser.parse_args(f)) for f in finals.values()]:
             finals[name] = flags
     result["final"] = {}
     for name, flags in finals.items():

@@ -32,18 +32,26 @@ on the same kind of CPU, so the comparison can be finished in parts):
           train images and scored (MAP@R) on the other 1/4: never on the val images
   screen  each loss with its best grid point, --screen_minutes, seed 0, scored on val
   final   the triplet recipe, the best two of the screen and today's recommended recipe (each
-          recipe once), --minutes, seeds 0 and 1;
+          recipe once), --minutes, seeds 0 and 1 (--seeds);
           untrained and the original recipe (seed 0) as the floor
-Every model is scored on everything: the kNN metrics, test triplets, pair and triple accuracy
-(thresholds calibrated on the other half of the val pairs / triples).
+--recipes triplet,recommended runs the final stage alone, for those fixed recipes.
+A held-out test split that no tuning, screening or choice reads: TEST_FRACTION of each class's
+train images (by image, seed 0), removed from training and from the gallery. Every screen and
+final model is scored twice, val queries and test queries, each against the remaining train
+images: the kNN metrics, test triplets, pair and triple accuracy (thresholds calibrated on the
+other half of that split's pairs / triples). Choices read val; the headline table is test's.
+A kept run is read back only when its dataset, flags, minutes, CPU kind and code (a digest of
+the files that train, embed and score: CODE_FILES) are the same.
 
     python -m bench.quality --data ../shared/data/tiny-imagenet-mini --minutes 30
     python -m bench.quality --data mini-imagefolder --task pairs --minutes 30
     python -m bench.quality --data ../shared/data/tiny-imagenet-mini --losses triplet,contrastive --work runs
+    python -m bench.quality --data ../shared/data/tiny-imagenet-mini --recipes triplet,recommended --seeds 0
 """
 
 import argparse
 import contextlib
+import hashlib
 import json
 import shutil
 import sys
@@ -59,7 +67,8 @@ import gen_embeddings
 import train_net
 import transform_validation
 import triplet_sampler
-from deeprank.datasets import detect_layout
+from deeprank.common import file_digest
+from deeprank.datasets import detect_layout, list_split, split_by_fraction
 from deeprank.runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +95,11 @@ LOSS_GRIDS = {"triplet": [["--margin", "0.1"], ["--margin", "0.2"]],
               "proxy_anchor": [["--proxy_lr_mult", "100"], ["--proxy_lr_mult", "10"]],
               "memory": [["--memory", "1024"], ["--memory", "2048"]]}
 TUNE_FRACTION = 0.25  # of each class's train images: the tuning stage's held-out queries
+TEST_FRACTION = 0.2   # of each class's train images (seed 0): the test split no choice reads
+RECIPES = {"triplet": BASE, "recommended": RECOMMENDED}  # --recipes: the final stage of fixed recipes
+# the files whose code trains, embeds and scores a run: a kept run made by other code is not read back
+CODE_FILES = ("train_net.py", "gen_embeddings.py", "eval.py", "triplet_sampler.py", "transform_validation.py",
+              "deep_rank_net.py", "deeprank/*.py", "deeprank/*/*.py")
 METRICS = ("precision_at_1", "r_precision", "map_at_r", "score_at_k", "test_triplet_accuracy", "pair_accuracy",
            "triple_accuracy")
 ORIGINAL = ["--mining", "none", "--optim", "sgd", "--lr", "0.001", "--batch_size", "25", "--margin", "1.0",
@@ -193,21 +207,56 @@ def score_all(work, name, model, data, csvs, layer="embedding", split_flags=()):
     return {key: metrics[key] for key in METRICS if key in metrics}
 
 
+def hold_out_test(data, view, gallery, fraction=TEST_FRACTION, seed=0):
+    """Move `fraction` of each class's train images of data (TinyImageNet layout, a work copy) into
+    view/val/<class>/images/, and make view a dataset whose train split links to `gallery` (data's
+    train folder once in place: what remains): view's val queries are the test split, searched
+    against the same gallery as data's val."""
+    paths, labels = list_split(data, "train")
+    for index in split_by_fraction(paths, labels, fraction, seed)["val"]:
+        folder = view / "val" / labels[index] / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.move(paths[index], folder / Path(paths[index]).name)
+    (view / "train").symlink_to(gallery.resolve(), target_is_directory=True)
+    for name in ("wnids.txt", "words.txt"):
+        if (data / name).is_file():
+            shutil.copy(data / name, view / name)
+
+
+def code_digest():
+    """A digest of CODE_FILES' contents (sorted by path): which code made a run."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in CODE_FILES for p in ROOT.glob(pattern)}):
+        digest.update(f"{path.relative_to(ROOT)}\0{file_digest(path, 64)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def split_csvs(work, data, seed):
+    """A split's triplet, pair and triple CSVs (its val queries'), in work."""
+    work.mkdir(parents=True, exist_ok=True)
+    csvs = {kind: decision_csvs(work, data, kind, seed) for kind in ("pairs", "triples")}
+    csvs["triplets"] = triplet_csvs(work, data, seed)
+    return csvs
+
+
 class Runs:
     """The comparison's runs, each trained once and kept as RESULTS/<stage>_<name>_s<seed>_<precision>.json
-    (--results, default WORK/results): a kept run of the same dataset, flags and minutes on the same
-    kind of CPU (bf16 or fp32) is read back, not trained again."""
+    (--results, default WORK/results): a kept run of the same dataset, flags, minutes and code on the
+    same kind of CPU (bf16 or fp32) is read back, not trained again. test: (view, csvs) of the held-out
+    test split, scored beside val (the result's "test" figures)."""
 
-    def __init__(self, work, results, dataset, common, csvs):
+    def __init__(self, work, results, dataset, common, csvs, test):
         self.work, self.results, self.dataset, self.common, self.csvs = work, results, dataset, common, csvs
-        self.kind = precision(torch.device("cpu"))
+        self.test = test
+        self.kind, self.code = precision(torch.device("cpu")), code_digest()
         results.mkdir(parents=True, exist_ok=True)
 
     def get(self, stage_name, name, flags, minutes, seed, data, split_flags=(), csvs="val"):
         path = self.results / f"{stage_name}_{name}_s{seed}_{self.kind}.json"
+        key = (self.dataset, " ".join(flags), minutes, self.code)
         if path.is_file():
             kept = json.loads(path.read_text())
-            if (kept.get("dataset"), kept["flags"], kept["minutes"]) == (self.dataset, " ".join(flags), minutes):
+            if (kept.get("dataset"), kept["flags"], kept["minutes"], kept.get("code")) == key:
                 return kept
         folder = self.work / "runs" / f"{stage_name}_{name}_s{seed}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -220,11 +269,15 @@ class Runs:
         log_path = folder / "deepranknet_log.jsonl"
         log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
         steps = sum(row.get("steps", 0) for row in log if row.get("record") != "step")
+        layer = "backbone" if minutes == 0 else "embedding"
         result = {"dataset": self.dataset, "precision": self.kind, "flags": " ".join(flags), "minutes": minutes,
-                  "seed": seed, "steps": steps,
+                  "seed": seed, "steps": steps, "code": self.code,
                   "train_seconds": round(time.perf_counter() - start, 1),
                   **score_all(self.work, f"{stage_name}_{name}", model, data, self.csvs if csvs == "val" else None,
-                              "backbone" if minutes == 0 else "embedding", split_flags)}
+                              layer, split_flags)}
+        if csvs == "val":  # the held-out test queries against the same gallery
+            result["test"] = score_all(self.work, f"{stage_name}_{name}_test", model, self.test[0], self.test[1],
+                                       layer)
         shutil.rmtree(folder)
         path.write_text(json.dumps(result))
         print(f"{stage_name} {name} seed {seed}: " + ", ".join(f"{k} {result[k]:.4f}" for k in METRICS if k in result),
@@ -241,9 +294,10 @@ def summary(rows):
 HEADS = ("P@1", "R-precision", "MAP@R", "score@30", "test triplets", "pair acc.", "triple acc.")  # METRICS'
 
 
-def markdown_table(result):
-    """The comparison's rows as a Markdown table: the tuning runs (ranking metrics only), the screen,
-    then the final runs (mean, and range over seeds) and the floor."""
+def markdown_table(result, split="test"):
+    """The comparison's rows as a Markdown table of one split's figures (test: the held-out split;
+    val): the tuning runs (val only: ranking metrics on their own 1/4 of train), the screen, then
+    the final runs (mean, and range over seeds) and the floor."""
     lines = ["| stage | loss | its flags over the base recipe | steps | " + " | ".join(HEADS) + " |",
              "|---" * (4 + len(HEADS)) + "|"]
     chosen = {name: f"`{' '.join(flags)}`" for name, flags in result["chosen"].items()}
@@ -251,37 +305,66 @@ def markdown_table(result):
     def add(stage_name, name, flags, steps, cells):
         lines.append(f"| {stage_name} | {name} | {flags} | {steps} | " + " | ".join(cells) + " |")
 
-    for name, rows in result["tune"].items():
+    def figures(row):
+        return row if split == "val" else row["test"]
+
+    for name, rows in result["tune"].items() if split == "val" else ():
         for row in rows:
             add(f"tune, {row['minutes']:g} min, 3/4 of train vs 1/4", name, f"`{row['flags']}`", row["steps"],
                 [f"{row[key]:.3f}" if key in row else "-" for key in METRICS])
     for name, row in result.get("screen", {}).items():
         add(f"screen, {row['minutes']:g} min, seed 0", name, chosen[name], row["steps"],
-            [f"{row[key]:.3f}" for key in METRICS])
+            [f"{figures(row)[key]:.3f}" for key in METRICS])
     for name, row in result.get("final", {}).items():
-        add(f"final, {row['seeds'][0]['minutes']:g} min, seeds 0 and 1", name, chosen.get(name, "recommended"),
+        seeds = [figures(seed) for seed in row["seeds"]]
+        add(f"final, {row['seeds'][0]['minutes']:g} min, seed{'s' if len(seeds) > 1 else ''} "
+            f"{' and '.join(str(seed['seed']) for seed in row['seeds'])}", name,
+            chosen.get(name, f"`{row['flags'].removeprefix(' '.join(BASE)).strip()}`".replace("``", "(base)")),
             " / ".join(str(seed["steps"]) for seed in row["seeds"]),
-            [f"{row[key]['mean']:.3f} ({row[key]['low']:.3f}-{row[key]['high']:.3f})" for key in METRICS])
+            [f"{cell['mean']:.3f}" + (f" ({cell['low']:.3f}-{cell['high']:.3f})" if len(seeds) > 1 else "")
+             for cell in (summary(seeds)[key] for key in METRICS)])
     for name, row in result.get("floor", {}).items():
-        add("floor, seed 0", name, "", row["steps"], [f"{row[key]:.3f}" for key in METRICS])
+        add("floor, seed 0", name, "", row["steps"], [f"{figures(row)[key]:.3f}" for key in METRICS])
     return "\n".join(lines)
 
 
-def main_losses(args, work, data):
+def final_stage(result, runs, finals, args, data, csvs):
+    """The final stage: each recipe of finals ({name: flags}) at --minutes for each of --seeds, then
+    untrained and (unless --skip_original) the original recipe, seed 0, as the floor."""
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    result["final"] = {}
+    for name, flags in finals.items():
+        rows = [runs.get("final", name, flags, args.minutes, seed, data) for seed in seeds]
+        result["final"][name] = {"flags": " ".join(flags), "seeds": rows, **summary(rows)}
+    result["floor"] = {"untrained": runs.get("final", "untrained", BASE, 0, 0, data)}
+    if not args.skip_original:
+        result["floor"]["original"] = runs.get("final", "original", ORIGINAL + ["--triplets",
+                                                                                 str(csvs["triplets"][0])],
+                                               args.minutes, 0, data)
+    return finish(result)
+
+
+def main_losses(args, work, data, view):
     """--losses: tune each loss on train images, screen at --screen_minutes, the best two and today's
-    recommended recipe at --minutes with two seeds; untrained and original as the floor."""
-    names = args.losses.split(",")
+    recommended recipe at --minutes with --seeds; untrained and original as the floor. --recipes: the
+    final stage alone, for those fixed recipes. view: the held-out test split's dataset."""
+    names = (args.losses or "").split(",") if not args.recipes else []
     for name in names:
         if name.removesuffix("+memory") not in LOSS_FLAGS:
             raise SystemExit(f"--losses: unknown {name}; choose among {', '.join(LOSS_FLAGS)} (NAME+memory: with "
                              f"cross-batch memory)")
-    csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
-    csvs["triplets"] = triplet_csvs(work, data, args.seed)
+    recipes = args.recipes.split(",") if args.recipes else []
+    for name in recipes:
+        if name not in RECIPES:
+            raise SystemExit(f"--recipes: unknown {name}; choose among {', '.join(RECIPES)}")
+    csvs, test_csvs = split_csvs(work, data, args.seed), split_csvs(work / "test_csvs", view, args.seed)
     runs = Runs(work, Path(args.results) if args.results else work / "results", Path(args.data).resolve().name,
-                BACKBONE, csvs)
-    tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
+                BACKBONE, csvs, (view, test_csvs))
     result = {"data": str(args.data), "backbone": " ".join(BACKBONE), "base_flags": " ".join(BASE),
-              "precision": runs.kind, "tune": {}, "chosen": {}}
+              "precision": runs.kind, "code": runs.code, "tune": {}, "chosen": {}}
+    if recipes:
+        return final_stage(result, runs, {name: RECIPES[name] for name in recipes}, args, data, csvs)
+    tune_data, tune_split = data / "train", ["--val_fraction", str(TUNE_FRACTION)]
     for name in names:  # tune: each grid point on 3/4 of the train images, MAP@R on the other 1/4
         base = name.removesuffix("+memory")
         if base != name and base not in result["chosen"]:
@@ -300,7 +383,7 @@ def main_losses(args, work, data):
                         for name in names}
     if args.stop_after == "screen":
         return finish(result)
-    best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]
+    best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]  # chosen on val
     result["best_two"] = best
     # the final stage: the triplet recipe (BASE, recommended before this comparison), the best two and
     # today's recommended recipe, each recipe once: flags train_net.py parses to the same run (the
@@ -309,19 +392,16 @@ def main_losses(args, work, data):
     for name, flags in [("triplet", BASE), *((n, flags_of[n]) for n in best), ("recommended", RECOMMENDED)]:
         if vars(parser.parse_args(flags)) not in [vars(parser.parse_args(f)) for f in finals.values()]:
             finals[name] = flags
-    result["final"] = {}
-    for name, flags in finals.items():
-        rows = [runs.get("final", name, flags, args.minutes, seed, data) for seed in (0, 1)]
-        result["final"][name] = {"flags": " ".join(flags), "seeds": rows, **summary(rows)}
-    result["floor"] = {"untrained": runs.get("final", "untrained", BASE, 0, 0, data),
-                       "original": runs.get("final", "original", ORIGINAL + ["--triplets", str(csvs["triplets"][0])],
-                                            args.minutes, 0, data)}
-    return finish(result)
+    return final_stage(result, runs, finals, args, data, csvs)
 
 
 def finish(result):
-    """Print the comparison: its Markdown table on stderr, its JSON line on stdout."""
-    print(markdown_table(result), file=sys.stderr)
+    """Print the comparison: its Markdown tables (test, the headline, then val) on stderr, its JSON
+    line on stdout."""
+    if "final" in result or "screen" in result:
+        print("held-out test split (the headline: nothing was chosen on it)\n" + markdown_table(result, "test") +
+              "\n", file=sys.stderr)
+    print("val (what the stages chose on)\n" + markdown_table(result, "val"), file=sys.stderr)
     print(json.dumps(result))
     return 0
 
@@ -350,6 +430,10 @@ def main(argv=None):
                         help="--losses: where each run's figures are kept and read back (default: WORK/results)")
     parser.add_argument("--stop_after", default="final", choices=("tune", "screen", "final"),
                         help="--losses: the last stage to run (default: %(default)s)")
+    parser.add_argument("--recipes", default=None, metavar="NAMES",
+                        help=f"the --losses final stage alone, for these fixed recipes ({', '.join(RECIPES)})")
+    parser.add_argument("--seeds", default="0,1", help="--losses / --recipes: the final stage's seeds "
+                                                       "(default: %(default)s)")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -358,11 +442,20 @@ def main(argv=None):
         data = work / "data"
         if args.task != "triplets" and detect_layout(args.data) != "tinyimagenet":
             return main_decisions(args, work, Path(args.data).resolve(), time.perf_counter() - begin)
-        if not data.exists():
-            shutil.copytree(args.data, data)
-            stage(transform_validation.main, ["--data", str(data)])
-        if args.losses:
-            return main_losses(args, work, data)
+        view = work / "test_view"  # --losses / --recipes: the held-out test split (taken from data's train)
+        if args.losses or args.recipes:
+            data = work / "data_heldout"
+        if not data.exists():  # prepared under another name, then renamed: an interrupted copy is not reused
+            partial = data.with_name(data.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(args.data, partial)
+            stage(transform_validation.main, ["--data", str(partial)])
+            if args.losses or args.recipes:
+                shutil.rmtree(view, ignore_errors=True)
+                hold_out_test(partial, view, data / "train")
+            partial.rename(data)
+        if args.losses or args.recipes:
+            return main_losses(args, work, data, view)
         if args.task != "triplets":
             return main_decisions(args, work, data, time.perf_counter() - begin)
         csvs = triplet_csvs(work, data, args.seed)

@@ -214,10 +214,26 @@ class RelativeTo:
         return name if rel == "." else f"{rel}/{name}"
 
 
+HASH_CHUNK = 1 << 20  # bytes read at a time by sha256_of
+
+
+def sha256_of(path, limit=None):
+    """The SHA-256 (a hashlib object) of a file's bytes, or of its first `limit` bytes, read in
+    HASH_CHUNK pieces: the project's one file hash (Python 3.10 has no hashlib.file_digest)."""
+    digest, left = hashlib.sha256(), float("inf") if limit is None else limit
+    with open(path, "rb") as handle:
+        while left > 0:
+            chunk = handle.read(int(min(HASH_CHUNK, left)))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest
+
+
 def file_digest(path, length=16):
     """The first `length` hex digits of a file's SHA-256: which exact checkpoint made a file."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()[:length]
+    return sha256_of(path).hexdigest()[:length]
 
 
 def check_output_path(path):

@@ -15,12 +15,15 @@ one group). Writes group,path,label,distance rows (distance to the kept image, 0
 """
 
 import argparse
+import errno
+import filecmp
 import json
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pandas as pd
@@ -48,6 +51,7 @@ from deeprank.duplicates import (
     chain_groups,
     close_pairs,
     copy_threshold,
+    file_sizes,
     identical_files,
     keep_order,
     star_groups,
@@ -65,9 +69,12 @@ KEEP = "largest"         # largest | first | pixels: which image of a group is k
 SHOWN = 10               # groups named in the summary (largest first)
 PRECISION = 0.99         # --calibrate_copies: copies' share of the calibration pairs below the threshold
 MATCHES = 10             # --against / --query: the nearest gallery images checked for each image
+CALIBRATION_NEIGHBOURS = 50  # --calibrate_copies: the nearest other gallery images each copy is checked against
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
 ROWS_PER_PICTURE = 20    # --grid: groups per PNG
 CELLS = 12               # --grid: images shown of a group
+UNREADABLE_SHOWN = 20    # files that could not be read, named one a line (then a count)
+MOVE_BATCH = 256         # --move_to: moves between two atomic rewrites of the CSV's status column
 # ----------------------------------------------------------------
 
 
@@ -83,10 +90,11 @@ def build_parser():
                            help="the pair_threshold of eval.py --pairs --calibrate --json JSON")
     threshold.add_argument("--calibrate_copies", type=positive_int, metavar="N",
                            help="make N synthetic copies of gallery images (resized, JPEG, cropped, mirrored, "
-                                "colour-shifted), embed them with --model, and take the threshold that separates them "
-                                "from each copy's nearest non-copy at --precision")
+                                "colour-shifted), embed them with --model, and take the threshold that keeps the most "
+                                "copies at --precision")
     a("--precision", type=fraction, default=PRECISION,
-      help="--calibrate_copies: the share of copies among the pairs below the threshold (default: %(default)s)")
+      help="--calibrate_copies: of the pairs each copy forms below the threshold (with its original, and with every "
+           "other gallery image among its 50 nearest), the share that are copy and original (default: %(default)s)")
     a("--out", default=OUT, help="the CSV to write (default: %(default)s)")
     a("--group", default=GROUP, choices=GROUP_CHOICES, help="star or chain groups (default: %(default)s)")
     a("--keep", default=KEEP, choices=KEEP_CHOICES, help="the image each group keeps (default: %(default)s)")
@@ -106,9 +114,9 @@ def build_parser():
       help="draw the groups, one captioned row each (the kept image first), into DIR/groups_<n>.png")
     a("--move_to", default=None, metavar="DIR",
       help="move every non-kept member of a group into DIR, keeping its path below the gallery's images; nothing "
-           "is deleted, nothing overwritten, and the CSV's moved_to column records each move (a rerun finishes an "
-           "interrupted one)")
-    a("--dry_run", action="store_true", help="--move_to: print what would move, and move nothing")
+           "is deleted, nothing overwritten; the CSV's planned_to and status columns record each move once it is "
+           "done (planned, moved, refused, failed; a rerun finishes an interrupted run)")
+    a("--dry_run", action="store_true", help="--move_to: print what would move, move nothing (status: planned)")
     a("--update_gallery", action="store_true",
       help="--move_to: rewrite --gallery without the moved images (atomically; its faiss index is rebuilt when "
            "next used)")
@@ -132,19 +140,26 @@ def read_threshold(args):
 # ----------------------------------------------------------------------------- the three modes
 
 def find_groups(gallery, args, threshold):
-    """Rows of the groups CSV ([group, path, label, distance]) and a summary per group."""
+    """Rows of the groups CSV ([group, path, label, distance]), a summary per group, and each pass's
+    seconds (hash: byte-identical files; join: the pairs closer than the threshold; grouping)."""
+    seconds, start = {}, time.perf_counter()
+    sizes, unreadable = file_sizes(gallery.paths)
+    identical, unhashed = identical_files(gallery.paths, sizes)
+    report_unreadable(unreadable + unhashed)
+    seconds["hash"], start = time.perf_counter() - start, time.perf_counter()
     index = gallery_index(gallery, args.gallery, args.index, args.nprobe)
     vectors = gallery.vectors
     if index.kind == "faiss" and index.ivf is not None:  # rows read at random below: all in memory, not mapped
         vectors = read_rows(gallery.vectors, args.gallery)
     pairs = close_pairs(vectors, threshold, index if index.kind == "faiss" else None, probes=args.nprobe)
     known = set(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
-    extra = [(i, j) for i, j in identical_files(gallery.paths) if (i, j) not in known]
+    extra = [(i, j) for i, j in identical if (i, j) not in known]
     if extra:  # byte-identical files whose embeddings are not closer than the threshold (another crop size?)
         i, j = np.array(extra).T
         d = pair_scores(vectors[i], vectors[j]).astype(np.float32)
         pairs = (np.concatenate([pairs[0], i]), np.concatenate([pairs[1], j]), np.concatenate([pairs[2], d]))
-    order = keep_order(gallery.paths, args.keep)
+    seconds["join"], start = time.perf_counter() - start, time.perf_counter()
+    order = keep_order(gallery.paths, args.keep, sizes)
     groups = (star_groups(len(gallery), pairs, order) if args.group == "star"
               else chain_groups(len(gallery), pairs, order, vectors))
     rows, summary = [], []
@@ -155,8 +170,22 @@ def find_groups(gallery, args, threshold):
         summary.append({"group": number, "kept": gallery.paths[kept], "size": len(every),
                         "weakest_pair": weakest_pair(vectors, every),
                         "labels": sorted({gallery.labels[row] for row in every}),
-                        "bytes_freed": sum(_size(gallery.paths[row]) for row, _ in members)})
-    return rows, summary
+                        "bytes_freed": int(sum(max(0, sizes[row]) for row, _ in members))})
+    seconds["grouping"] = time.perf_counter() - start
+    return rows, summary, seconds
+
+
+def report_unreadable(unreadable, shown=UNREADABLE_SHOWN):
+    """Name the files that could not be read (left out of the byte-identical check; their embeddings
+    still count), the first `shown` of them one a line."""
+    if not unreadable:
+        return
+    print(f"warning: {len(unreadable)} files could not be read and are left out of the byte-identical check "
+          f"(their embeddings still count); check their permissions, or re-embed the folder:", file=sys.stderr)
+    for path, reason in unreadable[:shown]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(unreadable) > shown:
+        print(f"  ... and {len(unreadable) - shown} more", file=sys.stderr)
 
 
 def find_leaks(gallery, args, threshold):
@@ -206,17 +235,27 @@ def calibrate_copies(gallery, args):
     originals = np.array([made[path][0] for path in kept])
     kinds = np.array([made[path][1] for path in kept])
     copy_d = pair_scores(vectors, np.asarray(gallery.vectors[originals], dtype=np.float32))
-    distances, _ = searcher.index.search(vectors, 1, exclude=originals)  # each copy's nearest non-copy
-    chosen = copy_threshold(copy_d, distances[:, 0], args.precision)
+    # every gallery image a copy would join, up to its CALIBRATION_NEIGHBOURS nearest non-originals
+    others, _ = searcher.index.search(vectors, min(CALIBRATION_NEIGHBOURS, len(gallery) - 1), exclude=originals)
+    chosen = copy_threshold(copy_d, others[np.isfinite(others)], args.precision)
     if chosen is None:
-        raise PipelineError(f"no threshold separates {len(kept)} synthetic copies from their nearest non-copies at "
-                            f"precision {args.precision}: this embedding does not tell copies from look-alikes; embed "
-                            f"the gallery with gen_embeddings.py --layer backbone --tta flip, or lower --precision")
+        raise PipelineError(f"no threshold separates {len(kept)} synthetic copies from the other gallery images "
+                            f"near them at precision {args.precision}: this embedding does not tell copies from "
+                            f"look-alikes; embed the gallery with gen_embeddings.py --layer backbone --tta flip, or "
+                            f"lower --precision")
     threshold, recall, share = chosen
+    joined = int((others < threshold).sum())
     per_kind = ", ".join(f"{kind} {np.mean(copy_d[kinds == kind] < threshold):.2f}" for kind in KINDS
                          if (kinds == kind).any())
     print(f"calibrated on {len(kept)} synthetic copies: threshold {threshold:.4g} keeps {recall:.1%} of them "
-          f"({per_kind}) at precision {share:.1%} against each copy's nearest non-copy")
+          f"({per_kind}) at precision {share:.1%}: of the pairs each copy forms below it, with its original and "
+          f"with every other gallery image, {int(round(recall * len(kept)))} of "
+          f"{int(round(recall * len(kept))) + joined} are copy and original")
+    full = int((others[:, -1] < threshold).sum()) if others.shape[1] else 0
+    if full:
+        print(f"warning: {full} copies are closer than the threshold to all of their {others.shape[1]} nearest "
+              f"other gallery images; the precision counts those {others.shape[1]} alone, so it may be lower",
+              file=sys.stderr)
     return threshold
 
 
@@ -229,10 +268,6 @@ def query_searcher(gallery, args):
     searcher = Searcher(args.model, args.gallery, args.device, args.index, args.nprobe, num_workers=args.num_workers)
     searcher.gallery = gallery  # read once: main has it already
     return searcher
-
-
-def _size(path):
-    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 # ----------------------------------------------------------------------------- main
@@ -252,34 +287,89 @@ def planned_moves(rows, gallery, folder):
             for number, path, _, _ in rows if kept[number] != path}
 
 
-def move(moves, gallery, args):
-    """Move the members (or, --dry_run, say what would move); a rerun skips what an interrupted run
-    already moved; never overwrites. Then --update_gallery, or a note that the gallery is stale."""
-    done = [src for src, dst in moves.items() if not os.path.exists(src) and os.path.exists(dst)]
-    todo = [(src, dst) for src, dst in moves.items() if src not in done]
-    clash = [dst for src, dst in todo if os.path.exists(dst)]
-    if clash:
-        raise PipelineError(f"{clash[0]} exists already (and {len(clash) - 1} more); move_to never overwrites: "
-                            f"pick an empty --move_to folder")
-    missing = [src for src, _ in todo if not os.path.exists(src)]
-    if missing:
-        raise PipelineError(f"{missing[0]} is gone and not in --move_to (and {len(missing) - 1} more); the gallery "
-                            f"no longer matches the folders: re-embed it with gen_embeddings.py")
-    for src, dst in todo:
-        if args.dry_run:
-            print(f"would move {src} -> {dst}")
-            continue
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.move(src, dst)
-    verb = "would move" if args.dry_run else "moved"
-    print(f"{verb} {len(todo)} images to {args.move_to}" + (f" ({len(done)} moved by an earlier run)" if done else ""))
+def move_file(src, dst):
+    """Move src to dst, never overwriting (FileExistsError) and never losing it: a hard link, then
+    the source removed; where links do not work (another filesystem), a copy under a temporary name
+    renamed into place, then the source removed. A kill at any point leaves src, or src and a whole
+    dst, which a rerun finishes (moves)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        partial = f"{dst}.partial"
+        shutil.copy2(src, partial)
+        if os.path.exists(dst):
+            os.unlink(partial)
+            raise FileExistsError(errno.EEXIST, "File exists", dst) from None
+        os.replace(partial, dst)
+    os.unlink(src)
+
+
+def move_one(src, dst):
+    """(status, reason) of one planned move, after trying it: moved (the file is at dst and gone from
+    src; also when an earlier run moved it, or left both copies when it was killed), refused (dst
+    holds another file), or failed (src is gone, or the move raised)."""
+    if os.path.lexists(src) and os.path.exists(dst):
+        if not (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
+            return "refused", f"{dst} exists already and holds another file"
+        os.unlink(src)  # an interrupted earlier move left both: the copy at dst is whole
+    elif not os.path.lexists(src) and not os.path.exists(dst):
+        return "failed", "the file is gone and not in --move_to; re-embed the folder with gen_embeddings.py"
+    elif os.path.lexists(src):
+        try:
+            move_file(src, dst)
+        except FileExistsError:
+            return "refused", f"{dst} exists already"
+        except OSError as err:
+            return "failed", err.strerror or str(err)
+    if not os.path.lexists(src) and os.path.exists(dst):
+        return "moved", ""
+    return "failed", "not at the destination after the move"
+
+
+def move(moves, rows, gallery, args):
+    """Move the members (or, --dry_run, say what would move); a rerun finishes what an interrupted
+    run left; never overwrites. The CSV gets planned_to and status columns, rewritten atomically
+    every MOVE_BATCH moves and at the end (Ctrl-C too), each status written after the fact:
+    planned (not tried yet), moved, refused, failed. Returns {path: status}."""
+    status, reasons = dict.fromkeys(moves, "planned"), {}
+
+    def record():
+        write_csv(args.out, ["group", "path", "label", "distance", "planned_to", "status"],
+                  [row + ((moves[row[1]], status[row[1]]) if row[1] in moves else ("", "")) for row in rows])
+
     if args.dry_run:
-        return
+        for src, dst in moves.items():
+            print(f"would move {src} -> {dst}")
+        record()
+        print(f"would move {len(moves)} images to {args.move_to}")
+        return status
+    earlier = sum(not os.path.lexists(src) and os.path.exists(dst) for src, dst in moves.items())
+    try:
+        for number, (src, dst) in enumerate(moves.items(), start=1):
+            status[src], reasons[src] = move_one(src, dst)
+            if number % MOVE_BATCH == 0:
+                record()
+    finally:
+        record()
+    moved = sum(value == "moved" for value in status.values())
+    print(f"moved {moved - earlier} images to {args.move_to}" +
+          (f" ({earlier} moved by an earlier run)" if earlier else ""))
+    for kind in ("refused", "failed"):
+        left = [src for src, value in status.items() if value == kind]
+        for src in left[:UNREADABLE_SHOWN]:
+            print(f"  {kind}: {src}: {reasons[src]}", file=sys.stderr)
+        if len(left) > UNREADABLE_SHOWN:
+            print(f"  ... and {len(left) - UNREADABLE_SHOWN} more {kind}", file=sys.stderr)
+    done = {src for src, value in status.items() if value == "moved"}
     if args.update_gallery:
-        drop_from_gallery(gallery, args.gallery, set(moves))
-    elif moves:
-        print(f"note: {args.gallery} still lists the {len(moves)} moved images; rerun with --update_gallery to "
+        drop_from_gallery(gallery, args.gallery, done)
+    elif done:
+        print(f"note: {args.gallery} still lists the {len(done)} moved images; rerun with --update_gallery to "
               f"drop them")
+    return status
 
 
 def drop_from_gallery(gallery, path, moved):
@@ -358,22 +448,33 @@ def main(argv=None):
               f"{args.out}")
         result = [dict(zip(("path", "duplicates", "distance"), row, strict=True)) for row in rows]
     else:
-        rows, summary = find_groups(gallery, args, threshold)
-        moves = planned_moves(rows, gallery, args.move_to) if args.move_to else {}
-        columns = ["group", "path", "label", "distance"] + (["moved_to"] if args.move_to else [])
-        write_csv(args.out, columns, [row + ((moves.get(row[1], ""),) if args.move_to else ()) for row in rows])
+        rows, summary, seconds = find_groups(gallery, args, threshold)
+        print("passes: " + ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
+        status = {}
         if args.move_to:
-            move(moves, gallery, args)
+            status = move(planned_moves(rows, gallery, args.move_to), rows, gallery, args)
+        else:
+            write_csv(args.out, ["group", "path", "label", "distance"], rows)
         report(rows, summary, len(gallery))
         if args.grid:
             print(f"drew {draw_groups(rows, summary, args.grid, args.max_groups)} group pictures into {args.grid}/")
         print(f"wrote {args.out}{'' if rows else ' (the header alone)'}")
         result = summary
-    if args.json:
-        with atomic_write(args.json) as handle:
+        left = sum(value in ("refused", "failed") for value in status.values())
+        if left:
+            write_json(args.json, result)
+            raise PipelineError(f"{left} of {len(status)} moves were refused or failed (named above; the status column "
+                                f"of {args.out} says which); free their destinations and run again to finish")
+    write_json(args.json, result)
+    return 0
+
+
+def write_json(path, result):
+    """--json: the result, atomically (nothing without the flag)."""
+    if path:
+        with atomic_write(path) as handle:
             json.dump(result, handle, indent=2)
             handle.write("\n")
-    return 0
 
 
 if __name__ == "__main__":

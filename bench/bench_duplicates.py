@@ -1,7 +1,12 @@
 """Benchmark: finding planted copies, this project's find_duplicates.py against imagededup's PHash.
 
 A collection of every image of --data (TinyImageNet layout) plus --copies modified copies of
-randomly chosen ones (deeprank/copies.py). Each copy gets one kind of modification, in turn:
+randomly chosen ones (deeprank/copies.py). --recipe combined (the default): each copy gets two kinds
+of modification, in turn resize+crop, jpeg+flip, crop+colour, flip+resize, colour+jpeg, at other
+strengths than find_duplicates.py --calibrate_copies makes (resize to 35-60% of the side, JPEG
+quality 40-60, crop up to 15% off each side, brightness / contrast / saturation 0.7-1.3), so that a
+calibrated threshold (--calibrated T) is scored on copies it was not made from. --recipe
+calibration: one kind each, the calibration's own recipe:
 - resize: 50-90% of the side;
 - jpeg: re-encoded at quality 60-90;
 - crop: up to 10% off each side;
@@ -45,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from deeprank import metrics
-from deeprank.copies import KINDS, save_copy
+from deeprank.copies import CALIBRATION, KINDS, OTHER, combined_kinds, save_copy
 from deeprank.datasets import list_split
 from deeprank.duplicates import close_pairs
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
@@ -65,8 +70,10 @@ if threshold >= 0:  # the search the timing is about: imagededup's own, on half 
 """
 
 
-def make_collection(data, folder, copies, seed=0):
-    """(label CSV of every image, truth frame: original, copy, kind, half); images copied into folder."""
+def make_collection(data, folder, copies, recipe, seed=0):
+    """(label CSV of every image, truth frame: original, copy, kind, half); images copied into folder.
+    recipe: "combined" (two kinds a copy at copies.OTHER strengths) or "calibration" (one kind a copy,
+    --calibrate_copies' own recipe)."""
     rng = random.Random(seed)
     rows = []
     for split in ("train", "val"):
@@ -78,9 +85,10 @@ def make_collection(data, folder, copies, seed=0):
     originals = rng.sample(range(len(rows)), copies)
     truth = []
     for number, row in enumerate(originals):
-        kind = KINDS[number % len(KINDS)]
+        kinds = combined_kinds(number) if recipe == "combined" else (KINDS[number % len(KINDS)],)
+        kind = "+".join(kinds)
         target = folder / "images" / rows[row][1] / f"copy_{number:04d}_{kind}.jpg"
-        save_copy(rows[row][0], kind, target, rng)
+        save_copy(rows[row][0], kinds, target, rng, OTHER if recipe == "combined" else CALIBRATION)
         truth.append((rows[row][0], str(target), kind))
     paths = [path for path, _ in rows] + [copy for _, copy, _ in truth]
     labels = [label for _, label in rows] + [Path(copy).parent.name for _, copy, _ in truth]
@@ -120,19 +128,25 @@ def truth_pairs_of(truth, half):
             if h == half}
 
 
-def evaluate(name, by_half, truth, seconds):
-    """One row of the table: the threshold from half A, scores on half B, recall per kind; returns
-    the threshold. by_half: {half: (pairs, distances)}."""
-    threshold = best_threshold(*by_half["A"], truth_pairs_of(truth, "A"))
+def evaluate(name, by_half, truth, seconds, threshold=None):
+    """One row of the table: the threshold from half A (or the one given), scores on half B, recall
+    per kind; returns the threshold. by_half: {half: (pairs, distances)}."""
+    if threshold is None:
+        threshold = best_threshold(*by_half["A"], truth_pairs_of(truth, "A"))
     pairs, distances = by_half["B"]
     truth_pairs = truth_pairs_of(truth, "B")
     precision, recall, f1 = pair_scores(pairs, distances, truth_pairs, [threshold])[0]
     found = {pairs[i] for i in np.flatnonzero(np.asarray(distances) < threshold)}
     per_kind = {kind: np.mean([frozenset((o, c)) in found for o, c, k, h in truth.itertuples(index=False)
-                               if h == "B" and k == kind]) for kind in KINDS}
+                               if h == "B" and k == kind]) for kind in kinds_of(truth)}
     print(f"| {name} | {threshold:.4g} | {precision:.3f} | {recall:.3f} | {f1:.3f} | "
-          + " | ".join(f"{per_kind[kind]:.2f}" for kind in KINDS) + f" | {seconds} |", flush=True)
+          + " | ".join(f"{per_kind[kind]:.2f}" for kind in kinds_of(truth)) + f" | {seconds} |", flush=True)
     return threshold
+
+
+def kinds_of(truth):
+    """The kinds of copy planted, in the order first planted."""
+    return list(dict.fromkeys(truth["kind"]))
 
 
 def write_distances(path, gallery, rows, truth):
@@ -172,6 +186,12 @@ def main():
                         help="write each planted copy's distance to its original and each image's distance to its "
                              "nearest non-copy (the scale benchmark's model of real distances: bench_duplicates_scale)")
     parser.add_argument("--grid", default=None, metavar="DIR", help="also draw half B's groups into DIR (untimed)")
+    parser.add_argument("--recipe", default="combined", choices=("combined", "calibration"),
+                        help="the planted copies: two kinds each at other strengths than --calibrate_copies' "
+                             "(combined), or its own recipe, one kind each (calibration) (default: %(default)s)")
+    parser.add_argument("--calibrated", type=float, default=None, metavar="T",
+                        help="also score find_duplicates.py at this threshold (find_duplicates.py "
+                             "--calibrate_copies' choice) on half B")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -179,12 +199,12 @@ def main():
         subprocess.run(["cp", "-r", str(Path(args.data).resolve()), str(data)], check=True)
         subprocess.run([sys.executable, str(ROOT / "transform_validation.py"), "--data", str(data)],
                        capture_output=True, cwd=ROOT)  # a no-op when val/ is already in class folders
-        csv, truth, half_of = make_collection(data, folder / "collection", args.copies)
-        print(f"{len(half_of)} images ({args.copies} planted copies, {len(KINDS)} kinds); halves: "
+        csv, truth, half_of = make_collection(data, folder / "collection", args.copies, args.recipe)
+        print(f"{len(half_of)} images ({args.copies} planted copies, {args.recipe} recipe); halves: "
               f"{sum(h == 'A' for h in half_of.values())} / {sum(h == 'B' for h in half_of.values())}", flush=True)
         print("| method | threshold (from half A) | pair precision (B) | pair recall (B) | F1 (B) | "
-              + " | ".join(f"recall: {kind}" for kind in KINDS) + " | wall time, whole processes |")
-        print("|---" * (6 + len(KINDS)) + "|")
+              + " | ".join(f"recall: {kind}" for kind in kinds_of(truth)) + " | wall time, whole processes |")
+        print("|---" * (6 + len(kinds_of(truth))) + "|")
 
         # ours: embed the collection, then the stage on half B (its threshold chosen on half A)
         embeddings = folder / "collection.npy"
@@ -209,6 +229,8 @@ def main():
                         str(threshold_a), "--out", str(folder / "groups.csv")])
         evaluate(f"find_duplicates.py, {Path(args.model).name} {args.embed_flags}".strip(), by_half, truth,
                  f"{embed_s:.1f} s embedding + {find_s:.1f} s finding")
+        if args.calibrated is not None:
+            evaluate("find_duplicates.py at the --calibrate_copies threshold", by_half, truth, "", args.calibrated)
         if args.distances_out:
             write_distances(args.distances_out, gallery, rows, truth)
         if args.grid:

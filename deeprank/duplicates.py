@@ -7,14 +7,13 @@ A~B~C~D cannot pull D into A's group) or chains (connected components, with a un
     groups = star_groups(len(vectors), pairs, keep_order(paths, "largest"))
 """
 
-import hashlib
 import os
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from deeprank.common import PipelineError
+from deeprank.common import PipelineError, sha256_of
 from deeprank.metrics import CHUNK_ELEMENTS, pair_scores, squared_distances, squared_norms
 
 KEEP_CHOICES = ("largest", "first", "pixels")  # which image of a group is kept
@@ -22,39 +21,68 @@ GROUP_CHOICES = ("star", "chain")
 NEIGHBOURS = 32  # faiss HNSW: candidates per image (each re-checked exactly); a group larger than this is cut
 CELL_PROBES = 16  # faiss IVF: the cells each image is compared in (its own and the nearest others); see cell_pairs
 CELL_CHUNK = 1 << 22  # faiss IVF: distances computed at a time in the cell join (16 MB of float32)
-MARGIN = 1e-3     # candidates from float32 products within this of the threshold are re-checked in float64
+MARGIN = 1e-3     # candidates from float32 products within this (+ float32_slack) of the threshold: re-checked
+RECHECK = 65536   # candidate pairs re-checked at a time
+HEAD_BYTES = 1 << 16  # byte-identical files: the hash of this many first bytes before the full hash
 
 
 def close_pairs(vectors, threshold, index=None, chunk_elements=CHUNK_ELEMENTS, probes=CELL_PROBES):
     """(i, j, d) int64, int64, float32 arrays: every pair of rows i < j with squared L2 distance
     d < threshold. Exact: blocks of rows against all rows (never an N x N matrix). With a faiss
     search index (search.index.FaissIndex): an IVF index's cells joined exactly (cell_pairs: vectors
-    in memory), or an HNSW index's NEIGHBOURS nearest of each row, re-checked exactly."""
+    in memory), or an HNSW index's NEIGHBOURS nearest of each row. One rule decides every path:
+    candidates from float32 arithmetic within float32_slack of the threshold are re-checked in
+    float64 (rechecked), so a pair near the threshold is decided the same way by each."""
     if index is not None and index.ivf is not None:
         return cell_pairs(vectors, threshold, index, probes)
-    found_i, found_j, found_d = [], [], []
+    found_i, found_j = [], []
     if index is not None:
+        limit = threshold + float32_slack(vectors)
         for start in range(0, len(vectors), 4096):
             block = np.array(vectors[start:start + 4096], dtype=np.float32)  # a writable copy of a mapped block
             distances, rows = index.search(block, min(NEIGHBOURS, len(vectors)))
             mine = np.arange(start, start + len(block))[:, None]
-            keep = (rows > mine) & (distances < threshold)  # i < j: self matches and mirrored pairs left out
+            keep = (rows > mine) & (distances < limit)  # i < j: self matches and mirrors left out
             found_i.append(np.broadcast_to(mine, rows.shape)[keep])
             found_j.append(rows[keep])
-            found_d.append(distances[keep])
+        refs = vectors
     else:
         refs = torch.from_numpy(np.array(vectors, dtype=np.float32))  # in memory (a .npy may be mapped read-only)
         ref_sq = squared_norms(refs)
+        limit = threshold + float32_slack(refs.numpy(), ref_sq)
         step = max(1, chunk_elements // max(1, len(refs)))
         for start in range(0, len(refs), step):
             d = squared_distances(refs[start:start + step], refs, ref_sq)
-            rows, cols = torch.nonzero(d < threshold, as_tuple=True)
+            rows, cols = torch.nonzero(d < limit, as_tuple=True)
             rows = rows + start
             keep = cols > rows
             found_i.append(rows[keep].numpy())
             found_j.append(cols[keep].numpy())
-            found_d.append(d[rows[keep] - start, cols[keep]].numpy())
-    return _joined(found_i, np.int64), _joined(found_j, np.int64), _joined(found_d, np.float32)
+        refs = refs.numpy()
+    return rechecked(refs, _joined(found_i, np.int64), _joined(found_j, np.int64), threshold)
+
+
+def float32_slack(vectors, sq_norms=None):
+    """How far below the true squared distance float32's |a|^2 + |b|^2 - 2ab can come out, at most:
+    MARGIN plus 4 x dim x float32's epsilon x the largest squared norm (the rounding of dim-term sums
+    of products that size). Candidates are taken up to threshold + this, then re-checked in float64."""
+    if len(vectors) == 0:
+        return MARGIN
+    largest = float(sq_norms.max()) if sq_norms is not None else max(
+        float(np.square(np.asarray(vectors[s:s + 65536], dtype=np.float32)).sum(1).max())
+        for s in range(0, len(vectors), 65536))
+    return MARGIN + 4 * vectors.shape[1] * float(np.finfo(np.float32).eps) * largest
+
+
+def rechecked(vectors, i, j, threshold):
+    """The candidate pairs (i, j) whose float64 squared distance (metrics.pair_scores) is below the
+    threshold, as (i, j, d float32): the one rule every join decides by. Blocks of RECHECK pairs: the
+    rows of a few million pairs are never copied at once."""
+    d = np.concatenate([pair_scores(np.asarray(vectors[i[s:s + RECHECK]], dtype=np.float32),
+                                    np.asarray(vectors[j[s:s + RECHECK]], dtype=np.float32))
+                        for s in range(0, len(i), RECHECK)] or [np.zeros(0)])
+    keep = d < threshold
+    return i[keep], j[keep], d[keep].astype(np.float32)
 
 
 def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CELL_CHUNK):
@@ -63,7 +91,7 @@ def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CEL
     Each row lives in the cell of its nearest centroid and is compared, by one matrix product a
     block, with every row of its `probes` nearest cells. A pair is found when either row probes
     the other's cell, so a pair is missed only when its two rows fall in cells far apart (which
-    close rows seldom do); probing every cell is the exact self-join. Candidates within MARGIN
+    close rows seldom do); probing every cell is the exact self-join. Candidates within float32_slack
     of the threshold are re-checked in float64 (metrics.pair_scores) and kept when d < threshold.
     Cost: about probes x N^2 / cells products, against N^2 for the exact join."""
     refs = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"]))  # (N, D), in memory
@@ -76,6 +104,7 @@ def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CEL
     askers //= probes                                           # ... as rows
     del probed
     ref_sq = squared_norms(refs)
+    limit = threshold + float32_slack(refs.numpy(), ref_sq)
     largest = int(np.diff(member_start).max())
     step = max(1, chunk_elements // max(1, largest))
     # buffers reused by every block: a loop of fresh allocations fragments the heap by gigabytes
@@ -94,17 +123,14 @@ def cell_pairs(vectors, threshold, index, probes=CELL_PROBES, chunk_elements=CEL
             here = torch.index_select(refs, 0, rows, out=asker_rows[:len(rows)])
             d = squared_distances(here, there, there_sq, ref_sq[rows],
                                   out=block[:len(rows) * len(inside)].view(len(rows), len(inside)))
-            r, c = torch.nonzero(d < threshold + MARGIN, as_tuple=True)
+            r, c = torch.nonzero(d < limit, as_tuple=True)
             i, j = rows[r], inside[c]
             keep = i != j
             found_i.append(torch.minimum(i, j)[keep].numpy())
             found_j.append(torch.maximum(i, j)[keep].numpy())
     i, j = _joined(found_i, np.int64), _joined(found_j, np.int64)
     unique = np.unique(i * len(refs) + j)  # a pair found from both of its rows counts once, ordered by (i, j)
-    i, j = unique // len(refs), unique % len(refs)
-    d = pair_scores(refs.numpy()[i], refs.numpy()[j])
-    keep = d < threshold
-    return i[keep], j[keep], d[keep].astype(np.float32)
+    return rechecked(refs.numpy(), unique // len(refs), unique % len(refs), threshold)
 
 
 def _grouped(keys, count):
@@ -117,35 +143,59 @@ def _joined(parts, kind):
     return np.concatenate(parts).astype(kind) if parts else np.zeros(0, kind)
 
 
-def identical_files(paths):
-    """(i, j) row pairs (i < j) of byte-identical files: sizes first, then SHA-256 of files of a shared size."""
-    by_size = defaultdict(list)
+def file_sizes(paths):
+    """(sizes, unreadable): each file's size in bytes (-1 where it cannot be read), and
+    [(path, reason)] of the files that cannot (gone, no permission, not a file)."""
+    sizes, unreadable = np.full(len(paths), -1, dtype=np.int64), []
     for row, path in enumerate(paths):
         try:
-            by_size[os.path.getsize(path)].append(row)
-        except OSError:
-            continue  # a file that is gone cannot be compared; its embedding still can
-    pairs = []
-    for rows in by_size.values():
-        if len(rows) < 2:
-            continue
+            sizes[row] = os.stat(path).st_size
+            if not os.access(path, os.R_OK):
+                raise PermissionError("permission denied")
+        except OSError as err:
+            sizes[row] = -1
+            unreadable.append((path, err.strerror or str(err)))
+    return sizes, unreadable
+
+
+def identical_files(paths, sizes, head=HEAD_BYTES):
+    """((i, j) row pairs, i < j, of byte-identical files, [(path, reason)] of files that could not be
+    read): the usual duplicate-file finder's order, each step only where the last one collides:
+    sizes (sizes, from file_sizes; -1 left out), then the SHA-256 of the first `head` bytes, then
+    the full SHA-256 (files no longer than `head` are done after the first hash)."""
+    pairs, unreadable = [], []
+
+    def split(rows, limit):
+        """rows grouped by the hash of their first `limit` bytes (None: whole files)."""
         by_hash = defaultdict(list)
         for row in rows:
-            with open(paths[row], "rb") as handle:
-                by_hash[hashlib.file_digest(handle, "sha256").digest()].append(row)
-        pairs += [(same[0], other) for same in by_hash.values() for other in same[1:]]
-    return pairs
+            try:
+                by_hash[sha256_of(paths[row], limit).digest()].append(row)
+            except OSError as err:
+                unreadable.append((paths[row], err.strerror or str(err)))
+        return [same for same in by_hash.values() if len(same) > 1]
+
+    by_size = defaultdict(list)
+    for row in np.flatnonzero(sizes >= 0).tolist():
+        by_size[int(sizes[row])].append(row)
+    for size, rows in by_size.items():
+        if len(rows) < 2:
+            continue
+        for same in split(rows, head):
+            for whole in (split(same, None) if size > head else [same]):
+                pairs += [(whole[0], other) for other in whole[1:]]
+    return sorted(pairs), unreadable
 
 
-def keep_order(paths, keep):
-    """Rows in order of preference to be kept: the largest file, the first listed, or the most pixels
-    (ties: the earlier row)."""
+def keep_order(paths, keep, sizes=None):
+    """Rows in order of preference to be kept: the largest file (sizes: file_sizes', when read
+    already), the first listed, or the most pixels (ties: the earlier row)."""
     if keep not in KEEP_CHOICES:
         raise PipelineError(f"unknown --keep {keep!r}; choose {', '.join(KEEP_CHOICES)}")
     if keep == "first":
         return np.arange(len(paths))
     if keep == "largest":
-        sizes = np.array([os.path.getsize(p) if os.path.exists(p) else -1 for p in paths], dtype=np.int64)
+        sizes = file_sizes(paths)[0] if sizes is None else sizes
     else:
         from PIL import Image
 
@@ -224,8 +274,9 @@ def weakest_pair(vectors, rows, block=1024):
 
 def copy_threshold(copy_d, other_d, precision):
     """(threshold, recall, precision at it) from calibration pairs: copy_d, each synthetic copy's
-    distance to its original; other_d, its distance to its nearest non-copy. The threshold keeps the
-    most copies (d < threshold) while at least `precision` of the pairs below it are copies; it lies
+    distance to its original; other_d, the distances of the other pairs (each copy with the gallery
+    images near it that are not its original). The threshold keeps the most copies (d < threshold)
+    while at least `precision` of all the pairs below it are copies; it lies
     halfway between the last pair it keeps and the next. None when no threshold reaches `precision`."""
     d = np.concatenate([np.asarray(copy_d, np.float64), np.asarray(other_d, np.float64)])
     is_copy = np.concatenate([np.ones(len(copy_d), bool), np.zeros(len(other_d), bool)])

@@ -21,7 +21,7 @@ from deeprank.loaders import PKBatchSampler, RankSlices
 # and fp32 (--no_amp) on every CPU: these tests check rounding-level equality over two epochs, where
 # bf16's rounding (8 significant bits) compounds; test_bf16_two_processes_take_the_same_first_step
 # checks the bf16 path where the CPU has it
-TWO_PROCESS_MODEL = ["--backbone", "resnet18", "--weights", "none", "--image_size", "64", "--embed_dim", "32",
+TWO_PROCESS_MODEL = ["--backbone", "small_cnn", "--weights", "none", "--image_size", "64", "--embed_dim", "32",
                      "--num_workers", "0", "--trainable", "head", "--augment", "none", "--compile", "off",
                      "--batch_size", "8", "--seed", "3"]
 SMALL = TWO_PROCESS_MODEL + ["--optim", "adam", "--lr", "0.001", "--max_steps", "6", "--no_amp"]

@@ -114,6 +114,48 @@ def test_the_ivf_cell_join_finds_close_pairs_and_every_cell_makes_it_exact():
     assert found <= truth and len(found) >= 0.9 * len(truth) and (few[0] < few[1]).all()
 
 
+def test_every_join_decides_a_pair_at_the_threshold_by_its_float64_distance():
+    """Thresholds set a hair (1e-9) above and below pairs' float64 distances, on large-norm vectors
+    where float32's |a|^2 + |b|^2 - 2ab is off by far more than that: the exact join and the IVF
+    cell join keep exactly the pairs a float64 brute force keeps."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (requirements-faiss.txt)")
+    from deeprank.duplicates import close_pairs
+    from deeprank.search.index import FaissIndex, build_faiss, random_rows
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((400, 8)) * 30
+    vectors = np.concatenate([base, base + rng.normal(0, 0.02, base.shape)]).astype(np.float32)
+    v64 = vectors.astype(np.float64)
+    pair_d = ((v64[:400] - v64[400:]) ** 2).sum(1)
+    faiss_index = build_faiss([vectors], len(vectors), 8, lambda count, seed: random_rows(vectors, count, seed),
+                              structure="ivf")
+    index = FaissIndex(faiss_index, vectors)
+    for threshold in (np.median(pair_d) + 1e-9, np.median(pair_d) - 1e-9, pair_d.max() + 1e-9):
+        truth = {(int(i), int(i) + 400) for i in np.flatnonzero(pair_d < threshold)}
+        for found in (close_pairs(vectors, threshold), close_pairs(vectors, threshold, index,
+                                                                   probes=faiss_index.nlist)):
+            assert set(zip(found[0].tolist(), found[1].tolist(), strict=True)) == truth
+
+
+def test_the_hash_pass_reads_heads_first_and_whole_files_only_where_heads_collide(tmp_path, monkeypatch):
+    from deeprank import duplicates
+    files = {"a": b"HEAD" + b"1" * 20, "b": b"HEAD" + b"1" * 20, "c": b"HEAD" + b"2" * 20,  # one size, one head
+             "d": b"XXXX" + b"1" * 20, "e": b"tiny", "f": b"tiny", "g": b"tinier"}
+    paths = []
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        paths.append(str(tmp_path / name))
+    reads = []
+    real = duplicates.sha256_of
+    monkeypatch.setattr(duplicates, "sha256_of", lambda path, limit=None: reads.append((Path(path).name, limit))
+                        or real(path, limit))
+    sizes, unreadable = duplicates.file_sizes(paths)
+    pairs, unhashed = duplicates.identical_files(paths, sizes, head=4)
+    assert pairs == [(0, 1), (4, 5)] and unreadable == unhashed == []
+    whole = sorted(name for name, limit in reads if limit is None)
+    assert whole == ["a", "b", "c"]  # d's head differs, e and f fit in the head, g's size is its own
+    assert "g" not in {name for name, _ in reads}
+
+
 def test_copy_threshold_keeps_the_most_copies_at_the_precision():
     from deeprank.duplicates import copy_threshold
     copies = [0.1, 0.2, 0.3, 0.5, 0.9]
@@ -235,29 +277,106 @@ def test_grid_draws_the_largest_groups_first(tmp_path):
         assert picture.height < 2 * 96 and picture.width >= 3 * 96
 
 
-def test_move_to_moves_only_members_dry_run_nothing_and_a_rerun_finishes(tmp_path, capsys):
-    vectors = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [9.0]])  # groups {0, 1, 2} and {3, 4}; 5 alone
-    gallery = gallery_of(tmp_path / "photos", vectors)
-    paths = read_embeddings(gallery).paths
-    moved = tmp_path / "moved"
-    argv = ["--gallery", str(gallery), "--threshold", "0.5", "--keep", "first", "--out", str(tmp_path / "d.csv"),
+def check_against_disk(csv):
+    """Every row of a --move_to CSV says what is on disk: moved -> at planned_to and gone from path;
+    planned / refused / failed (and kept images) -> still at path. Returns {file name: status}."""
+    frame = pd.read_csv(csv, keep_default_na=False)
+    for path, planned, status in zip(frame["path"], frame["planned_to"], frame["status"], strict=True):
+        if status == "moved":
+            assert Path(planned).is_file() and not Path(path).exists(), path
+        else:
+            assert Path(path).is_file(), (path, status)
+    return {Path(path).name: status for path, status in zip(frame["path"], frame["status"], strict=True)}
+
+
+MOVE_VECTORS = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [9.0]])  # groups {0, 1, 2} and {3, 4}; 5 alone
+
+
+def move_argv(tmp_path, gallery, moved):
+    return ["--gallery", str(gallery), "--threshold", "0.5", "--keep", "first", "--out", str(tmp_path / "d.csv"),
             "--move_to", str(moved)]
-    assert find_duplicates.main(argv + ["--dry_run"]) == 0
+
+
+def test_move_to_dry_run_plans_and_moves_nothing(tmp_path, capsys):
+    gallery = gallery_of(tmp_path / "photos", MOVE_VECTORS)
+    moved = tmp_path / "moved"
+    assert find_duplicates.main(move_argv(tmp_path, gallery, moved) + ["--dry_run"]) == 0
     assert "would move 3 images" in capsys.readouterr().out and not moved.exists()
-    assert all(Path(p).exists() for p in paths)
-    moved.joinpath("img_002.jpg").parent.mkdir(parents=True)  # an earlier run moved one member, then died
+    assert check_against_disk(tmp_path / "d.csv") == {"img_000.jpg": "", "img_001.jpg": "planned",
+                                                     "img_002.jpg": "planned", "img_003.jpg": "",
+                                                     "img_004.jpg": "planned"}
+    with pytest.raises(PipelineError, match="go with --move_to"):
+        find_duplicates.main(move_argv(tmp_path, gallery, moved)[:-2] + ["--dry_run"])
+
+
+def test_move_to_moves_only_members_and_a_rerun_finishes(tmp_path, capsys):
+    gallery = gallery_of(tmp_path / "photos", MOVE_VECTORS)
+    paths, moved = read_embeddings(gallery).paths, tmp_path / "moved"
+    argv = move_argv(tmp_path, gallery, moved)
+    moved.mkdir()  # an earlier run moved one member, then died
     shutil.move(paths[2], moved / "img_002.jpg")
     assert find_duplicates.main(argv) == 0
     printed = capsys.readouterr().out
     assert "moved 2 images" in printed and "(1 moved by an earlier run)" in printed and "--update_gallery" in printed
     assert [Path(p).exists() for p in paths] == [True, False, False, True, False, True]  # kept images stay
     assert sorted(p.name for p in moved.iterdir()) == ["img_001.jpg", "img_002.jpg", "img_004.jpg"]
-    frame = pd.read_csv(tmp_path / "d.csv", keep_default_na=False)
-    assert (frame["moved_to"] != "").sum() == 3  # the CSV records every move
+    assert sorted(check_against_disk(tmp_path / "d.csv").values()) == ["", "", "moved", "moved", "moved"]
     assert find_duplicates.main(argv + ["--update_gallery"]) == 0  # again: nothing left to move; the gallery shrinks
     assert read_embeddings(gallery).paths == [paths[0], paths[3], paths[5]]
-    with pytest.raises(PipelineError, match="go with --move_to"):
-        find_duplicates.main(argv[:-2] + ["--dry_run"])
+
+
+def test_a_refused_move_is_recorded_as_refused_and_the_others_happen(tmp_path, capsys):
+    gallery = gallery_of(tmp_path / "photos", MOVE_VECTORS)
+    paths, moved = read_embeddings(gallery).paths, tmp_path / "moved"
+    moved.mkdir()
+    (moved / "img_001.jpg").write_bytes(b"another picture")  # its destination holds another file
+    code = run_cli(find_duplicates.main, move_argv(tmp_path, gallery, moved))
+    err = capsys.readouterr().err
+    assert code != 0 and "1 of 3 moves were refused or failed" in err.strip().splitlines()[-1]
+    assert "refused: " + paths[1] in err
+    assert check_against_disk(tmp_path / "d.csv") == {"img_000.jpg": "", "img_001.jpg": "refused",
+                                                     "img_002.jpg": "moved", "img_003.jpg": "",
+                                                     "img_004.jpg": "moved"}
+    assert (moved / "img_001.jpg").read_bytes() == b"another picture"  # nothing overwritten
+
+
+def test_a_move_killed_half_way_loses_nothing_and_a_rerun_finishes(tmp_path, monkeypatch):
+    """Killed inside the second move (its hard link made, its source not yet removed), with the CSV's
+    statuses rewritten after every move: the CSV names only moves that happened; a rerun finishes."""
+    gallery = gallery_of(tmp_path / "photos", MOVE_VECTORS)
+    paths, moved = read_embeddings(gallery).paths, tmp_path / "moved"
+    monkeypatch.setattr(find_duplicates, "MOVE_BATCH", 1)
+    real_unlink, calls = find_duplicates.os.unlink, []
+
+    def killed_on_the_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for a kill between the link and the removal of the source
+        real_unlink(path)
+
+    monkeypatch.setattr(find_duplicates.os, "unlink", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        find_duplicates.main(move_argv(tmp_path, gallery, moved))
+    assert check_against_disk(tmp_path / "d.csv") == {"img_000.jpg": "", "img_001.jpg": "moved",
+                                                     "img_002.jpg": "planned", "img_003.jpg": "",
+                                                     "img_004.jpg": "planned"}
+    assert Path(paths[2]).exists() and (moved / "img_002.jpg").exists()  # both copies: nothing lost
+    monkeypatch.setattr(find_duplicates.os, "unlink", real_unlink)
+    assert find_duplicates.main(move_argv(tmp_path, gallery, moved)) == 0
+    assert set(check_against_disk(tmp_path / "d.csv").values()) == {"", "moved"}
+    assert sorted(p.name for p in moved.iterdir()) == ["img_001.jpg", "img_002.jpg", "img_004.jpg"]
+
+
+def test_unreadable_files_are_named_and_left_out_of_the_hash_pass(tmp_path, capsys):
+    same = b"the same bytes " * 10
+    gallery = gallery_of(tmp_path / "g", np.array([[0.0], [5.0], [9.0], [13.0]]), contents=[same, same, same, b"x"])
+    paths = read_embeddings(gallery).paths
+    Path(paths[2]).unlink()  # vanished since it was embedded
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--out", str(tmp_path / "d.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "1 files could not be read" in err and paths[2] in err
+    frame = pd.read_csv(tmp_path / "d.csv")
+    assert sorted(frame["path"]) == sorted(paths[:2])  # the two readable identical files: one group
 
 
 def test_calibrate_copies_picks_a_threshold_that_groups_a_planted_copy(prepared_master, tmp_path, capsys):

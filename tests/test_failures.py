@@ -31,7 +31,7 @@ from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 from deeprank.loaders import load_rgb
 from deeprank.sample_csv import read_triplet_csv
 
-SMALL_MODEL = dict(backbone="resnet18", image_size=32, embed_dim=8, weights="none")
+SMALL_MODEL = dict(backbone="small_cnn", image_size=32, embed_dim=8, weights="none")
 
 
 # ----------------------------------------------------------------------------- helpers

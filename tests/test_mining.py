@@ -10,6 +10,7 @@ import torch
 import train_net
 import triplet_sampler
 from conftest import FAST, read_log
+from deep_rank_net import build_backbone
 from deeprank import losses, training
 from deeprank.common import PipelineError
 from deeprank.loaders import PKBatchSampler
@@ -211,11 +212,9 @@ def test_distill_needs_pretrained_weights(prepared_master, tmp_path):
 
 def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_path):
     """--distill with --weights PATH: the teacher is that file's backbone, and the KL term falls."""
-    import torchvision
-
     torch.manual_seed(0)
-    weights = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    weights = tmp_path / "small_cnn.pth"
+    torch.save(build_backbone("small_cnn", "none", 32)[0].state_dict(), weights)
     flags = [f if f != "none" else str(weights) for f in FAST]
     out = tmp_path / "m.model"
     assert train_net.main(flags + ["--mining", "batch_all", "--data", str(prepared_master), "--classes_per_batch", "4",

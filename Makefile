@@ -1,6 +1,8 @@
 # Two commands for a fresh machine:  `make demo`  (whole pipeline)  and  `make test`.
 # Each creates the virtualenv first. The venv lives in a cache folder keyed by the
-# requirement files' contents, so it is built once per set of requirements.
+# requirement files' contents, so it is built once per set of requirements: its stamp depends on
+# nothing else (a fresh clone's newer file times do not rebuild it), and a lock lets two clones
+# that want the same venv at once build it once.
 PYTHON ?= python3
 REQS   := requirements.txt requirements-dev.txt requirements-faiss.txt
 VENV   ?= $(HOME)/.cache/deep-ranking/venv-$(shell cat $(REQS) | sha256sum | cut -c1-16)
@@ -9,11 +11,10 @@ DEMO   ?= demo_run
 
 .PHONY: venv test demo bench clean-demo
 
-$(VENV)/.installed: $(REQS)
-	rm -rf "$(VENV)"
-	$(PYTHON) -m venv "$(VENV)"
-	"$(PY)" -m pip install --quiet -r requirements.txt -r requirements-dev.txt
-	touch "$@"
+$(VENV)/.installed:
+	mkdir -p "$(dir $(VENV))"
+	flock "$(VENV).lock" sh -c 'test -f "$@" || { rm -rf "$(VENV)" && $(PYTHON) -m venv "$(VENV)" && \
+		"$(PY)" -m pip install --quiet -r requirements.txt -r requirements-dev.txt && touch "$@"; }'
 
 venv: $(VENV)/.installed
 

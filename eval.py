@@ -34,6 +34,7 @@ from deeprank.common import (
     PipelineError,
     atomic_write,
     check_output_path,
+    file_digest,
     non_negative_int,
     positive_int,
     print_args,
@@ -332,8 +333,15 @@ def write_eval_report(args, train, test, metrics, decisions, names):
     log_path = Path(model).with_name(f"{Path(model).stem}_log.jsonl")
     log = read_log(log_path) if log_path.is_file() else None
     header = test.header
-    config = {"test embeddings (queries)": args.test_embeddings, "train embeddings (references)": args.train_embeddings,
-              "checkpoint": model, "layer": header.get("layer", "embedding"), "tta": header.get("tta", "none"),
+
+    def shown(path):  # relative to the report's folder: the page moves with the run, and names no temp folder
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(args.report))
+
+    digest = header.get("checkpoint") or (file_digest(model) if os.path.isfile(model) else "unknown")
+    config = {"test embeddings (queries)": shown(args.test_embeddings),
+              "train embeddings (references)": shown(args.train_embeddings),
+              "checkpoint": f"{shown(model)} (sha256 {digest})", "layer": header.get("layer", "embedding"),
+              "tta": header.get("tta", "none"),
               "embedding precision": header.get("amp", "unknown"), "kNN precision": args.knn_precision,
               "k": metrics.get("k", args.k), "commit": project_commit(), "compared with": args.compare or "–"}
     return write_report(args.report, metrics, config, compare, log, grids, decisions)

@@ -14,7 +14,6 @@ line per epoch. Each batch's images go through the network in one forward pass.
 """
 
 import argparse
-import json
 import math
 import sys
 
@@ -66,8 +65,9 @@ from deeprank.loaders import (
     make_loader,
     preprocess_on_device,
 )
+from deeprank.loss_flags import ACTIVE_OF, check_loss_flags, given_flags, loss_flags
 from deeprank.loss_state import LossState
-from deeprank.losses import DISTANCES, MINERS, neighbour_kl
+from deeprank.losses import MINERS, neighbour_kl
 from deeprank.runtime import (
     COMPILE,
     COMPILE_CHOICES,
@@ -81,17 +81,18 @@ from deeprank.runtime import (
 )
 from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 from deeprank.training import (
+    BATCH_LAYOUTS,
     OPTIMS,
     EpochStats,
     Schedule,
     TrainedLayers,
     build_optimizer,
-    collapsed,
     compile_trained_layers,
+    resolve_batches,
     training_mode,
     unused_flags,
 )
-from deeprank.training_log import LOG_EVERY, TrainingLog, check_tensorboard
+from deeprank.training_log import LOG_EVERY, TrainingLog, check_tensorboard, earlier_log, report_epoch
 from deeprank.validation import pair_figures_of, triplet_accuracy_of
 
 # ---------------------------------------------------------------- hyperparameters
@@ -114,10 +115,12 @@ PA_ALPHA = 32.0            # proxy-anchor: the scale of its similarities (Kim et
 PA_DELTA = 0.1             # proxy-anchor: its margin
 PROXY_LR_MULT = 100.0      # proxy-anchor: the proxies' learning rate over --lr (the paper's 1e-2 over 1e-4)
 MEMORY = 0                 # cross-batch memory: the last N embeddings as more references (0: off; Wang et al. 2020)
+MEMORY_START = 0           # cross-batch memory: the global step it starts at (filled and used from there on)
 MARGIN = 1.0               # loss margin (the original's F.triplet_margin_loss default)
 DISTANCE = "euclidean"     # euclidean (the original's) | squared (the paper's) inside the loss
 WEIGHTS = "imagenet"       # imagenet | none | PATH to a local backbone state_dict
 AUGMENT = "flip"           # none | flip (the original's) | standard (crop + flip + colour)
+BATCHES = "csv"            # csv: rows of the triplet / pair CSV (original) | pk: P x K batches of --data's train split
 MINING = "none"            # none: pre-sampled CSV triplets (original) | batch_hard | batch_semihard | batch_all
 CLASSES_PER_BATCH = 16     # P of a P x K batch (online mining)
 IMAGES_PER_CLASS = 4       # K of a P x K batch (online mining)
@@ -126,15 +129,18 @@ DISTILL = 0.0              # weight of the pull toward the pretrained backbone's
 DISTILL_TEMPERATURE = 0.5  # softmax temperature of those neighbour distributions (standardised similarities)
 # ----------------------------------------------------------------
 
-LOSSES = ("triplet", "contrastive", "multi_similarity", "proxy_anchor")
 SCHEDULES = ("constant", "cosine")
 
 
 def build_parser():
     """train_net.py's flags; constants above are their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[dataset_flags(), seed_flag(), device_flag(),
-                                                                   workers_flag(), bad_image_flag(), preprocess_flag()],
+                                                                   workers_flag(), bad_image_flag(), preprocess_flag(),
+                                                                   loss_flags()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(loss=LOSS, margin=MARGIN, distance=DISTANCE, soft_margin=SOFT_MARGIN, ms_alpha=MS_ALPHA,
+                        ms_beta=MS_BETA, ms_base=MS_BASE, ms_epsilon=MS_EPSILON, pa_alpha=PA_ALPHA, pa_delta=PA_DELTA,
+                        proxy_lr_mult=PROXY_LR_MULT, memory=MEMORY, memory_start=MEMORY_START)
     a = parser.add_argument
     a("--epochs", type=non_negative_int, default=EPOCHS,
       help="epochs; 0 writes the untrained model (default: %(default)s)")
@@ -148,31 +154,6 @@ def build_parser():
     a("--schedule", default=SCHEDULE, choices=SCHEDULES, help="LR schedule (default: %(default)s)")
     a("--warmup_epochs", type=non_negative_float, default=WARMUP_EPOCHS,
       help="linear LR warm-up (default: %(default)s)")
-    a("--loss", default=LOSS, choices=LOSSES,
-      help="triplet: max(0, margin + D(q,p) - D(q,n)); contrastive: same * d^2 + (1 - same) * "
-           "max(0, margin - d)^2 on pairs (Hadsell, Chopra & LeCun 2006); multi_similarity: the pairs of each P x K "
-           "batch its miner keeps, weighted by their cosine similarities (Wang et al. 2019); proxy_anchor: each "
-           "image of a P x K batch against one learned proxy per class (Kim et al. 2020) (default: %(default)s)")
-    a("--ms_alpha", type=positive_float, default=MS_ALPHA, help="multi_similarity: positives' scale (default: "
-                                                                "%(default)s)")
-    a("--ms_beta", type=positive_float, default=MS_BETA, help="multi_similarity: negatives' scale (default: "
-                                                              "%(default)s)")
-    a("--ms_base", type=float, default=MS_BASE, help="multi_similarity: the similarity both terms are centred on "
-                                                     "(default: %(default)s)")
-    a("--ms_epsilon", type=non_negative_float, default=MS_EPSILON,
-      help="multi_similarity miner: a positive counts while less similar than the hardest negative + this, a "
-           "negative while more similar than the hardest positive - this (default: %(default)s)")
-    a("--pa_alpha", type=positive_float, default=PA_ALPHA, help="proxy_anchor: the similarities' scale (default: "
-                                                                "%(default)s)")
-    a("--pa_delta", type=non_negative_float, default=PA_DELTA, help="proxy_anchor: the margin (default: %(default)s)")
-    a("--proxy_lr_mult", type=positive_float, default=PROXY_LR_MULT,
-      help="proxy_anchor: the proxies' learning rate over --lr, on the same schedule (default: %(default)s)")
-    a("--memory", type=non_negative_int, default=MEMORY,
-      help="contrastive / multi_similarity on P x K batches: also pair each batch with the last N embeddings "
-           "(its own included; cross-batch memory, Wang et al. 2020), saved in checkpoints (0: off) "
-           "(default: %(default)s)")
-    a("--margin", type=non_negative_float, default=MARGIN, help="loss margin (default: %(default)s)")
-    a("--distance", default=DISTANCE, choices=DISTANCES, help="distance inside the loss (default: %(default)s)")
     a("--backbone", default=BACKBONE, choices=BACKBONES, help="backbone ConvNet (default: %(default)s)")
     a("--weights", default=WEIGHTS, help="imagenet | none | PATH to a backbone state_dict (default: %(default)s)")
     a("--trainable", default=TRAINABLE, choices=TRAINABLE_CHOICES,
@@ -193,14 +174,15 @@ def build_parser():
     a("--out", default=MODEL, help="final checkpoint; temp_net<epoch>.model go beside it (default: %(default)s)")
     a("--resume", default=None, help="continue from this checkpoint (same seed: same result)")
     a("--no_amp", action="store_true", help="train in fp32 even where bf16 autocast is available")
+    a("--batches", default=BATCHES, choices=BATCH_LAYOUTS,
+      help="csv: rows of --triplets (or --pairs), the original's; pk: P x K batches of --data's train split, each "
+           "image with its class, which every loss can take (--mining batch_* implies it) (default: %(default)s)")
     a("--mining", default=MINING, choices=("none",) + tuple(MINERS),
-      help="none: triplets from --triplets (original); else mine triplets online inside P x K batches "
-           "drawn from --data's train split (default: %(default)s)")
+      help="--loss triplet: none (CSV triplets), or the triplets mined inside each P x K batch (batch_all: every "
+           "one; with --batches pk, batch_all unless given) (default: %(default)s)")
     a("--classes_per_batch", type=positive_int, default=CLASSES_PER_BATCH,
       help="P, online mining (default: %(default)s)")
     a("--images_per_class", type=positive_int, default=IMAGES_PER_CLASS, help="K, online mining (default: %(default)s)")
-    a("--soft_margin", action="store_true", default=SOFT_MARGIN,
-      help="soft-margin loss softplus(d_ap - d_an) instead of the hinge")
     a("--distill", type=non_negative_float, default=DISTILL,
       help="weight of a second loss that keeps each image's batch neighbours as the pretrained backbone (a frozen "
            "copy of --weights) ranks them, against overfitting the classes (0: off) (default: %(default)s)")
@@ -228,29 +210,11 @@ def build_parser():
 
 def check_flags(args, cluster, device):
     """Refuse flag combinations no run can use, before anything is read or written (argparse
-    already refused values out of range): the loss's, --distill's, --sync_bn's on this device,
-    and under torchrun the global batch's split into equal shares (P x K: whole classes)."""
+    already refused values out of range; main, the loss flags): --distill's, --sync_bn's on this
+    device, and under torchrun the global batch's split into equal shares (P x K: whole classes)."""
     with model_errors():
         check_image_size(args.image_size)
     check_tensorboard(args.tensorboard)
-    if args.loss == "contrastive" and args.mining not in ("none", "batch_all"):
-        raise PipelineError(f"--loss contrastive takes pairs from --pairs (--mining none) or every pair of each "
-                            f"P x K batch (--mining batch_all), not --mining {args.mining}")
-    own = {"multi_similarity": "--ms_alpha / --ms_beta / --ms_base / --ms_epsilon",
-           "proxy_anchor": "--pa_alpha / --pa_delta / --proxy_lr_mult"}.get(args.loss)
-    if own and args.mining != "batch_all":
-        raise PipelineError(f"--loss {args.loss} takes the images of P x K batches with their classes: pass --mining "
-                            f"batch_all (with --data), not --mining {args.mining}")
-    if own and (args.soft_margin or args.distance != DISTANCE):
-        raise PipelineError(f"--soft_margin and --distance belong to the triplet loss; --loss {args.loss} uses "
-                            f"cosine similarities and {own}")
-    if args.memory and (args.mining == "none" or args.loss not in ("contrastive", "multi_similarity")):
-        raise PipelineError(f"--memory keeps the embeddings of earlier P x K batches for --loss contrastive or "
-                            f"multi_similarity with --mining batch_all, not --loss {args.loss} --mining {args.mining}; "
-                            f"drop --memory")
-    if args.loss == "contrastive" and (args.soft_margin or args.distance != DISTANCE):
-        raise PipelineError("--soft_margin and --distance belong to the triplet loss; the contrastive loss uses "
-                            "the Euclidean distance and --margin")
     if args.distill and args.weights == "none":
         raise PipelineError("--distill keeps the pretrained backbone's neighbourhoods: it needs --weights imagenet "
                             "or PATH, not none")
@@ -359,16 +323,20 @@ class Network:
         with autocast(self.device, self.amp):
             return self.trained(self.trunk(images) if self.trunk is not None else images, images).float()
 
-    def batch_loss(self, images, labels):
-        """(loss, stats) of one batch (uint8 images; class labels, pair flags or None): --loss's loss
-        (with its proxies and memory), plus --distill's neighbourhood term; of the global batch under
+    def batch_loss(self, images, labels, step):
+        """(loss, stats) of one batch (uint8 images; class labels, pair flags or None) at global step
+        `step`: --loss's loss (with its proxies, and its memory from --memory_start on: the batch is
+        enqueued after the loss), plus --distill's neighbourhood term; of the global batch under
         torchrun (stats["images"]: the images it holds)."""
         images = self.normalize(images)
         gather, a = self.cluster.gather, self.args
         emb = gather(self.embed(images), self.mode.columns)
         if labels is not None:
             labels = gather(labels.to(self.device), self.mode.label_columns, grad=False)
-        loss, stats = self.mode.loss(emb, labels, a, self.state)
+        memory = self.state.memory if step >= a.memory_start else None
+        loss, stats = self.mode.loss(emb, labels, a, self.state, memory)
+        if memory is not None:
+            memory.push(emb, labels)
         if self.teacher is not None:
             with autocast(self.device, self.amp):
                 target = gather(self.teacher(images), self.mode.columns, grad=False)
@@ -405,7 +373,7 @@ def train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_goo
         if not network.cluster.every_rank(images is not None):  # a batch left with no readable image (skipped)
             continue
         schedule.set_lr(epoch * steps + step)
-        loss, batch_stats = network.batch_loss(images, labels)
+        loss, batch_stats = network.batch_loss(images, labels, epoch * steps + step)
         if not torch.isfinite(loss):
             raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; training "
                                 f"stopped, last good checkpoint: {last_good or 'none'}; lower --lr or use --no_amp")
@@ -430,38 +398,14 @@ def check_validation_csvs(args):
             check_images_exist(unique_in_order(*read(csv)), csv, empty_ok=args.on_bad_image == "skip")
 
 
-def earlier_log(path, start_epoch):
-    """The log rows a resumed run keeps: those of the epochs its checkpoint had finished."""
-    if start_epoch == 0 or not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # not a log line (edited by hand, or another program's): left out
-            continue
-    return [row for row in rows if isinstance(row, dict) and row.get("epoch", 0) <= start_epoch]
-
-
-def report_epoch(row, total_epochs, skipped="", unit="triplets"):
-    """The epoch's summary line; warnings when the embedding has collapsed, or images were skipped."""
-    val = f", val triplet accuracy {100 * row['val_triplet_accuracy']:.2f}%" if "val_triplet_accuracy" in row else ""
-    val += f", val pair accuracy {100 * row['val_pair_accuracy']:.2f}%" if "val_pair_accuracy" in row else ""
-    val += f", distill KL {row['distill_kl']:.4f}" if "distill_kl" in row else ""
-    print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active {unit} "
-          f"{100 * row['active_share']:.1f}%, d(a,p) {row['mean_pos_distance']:.3f}, "
-          f"d(a,n) {row['mean_neg_distance']:.3f}{val}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s")
-    if skipped:
-        print(f"warning: {skipped}", file=sys.stderr)
-    if collapsed(row):
-        print("warning: the embedding has collapsed (all distances near zero); lower --lr, raise --margin, "
-              "or use --mining batch_semihard / --soft_margin", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    resolve_batches(args, given)
+    check_loss_flags(args, given)
     out = check_output_path(args.out)
     cluster, device = Cluster.start(args.device)
     return cluster.run(train, args, out, cluster, device)
@@ -510,7 +454,7 @@ def train(args, out, cluster, device):
         stats, out_of_time = train_one_epoch(network, optimizer, loader, schedule, epoch, steps, last_good,
                                              args.epochs, bad_images, log)
         metrics = stats.row(epoch + 1, optimizer.param_groups[0]["lr"])
-        metrics["world_size"] = cluster.world_size
+        metrics["world_size"], metrics["active_of"] = cluster.world_size, ACTIVE_OF[args.loss]
         bad_images.merge(cluster.gather_objects(bad_images.found))  # every rank's skips, for rank 0's report
         temp = folder / f"temp_net{epoch + 1}.model"
         if cluster.main:

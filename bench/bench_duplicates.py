@@ -33,7 +33,7 @@ virtualenv) and name it with --imagededup_path:
 --distances_out JSON keeps the measured copy distances for bench_duplicates_scale.py (the file in
 bench/copy_distances.json came from a model written by train_net.py --epochs 0 --backbone
 efficientnet_lite0 --weights imagenet --image_size 160, with --embed_flags "--layer backbone --tta
-flip"); --grid DIR draws half B's 20 largest groups (the README's picture is its first eight rows).
+flip"); --grid DIR draws half B's 20 largest groups (docs/duplicates.md's picture is its first eight rows).
 """
 
 import argparse

@@ -2,7 +2,7 @@
 planted near-copies, as a whole process: wall time, peak memory and recall of the planted pairs.
 
 The gallery models the real distances that bench_duplicates.py measured on the mini set
-(--distances, its --distances_out JSON; bench/copy_distances.json holds the run in the README):
+(--distances, its --distances_out JSON; bench/copy_distances.json holds the run in docs/duplicates.md):
 - images come in clusters of about --cluster_size; each cluster's spread is drawn so that the
   distance between two of its members follows the measured distance of a real image to its
   nearest non-copy (unit vectors c + noise, noise of squared norm s^2 = t / (2 - t) for a drawn t);

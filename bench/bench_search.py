@@ -8,7 +8,7 @@ that each reports its own peak memory (VmHWM):
   exact   the gallery loaded whole; the same queries by exact search (metrics.knn, as eval.py)
 recall@10: share of each query's exact 10 nearest that the index returns in its 10.
 
-    python -m bench.bench_search                       # the README's table (about 5 minutes here)
+    python -m bench.bench_search                       # docs/search.md's table (about 5 minutes here)
     python -m bench.bench_search --rows 200000 --nprobe 32
 """
 

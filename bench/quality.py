@@ -69,26 +69,27 @@ import transform_validation
 import triplet_sampler
 from deeprank.common import file_digest
 from deeprank.datasets import detect_layout, list_split, split_by_fraction
+from deeprank.loss_flags import LOSSES
 from deeprank.runtime import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- the recommended recipe
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image_size", "160"]
-# the shared recipe every loss of --losses trains over; with train_net.py's default loss (the paper's
-# triplet loss, batch-all mined, margin 0.1) it is the triplet recipe, recommended before --losses compared
-BASE = ["--mining", "batch_all", "--classes_per_batch", "16", "--images_per_class", "4",
+# the shared recipe every loss of --losses trains over (P x K batches: every triplet of the triplet loss,
+# batch-all mined; every pair of the pair losses)
+BASE = ["--batches", "pk", "--classes_per_batch", "16", "--images_per_class", "4",
         "--optim", "adam", "--lr", "0.0002", "--head_lr_mult", "10", "--weight_decay", "0.0005",
         "--schedule", "cosine", "--warmup_epochs", "0.3", "--augment", "standard", "--trainable", "all",
-        "--margin", "0.1", "--embed_dim", "512"]
-# the best measured row of --losses (README, "Comparing losses"): every pair of each P x K batch
+        "--embed_dim", "512"]
+# the paper's triplet loss at margin 0.1 over BASE: the recipe recommended before --losses compared losses
+TRIPLET = BASE + ["--loss", "triplet", "--margin", "0.1"]
+# the best measured row of --losses (docs/training.md, "Comparing losses"): every pair of each P x K batch
 RECOMMENDED = BASE + ["--loss", "contrastive", "--margin", "0.8"]
 EMBED = ["--tta", "flip"]  # every model (baselines too) embeds each image and its mirror image
 DECISION_KEYS = ("pair_accuracy", "pair_roc_auc", "pair_f1", "pair_threshold", "triple_accuracy", "triple_f1",
                  "triple_threshold")
-# --losses: each loss over BASE, and its grid of hyperparameters to tune (on train images only);
-# NAME+memory is NAME with its tuned flags and a grid of --memory sizes
-LOSS_FLAGS = {"triplet": ["--loss", "triplet"], "contrastive": ["--loss", "contrastive"],
-              "multi_similarity": ["--loss", "multi_similarity"], "proxy_anchor": ["--loss", "proxy_anchor"]}
+# --losses: each loss (train_net.py --loss NAME) over BASE, and its grid of hyperparameters to tune (on
+# train images only); NAME+memory is NAME with its tuned flags and a grid of --memory sizes
 LOSS_GRIDS = {"triplet": [["--margin", "0.1"], ["--margin", "0.2"]],
               "contrastive": [["--margin", "1.0"], ["--margin", "0.8"]],
               "multi_similarity": [["--ms_base", "0.5"], ["--ms_base", "0.75"]],
@@ -96,7 +97,7 @@ LOSS_GRIDS = {"triplet": [["--margin", "0.1"], ["--margin", "0.2"]],
               "memory": [["--memory", "1024"], ["--memory", "2048"]]}
 TUNE_FRACTION = 0.25  # of each class's train images: the tuning stage's held-out queries
 TEST_FRACTION = 0.2   # of each class's train images (seed 0): the test split no choice reads
-RECIPES = {"triplet": BASE, "recommended": RECOMMENDED}  # --recipes: the final stage of fixed recipes
+RECIPES = {"triplet": TRIPLET, "recommended": RECOMMENDED}  # --recipes: the final stage of fixed recipes
 # the files whose code trains, embeds and scores a run: a kept run made by other code is not read back
 CODE_FILES = ("train_net.py", "gen_embeddings.py", "eval.py", "triplet_sampler.py", "transform_validation.py",
               "deep_rank_net.py", "deeprank/*.py", "deeprank/*/*.py")
@@ -173,7 +174,7 @@ def main_decisions(args, work, data, prep_s):
     csvs = {kind: decision_csvs(work, data, kind, args.seed) for kind in ("pairs", "triples")}
     common = BACKBONE + ["--data", str(data), "--seed", str(args.seed)]
     result = {"data": str(args.data), "task": args.task, "minutes": args.minutes, "backbone": " ".join(BACKBONE),
-              "recommended_flags": " ".join(RECOMMENDED), "triplet_flags": " ".join(BASE)}
+              "recommended_flags": " ".join(RECOMMENDED), "triplet_flags": " ".join(TRIPLET)}
     untrained = work / "untrained.model"
     start = time.perf_counter()
     stage(train_net.main, common + RECOMMENDED + ["--epochs", "0", "--out", str(untrained)])
@@ -181,7 +182,7 @@ def main_decisions(args, work, data, prep_s):
     scoring_s = time.perf_counter() - start
     train_minutes = max(1.0, (args.minutes * 60 - prep_s - 1.2 * scoring_s) / 60)
     result["train_minutes"] = None if args.epochs else round(train_minutes, 2)
-    for name, flags in (("recommended", RECOMMENDED + args.flags.split()), ("triplet", BASE + args.flags.split())):
+    for name, flags in (("recommended", RECOMMENDED + args.flags.split()), ("triplet", TRIPLET + args.flags.split())):
         (work / name).mkdir(exist_ok=True)
         model = work / name / "deepranknet.model"
         budget = (["--epochs", str(args.epochs)] if args.epochs else
@@ -350,8 +351,8 @@ def main_losses(args, work, data, view):
     final stage alone, for those fixed recipes. view: the held-out test split's dataset."""
     names = (args.losses or "").split(",") if not args.recipes else []
     for name in names:
-        if name.removesuffix("+memory") not in LOSS_FLAGS:
-            raise SystemExit(f"--losses: unknown {name}; choose among {', '.join(LOSS_FLAGS)} (NAME+memory: with "
+        if name.removesuffix("+memory") not in LOSSES:
+            raise SystemExit(f"--losses: unknown {name}; choose among {', '.join(LOSSES)} (NAME+memory: with "
                              f"cross-batch memory)")
     recipes = args.recipes.split(",") if args.recipes else []
     for name in recipes:
@@ -372,24 +373,24 @@ def main_losses(args, work, data, view):
         tuned = result["chosen"][base] if base != name else []  # NAME+memory: NAME's, then the memory size
         grid = LOSS_GRIDS["memory" if base != name else base]
         tried = [(point, runs.get("tune", f"{name}_{'_'.join(point).replace('--', '')}",
-                                  BASE + LOSS_FLAGS[base] + tuned + point, args.tune_minutes, args.seed,
+                                  BASE + ["--loss", base] + tuned + point, args.tune_minutes, args.seed,
                                   tune_data, tune_split, csvs=None)) for point in grid]
         result["tune"][name] = [{**r, "flags": " ".join(point)} for point, r in tried]
         result["chosen"][name] = tuned + max(tried, key=lambda t: t[1]["map_at_r"])[0]
     if args.stop_after == "tune":
         return finish(result)
-    flags_of = {name: BASE + LOSS_FLAGS[name.removesuffix("+memory")] + result["chosen"][name] for name in names}
+    flags_of = {name: BASE + ["--loss", name.removesuffix("+memory")] + result["chosen"][name] for name in names}
     result["screen"] = {name: runs.get("screen", name, flags_of[name], args.screen_minutes, 0, data)
                         for name in names}
     if args.stop_after == "screen":
         return finish(result)
     best = sorted(names, key=lambda n: result["screen"][n]["map_at_r"], reverse=True)[:2]  # chosen on val
     result["best_two"] = best
-    # the final stage: the triplet recipe (BASE, recommended before this comparison), the best two and
+    # the final stage: the triplet recipe (recommended before this comparison), the best two and
     # today's recommended recipe, each recipe once: flags train_net.py parses to the same run (the
-    # triplet loss at margin 0.1 is BASE itself) are one recipe
+    # triplet loss tuned to margin 0.1 is TRIPLET itself) are one recipe
     parser, finals = train_net.build_parser(), {}
-    for name, flags in [("triplet", BASE), *((n, flags_of[n]) for n in best), ("recommended", RECOMMENDED)]:
+    for name, flags in [("triplet", TRIPLET), *((n, flags_of[n]) for n in best), ("recommended", RECOMMENDED)]:
         if vars(parser.parse_args(flags)) not in [vars(parser.parse_args(f)) for f in finals.values()]:
             finals[name] = flags
     return final_stage(result, runs, finals, args, data, csvs)

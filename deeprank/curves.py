@@ -11,17 +11,21 @@ them, step records ({"record": "step", "step": global step, ...}) every few step
 """
 
 import json
+import textwrap
 from pathlib import Path
 
 from deeprank.common import PipelineError, atomic_write
 
 # (panel title, log keys drawn in it)
-PANELS = (("loss", ("loss",)), ("active share (loss > 0)", ("active_share",)),
+ACTIVE_PANEL = "active share"
+PANELS = (("loss", ("loss",)), (ACTIVE_PANEL, ("active_share",)),
           ("mean distance", ("mean_pos_distance", "mean_neg_distance")), ("learning rate (new layers)", ("lr",)),
           ("validation", ("val_triplet_accuracy", "val_pair_accuracy", "val_pair_roc_auc")))
 LABELS = {"mean_pos_distance": "d(anchor, positive)", "mean_neg_distance": "d(anchor, negative)",
           "val_triplet_accuracy": "val triplet accuracy", "val_pair_accuracy": "val pair accuracy",
           "val_pair_roc_auc": "val pair ROC AUC"}
+TITLE_CHARS = 50  # the picture's title wraps at this many characters a panel's width ...
+PANEL_CHARS = 45  # ... a panel's title at this many
 TITLE_FLAGS = ("backbone", "image_size", "embed_dim", "loss", "mining", "classes_per_batch", "images_per_class",
                "batch_size", "optim", "lr", "trainable")
 
@@ -90,6 +94,16 @@ def title_of(flags):
     return ", ".join(f"{key} {flags[key]}" for key in TITLE_FLAGS if flags.get(key) is not None)
 
 
+def panel_title(name, runs):
+    """A panel's title; the active-share panel's says what the first run's loss counts there (its
+    epoch records' active_of; logs from before it was written: the triplet loss's hinge)."""
+    if name != ACTIVE_PANEL:
+        return name
+    counts = next((row["active_of"] for row in runs[0].epochs + runs[0].steps if row.get("active_of")),
+                  "triplets with loss > 0")
+    return textwrap.fill(f"active share: {counts}", PANEL_CHARS)
+
+
 def draw_curves(runs, out, title=None):
     """Write curves_png(runs, title) to out, atomically; returns out."""
     data = curves_png(runs, title)
@@ -126,8 +140,8 @@ def curves_png(runs, title=None):
         for spare in axes[len(panels):]:
             spare.set_visible(False)
         for ax, (name, keys) in zip(axes, panels, strict=False):
-            draw_panel(ax, name, keys, runs)
-        figure.suptitle(title if title is not None else title_of(runs[0].flags))
+            draw_panel(ax, panel_title(name, runs), keys, runs)
+        figure.suptitle(textwrap.fill(title if title is not None else title_of(runs[0].flags), TITLE_CHARS * columns))
 
     return figure_png(draw, (4.6 * columns, 3.6 * rows))
 

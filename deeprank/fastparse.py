@@ -21,7 +21,8 @@ _KERNEL = None
 
 
 def available():
-    """True when numba is installed and the kernel compiles (once per process, cached on disk)."""
+    """True when numba is installed and the kernel compiles (once; later processes load it from
+    numba's on-disk cache, deeprank/__pycache__ or NUMBA_CACHE_DIR)."""
     return _kernel() is not None
 
 
@@ -43,114 +44,122 @@ def _kernel():
 
 
 def _build(cache):
+    """The compiled kernel. The kernels are module-level functions (numba caches a closure under a
+    new key in every process: the cache never hit and grew by a file a run); the line parser is
+    bound to its module-level name before the block parser that calls it is compiled."""
     import numba
 
-    pow10 = _POW10
+    global _parse_line, prange
+    prange = numba.prange
+    _parse_line = numba.njit(cache=cache, nogil=True, boundscheck=False)(_parse_line_py)
+    return numba.njit(cache=cache, parallel=True, nogil=True, boundscheck=False)(_parse_lines_py)
 
-    @numba.njit(cache=cache, nogil=True, boundscheck=False)
-    def parse_line(buf, start, end, dim, out, row, tabs):
-        """Parse one line into out[row]; tabs[row] = (first tab, second tab). False if not handled."""
-        if end > start and buf[end - 1] == 13:  # CRLF
-            end -= 1
-        pos = start
-        while pos < end and buf[pos] != 9:
-            pos += 1
-        if pos == start or pos >= end:
-            return False
-        tabs[row, 0] = pos
+
+_parse_line = None  # the compiled _parse_line_py, once _build has run
+prange = range      # numba.prange, once _build has run
+
+
+def _parse_line_py(buf, start, end, dim, out, row, tabs):
+    """Parse one line into out[row]; tabs[row] = (first tab, second tab). False if not handled."""
+    if end > start and buf[end - 1] == 13:  # CRLF
+        end -= 1
+    pos = start
+    while pos < end and buf[pos] != 9:
         pos += 1
-        label = pos
-        while pos < end and buf[pos] != 9:
-            pos += 1
-        if pos == label or pos >= end:
-            return False
-        tabs[row, 1] = pos
+    if pos == start or pos >= end:
+        return False
+    tabs[row, 0] = pos
+    pos += 1
+    label = pos
+    while pos < end and buf[pos] != 9:
         pos += 1
-        n = 0
-        while True:
-            while pos < end and buf[pos] == 32:
-                pos += 1
-            if pos >= end:
+    if pos == label or pos >= end:
+        return False
+    tabs[row, 1] = pos
+    pos += 1
+    n = 0
+    while True:
+        while pos < end and buf[pos] == 32:
+            pos += 1
+        if pos >= end:
+            break
+        if n >= dim:
+            return False
+        negative = False
+        c = buf[pos]
+        if c == 45 or c == 43:  # - +
+            negative = c == 45
+            pos += 1
+        mantissa = 0
+        first = pos
+        # the integer and fraction digit loops are written out twice on purpose: one shared
+        # njit helper returning (mantissa, pos) measured 25% slower (651 -> 485 MB/s per core)
+        while pos < end:
+            digit = np.int64(buf[pos]) - 48
+            if digit < 0 or digit > 9:
                 break
-            if n >= dim:
-                return False
-            negative = False
-            c = buf[pos]
-            if c == 45 or c == 43:  # - +
-                negative = c == 45
-                pos += 1
-            mantissa = 0
+            mantissa = mantissa * 10 + digit
+            pos += 1
+        digits = pos - first
+        exponent = 0
+        if pos < end and buf[pos] == 46:  # .
+            pos += 1
             first = pos
-            # the integer and fraction digit loops are written out twice on purpose: one shared
-            # njit helper returning (mantissa, pos) measured 25% slower (651 -> 485 MB/s per core)
             while pos < end:
                 digit = np.int64(buf[pos]) - 48
                 if digit < 0 or digit > 9:
                     break
                 mantissa = mantissa * 10 + digit
                 pos += 1
-            digits = pos - first
-            exponent = 0
-            if pos < end and buf[pos] == 46:  # .
+            exponent = first - pos
+            digits -= exponent
+        if digits == 0 or digits > 18 or mantissa > 9007199254740992:  # 2**53: exact as a float64
+            return False
+        if pos < end and (buf[pos] == 101 or buf[pos] == 69):  # e E
+            pos += 1
+            sign = 1
+            if pos < end and (buf[pos] == 45 or buf[pos] == 43):
+                if buf[pos] == 45:
+                    sign = -1
                 pos += 1
-                first = pos
-                while pos < end:
-                    digit = np.int64(buf[pos]) - 48
-                    if digit < 0 or digit > 9:
-                        break
-                    mantissa = mantissa * 10 + digit
-                    pos += 1
-                exponent = first - pos
-                digits -= exponent
-            if digits == 0 or digits > 18 or mantissa > 9007199254740992:  # 2**53: exact as a float64
-                return False
-            if pos < end and (buf[pos] == 101 or buf[pos] == 69):  # e E
+            power = 0
+            power_digits = 0
+            while pos < end and 48 <= buf[pos] <= 57:
+                if power < 10000:
+                    power = power * 10 + (buf[pos] - 48)
+                power_digits += 1
                 pos += 1
-                sign = 1
-                if pos < end and (buf[pos] == 45 or buf[pos] == 43):
-                    if buf[pos] == 45:
-                        sign = -1
-                    pos += 1
-                power = 0
-                power_digits = 0
-                while pos < end and 48 <= buf[pos] <= 57:
-                    if power < 10000:
-                        power = power * 10 + (buf[pos] - 48)
-                    power_digits += 1
-                    pos += 1
-                if power_digits == 0:
-                    return False
-                exponent += sign * power
-            if pos < end and buf[pos] != 32:
+            if power_digits == 0:
                 return False
-            value = float(mantissa)
-            if mantissa != 0:
-                if exponent > 22 or exponent < -22:
-                    return False
-                if exponent >= 0:
-                    value = value * pow10[exponent]
-                else:
-                    value = value / pow10[-exponent]
-            if negative:
-                value = -value
-            out[row, n] = np.float32(value)
-            n += 1
-        return n == dim
+            exponent += sign * power
+        if pos < end and buf[pos] != 32:
+            return False
+        value = float(mantissa)
+        if mantissa != 0:
+            if exponent > 22 or exponent < -22:
+                return False
+            if exponent >= 0:
+                value = value * _POW10[exponent]
+            else:
+                value = value / _POW10[-exponent]
+        if negative:
+            value = -value
+        out[row, n] = np.float32(value)
+        n += 1
+    return n == dim
 
-    @numba.njit(cache=cache, parallel=True, nogil=True, boundscheck=False)
-    def parse_lines(buf, starts, ends, dim, out, tabs):
-        """Parse lines i (bytes starts[i]:ends[i] of buf) into out[i]; returns the first line not
-        handled, or -1."""
-        count = len(starts)
-        bad = np.full(count, False)
-        for i in numba.prange(count):
-            bad[i] = not parse_line(buf, starts[i], ends[i], dim, out, i, tabs)
-        for i in range(count):
-            if bad[i]:
-                return i
-        return -1
 
-    return parse_lines
+def _parse_lines_py(buf, starts, ends, dim, out, tabs):
+    """Parse lines i (bytes starts[i]:ends[i] of buf) into out[i]; returns the first line not
+    handled, or -1."""
+    count = len(starts)
+    bad = np.full(count, False)
+    for i in prange(count):
+        bad[i] = not _parse_line(buf, starts[i], ends[i], dim, out, i, tabs)
+    for i in range(count):
+        if bad[i]:
+            return i
+    return -1
 
 
 def _line_ends(data, size):

@@ -226,18 +226,27 @@ def decision_metrics(scores, labels, threshold):
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
 
 
-def roc_auc(scores, labels):
-    """Area under the ROC curve of 'lower score means positive': the chance that a random positive
-    scores below a random negative, ties counting half (Mann-Whitney, average ranks)."""
+def roc_curve(scores, labels):
+    """(fpr, tpr, cuts) of 'positive when score < t' at every cut between distinct scores, from (0, 0)
+    to (1, 1): point i calls the scores up to cuts[i - 1] positive; tied scores move together (one
+    diagonal step). The ROC of eval's pair decisions and of the report's picture."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if not positives or not negatives:
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.append(s[1:] != s[:-1], True)  # the last of each run of tied scores
+    tpr = np.concatenate([[0.0], np.cumsum(y)[last] / max(1, int(y.sum()))])
+    fpr = np.concatenate([[0.0], np.cumsum(~y)[last] / max(1, int((~y).sum()))])
+    return fpr, tpr, s[last]
+
+
+def roc_auc(scores, labels):
+    """Area under roc_curve (trapezoids): the chance that a random positive scores below a random
+    negative, ties counting half (Mann-Whitney)."""
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
         return float("nan")
-    # rank 1 = the highest score (the most 'negative'); a tie group shares its average rank
-    _, inverse, counts = np.unique(-scores, return_inverse=True, return_counts=True)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # average rank of each tie group
-    ranks = (first + (counts + 1) / 2)[inverse]
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def pair_scores(vectors_a, vectors_b):

@@ -15,6 +15,7 @@ import numpy as np
 
 from deeprank.common import atomic_write
 from deeprank.curves import curves_png, figure_png
+from deeprank.metrics import roc_curve
 
 # metric key -> (name shown, definition); {k} is the run's k
 DEFINITIONS = {
@@ -66,13 +67,10 @@ def decision_pictures(kind, scores, labels, threshold):
 
     def roc(figure):
         ax = figure.subplots()
-        order = np.argsort(scores, kind="stable")
-        hits = labels[order]
-        tpr = np.concatenate([[0], np.cumsum(hits) / max(1, hits.sum())])
-        fpr = np.concatenate([[0], np.cumsum(~hits) / max(1, (~hits).sum())])
+        fpr, tpr, cuts = roc_curve(scores, labels)
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        at = np.searchsorted(scores[order], threshold)  # the decision: 'same' below the threshold
+        at = np.searchsorted(cuts, threshold)  # the decision: 'same' below the threshold
         ax.plot([fpr[at]], [tpr[at]], "o", color="black", label="the threshold")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")

@@ -22,12 +22,12 @@ from deeprank.loaders import BadImages, ImageList, Normalize, image_batch, load_
 COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
 COMPILE_CHOICES = ("auto", "on", "off")
 # --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type:
-# on a CPU about the break-even measured for resnet101; on CUDA an estimate, not a measurement (README, "Whole
-# jobs on this CPU" and "A busy GPU").
+# on a CPU about the break-even measured for resnet101; on CUDA an estimate, not a measurement
+# (docs/benchmarks.md, "Whole jobs on this CPU"; docs/distributed.md, "A busy GPU").
 COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
 # Images per forward pass where no flag chooses: a CPU pass holds CPU_PASS_PIXELS (16 images of 224 px, more of
 # smaller ones, at most BATCH), also through frozen layers when a training batch is larger, the sizes measured
-# fastest there (README, "Whole jobs on this CPU"); CUDA passes BATCH (not measured).
+# fastest there (docs/benchmarks.md, "Whole jobs on this CPU"); CUDA passes BATCH (not measured).
 BATCH = 64
 CPU_PASS_PIXELS = 16 * 224 * 224
 TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
@@ -145,7 +145,7 @@ class FrozenRunner:
 
     Compiled with freeze (see freeze_when_compiling), torch.compile's inductor freezes the weights
     as constants: BatchNorm folds into the convolutions, weights are packed once for oneDNN, and
-    element-wise ops fuse (ResNet-101, 224 px, bf16: see the README's speed table); without
+    element-wise ops fuse (ResNet-101, 224 px, bf16: see docs/benchmarks.md's speed table); without
     freeze the compiled code is cached on disk for later runs. Larger batches pass in chunks of
     batch_size rows, and compiled, smaller ones are zero-padded to batch_size rows (rows are
     independent in eval mode), so one graph serves every batch. If compiling fails (no

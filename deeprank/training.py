@@ -3,7 +3,7 @@ pairs, P x K batches with online mining), the optimiser and learning-rate schedu
 that train, and an epoch's running statistics.
 
     mode = training_mode(args)          # its dataset, batch layout and loss, decided once
-    loss, stats = mode.loss(embeddings, labels, args, state)   # state: deeprank.loss_state.LossState
+    loss, stats = mode.loss(embeddings, labels, args, state, memory)   # state: deeprank.loss_state.LossState
 """
 
 import math
@@ -25,6 +25,7 @@ from deeprank.loaders import (
     pair_batch,
     triplet_batch,
 )
+from deeprank.loss_flags import EVERY_LOSS_FLAG, LOSS_FLAGS
 from deeprank.losses import multi_similarity_loss, pair_loss, proxy_anchor_loss, ranking_loss
 from deeprank.sample_csv import read_pair_csv, read_triplet_csv
 
@@ -53,7 +54,7 @@ class CsvTriplets:
         q, p, n = self.rows
         return TripletImages(q, p, n, size(q), augment)
 
-    def loss(self, emb, labels, args, state):
+    def loss(self, emb, labels, args, state, memory=None):
         return ranking_loss(emb, None, args.mining, args.margin, args.distance, args.soft_margin)
 
 
@@ -73,7 +74,7 @@ class CsvPairs:
         first, second, same = self.rows
         return PairImages(first, second, same, size(first), augment)
 
-    def loss(self, emb, same, args, state):
+    def loss(self, emb, same, args, state, memory=None):
         return pair_loss(emb, None, same, args.margin)
 
 
@@ -81,7 +82,8 @@ class PKBatches:
     """--mining batch_*: P classes x K images of --data's train split a batch, labelled by class
     0..classes-1; the loss mines its triplets inside the batch (contrastive: takes every pair;
     multi-similarity: mines pairs; proxy-anchor: pairs each image with every class's proxy), and
-    with --memory also against the memory's earlier embeddings (XBM's two terms, weight 1)."""
+    with a memory (--memory, from --memory_start on) also against its earlier embeddings (XBM's two
+    terms, weight 1). The loss reads the memory and changes nothing: the caller enqueues the batch."""
 
     columns = label_columns = 1
     unused = ("triplets", "pairs", "batch_size")
@@ -100,7 +102,7 @@ class PKBatches:
     def dataset(self, size, augment):
         return LabelledImages(self.paths, self.codes, size(self.paths), augment)
 
-    def loss(self, emb, labels, args, state):
+    def loss(self, emb, labels, args, state, memory=None):
         if args.loss == "triplet":
             return ranking_loss(emb, labels, args.mining, args.margin, args.distance, args.soft_margin)
         if args.loss == "proxy_anchor":
@@ -109,9 +111,8 @@ class PKBatches:
         pairs = (partial(pair_loss, emb, labels, None, args.margin) if args.loss == "contrastive" else
                  partial(multi_similarity_loss, emb, labels, *ms))
         loss, stats = pairs()
-        if state.memory is not None:  # the batch against the memory, the batch's own rows included
-            loss = loss + pairs(*state.memory.references(emb, labels))[0]
-            state.memory.push(emb, labels)
+        if memory is not None:  # the batch against the memory, the batch's own rows included
+            loss = loss + pairs(*memory.references(emb, labels))[0]
         return loss, stats
 
 
@@ -120,16 +121,28 @@ def mode_of(args):
     return PKBatches if args.mining != "none" else CsvPairs if args.loss == "contrastive" else CsvTriplets
 
 
-MS_FLAGS = ("ms_alpha", "ms_beta", "ms_base", "ms_epsilon")  # the multi-similarity loss's own
-PA_FLAGS = ("pa_alpha", "pa_delta", "proxy_lr_mult")         # the proxy-anchor loss's own
-LOSS_FLAGS = {"triplet": ("margin", "distance", "soft_margin"), "contrastive": ("margin", "memory"),
-              "multi_similarity": MS_FLAGS + ("memory",), "proxy_anchor": PA_FLAGS}
+BATCH_LAYOUTS = ("csv", "pk")
+
+
+def resolve_batches(args, given):
+    """--batches and --mining as one choice (given: the flags the command line gave): --batches pk
+    without --mining mines batch_all (for the triplet loss: every triplet; the other losses take
+    every image anyway); --mining batch_* means P x K batches (the old spelling, kept); args.batches
+    is then what the run does. A CSV layout asked for with a miner is refused."""
+    if args.batches == "pk" and args.mining == "none":
+        if "mining" in given:
+            raise PipelineError("--batches pk mines inside P x K batches: pass --mining batch_all, batch_hard or "
+                                "batch_semihard (or leave --mining out), not none")
+        args.mining = "batch_all"
+    elif "batches" in given and args.batches == "csv" and args.mining != "none":
+        raise PipelineError(f"--mining {args.mining} mines inside P x K batches: pass --batches pk, not csv")
+    args.batches = "pk" if args.mining != "none" else "csv"
 
 
 def unused_flags(args):
-    """The flags this run does not read (its mode's, the other losses', and --distill's temperature
-    without --distill)."""
-    others = {flag for flags in LOSS_FLAGS.values() for flag in flags} - set(LOSS_FLAGS[args.loss])
+    """The flags this run does not read (its mode's, the other losses', --memory_start without a
+    memory, and --distill's temperature without --distill)."""
+    others = set(EVERY_LOSS_FLAG) - set(LOSS_FLAGS[args.loss]) | (set() if args.memory else {"memory_start"})
     return mode_of(args).unused + tuple(sorted(others)) + (() if args.distill else ("distill_temperature",))
 
 
@@ -236,7 +249,7 @@ class TrainedLayers(torch.nn.Module):
 
 def compile_trained_layers(device):
     """Whether the layers that train are compiled too (forward and backward) when compiling: on
-    CUDA only; on a CPU it did not repay its compiling time (README, "Speed benchmarks")."""
+    CUDA only; on a CPU it did not repay its compiling time (docs/benchmarks.md, "Speed benchmarks")."""
     return device.type == "cuda"
 
 

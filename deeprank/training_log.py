@@ -1,5 +1,8 @@
 """A training run's record: <out stem>_log.jsonl (an epoch record per finished epoch and, between
-them, a step record every --log_every steps and at least every STEP_SECONDS), rewritten atomically;
+them, a step record every --log_every steps and at least every STEP_SECONDS): the run's first
+record rewrites the file from the records it keeps (a resumed run's earlier epochs), atomically;
+each later record is one line appended by a single write (O(1) a record, where rewriting grew with
+the run), so a record, an epoch's above all, is in the file whole or not at all;
 <out stem>_curves.png redrawn after every epoch (deeprank.curves); progress lines on stdout when
 it is not a terminal (where tqdm's bar is off); and, with --tensorboard DIR, the same scalars for
 TensorBoard. Rank 0 keeps it; other ranks keep none.
@@ -11,11 +14,13 @@ TensorBoard. Rank 0 keeps it; other ranks keep none.
 
 import importlib.util
 import json
+import os
 import sys
 import time
 
 from deeprank.common import PipelineError, atomic_write
 from deeprank.curves import RunLog, draw_curves, title_of
+from deeprank.training import collapsed
 
 LOG_EVERY = 50      # a step record every this many steps (--log_every) ...
 STEP_SECONDS = 30   # ... and at least every this many seconds
@@ -42,6 +47,7 @@ class TrainingLog:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tensorboard))
         self.last_time, self.last_step = time.perf_counter(), 0
+        self.started = False  # the file rewritten from self.rows yet
 
     def step(self, epoch, step, steps, global_step, stats, lr):
         """After each step (counted from 1 in its epoch): a step record when --log_every steps or
@@ -53,7 +59,7 @@ class TrainingLog:
                "seconds": round(stats.elapsed(), 2)}
         self.last_time, self.last_step = now, step
         self.rows.append(row)
-        self._write()
+        self._append(row)
         self._scalars("step", row, global_step)
         if self.lines:
             print(f"epoch {epoch + 1} step {step}/{steps}: loss {row['loss']:.4f}, "
@@ -63,7 +69,7 @@ class TrainingLog:
         """The epoch record: into the log, the curves redrawn, the scalars written."""
         self.rows.append(row)
         self.last_step = 0
-        self._write()
+        self._append(row)
         self._scalars("epoch", row, global_step)
         draw_curves([RunLog.from_rows(self.path.name.removesuffix("_log.jsonl"), self.rows, self.flags)],
                     self.curves_path, title_of(self.flags))
@@ -72,9 +78,19 @@ class TrainingLog:
         if self.writer is not None:
             self.writer.close()
 
-    def _write(self):
-        with atomic_write(self.path) as handle:  # a run that fails or is killed never leaves half a log
-            handle.write("".join(json.dumps(row) + "\n" for row in self.rows))
+    def _append(self, row):
+        """Add a record (already in self.rows): the first of the run rewrites the file from every kept
+        record, atomically; later ones are one line added by a single write to an O_APPEND file."""
+        if not self.started:
+            with atomic_write(self.path) as handle:
+                handle.write("".join(json.dumps(kept) + "\n" for kept in self.rows))
+            self.started = True
+            return
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(descriptor, (json.dumps(row) + "\n").encode("utf-8"))
+        finally:
+            os.close(descriptor)
 
     def _scalars(self, kind, row, global_step):
         if self.writer is None:
@@ -83,3 +99,31 @@ class TrainingLog:
             if row.get(key) is not None:
                 self.writer.add_scalar(f"{kind}/{key}", row[key], global_step)
         self.writer.flush()
+
+
+def earlier_log(path, start_epoch):
+    """The log rows a resumed run keeps: those of the epochs its checkpoint had finished."""
+    if start_epoch == 0 or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # not a log line (edited by hand, or another program's): left out
+            continue
+    return [row for row in rows if isinstance(row, dict) and row.get("epoch", 0) <= start_epoch]
+
+
+def report_epoch(row, total_epochs, skipped="", unit="triplets"):
+    """The epoch's summary line; warnings when the embedding has collapsed, or images were skipped."""
+    val = f", val triplet accuracy {100 * row['val_triplet_accuracy']:.2f}%" if "val_triplet_accuracy" in row else ""
+    val += f", val pair accuracy {100 * row['val_pair_accuracy']:.2f}%" if "val_pair_accuracy" in row else ""
+    val += f", distill KL {row['distill_kl']:.4f}" if "distill_kl" in row else ""
+    print(f"epoch {row['epoch']}/{total_epochs}: loss {row['loss']:.4f}, active {unit} "
+          f"{100 * row['active_share']:.1f}%, d(a,p) {row['mean_pos_distance']:.3f}, "
+          f"d(a,n) {row['mean_neg_distance']:.3f}{val}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s")
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
+    if collapsed(row):
+        print("warning: the embedding has collapsed (all distances near zero); lower --lr, raise --margin, "
+              "or use --mining batch_semihard / --soft_margin", file=sys.stderr)

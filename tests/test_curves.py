@@ -105,3 +105,31 @@ def test_contrastive_runs_report_val_pair_accuracy(prepared_master, tmp_path):
     assert last["val_pair_accuracy"] == pytest.approx(accuracy, abs=1 / len(same))  # within one pair: rounding
     assert last["val_pair_roc_auc"] == pytest.approx(metrics.roc_auc(scores, same), abs=0.02)
     assert readable_png(tmp_path / "c_curves.png")
+
+
+def test_a_long_title_wraps_inside_the_picture_and_the_active_panel_names_what_it_counts(monkeypatch):
+    """Many flags: the title's lines stay inside the figure's width; the active-share panel says
+    what the run's loss counts (its log's active_of)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figures = []
+
+    def keep(draw, size):
+        figure = Figure(figsize=size, layout="constrained")
+        FigureCanvasAgg(figure)
+        draw(figure)
+        figure.canvas.draw()
+        figures.append(figure)
+        return b""
+
+    monkeypatch.setattr(curves, "figure_png", keep)
+    flags = {key: "a_long_value_" * 3 for key in curves.TITLE_FLAGS}
+    rows = [{"epoch": 1, "steps": 4, "loss": 0.5, "active_share": 0.4, "active_of": "pairs its miner keeps",
+             "mean_pos_distance": 0.2, "mean_neg_distance": 0.9, "lr": 0.001}]
+    curves.curves_png([curves.RunLog.from_rows("m", rows, flags)])
+    figure = figures[0]
+    width = figure.bbox.width
+    box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert "\n" in figure._suptitle.get_text() and box.x0 >= 0 and box.x1 <= width
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert "active share: pairs its miner keeps" in titles

@@ -372,7 +372,8 @@ def test_unreadable_files_are_named_and_left_out_of_the_hash_pass(tmp_path, caps
     gallery = gallery_of(tmp_path / "g", np.array([[0.0], [5.0], [9.0], [13.0]]), contents=[same, same, same, b"x"])
     paths = read_embeddings(gallery).paths
     Path(paths[2]).unlink()  # vanished since it was embedded
-    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--out", str(tmp_path / "d.csv")]) == 0
+    out = tmp_path / "d.csv"
+    assert find_duplicates.main(["--gallery", str(gallery), "--threshold", "0.5", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "1 files could not be read" in err and paths[2] in err
     frame = pd.read_csv(tmp_path / "d.csv")

@@ -1,6 +1,7 @@
 """The metrics and kNN (metrics.py), eval.py, and the embedding file format (embedding_io.py)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +286,32 @@ def test_compiled_parser_handles_every_plain_decimal_like_numpy():
         assert fastparse.parse_block(data, len(data), 4) is None, bad
     for bad in (b"\tc\t1 2 3 4\n", b"/a.jpg\t\t1 2 3 4\n", b"/a.jpg 1 2 3 4\n", b"/\xff.jpg\tc\t1 2 3 4\n"):
         assert fastparse.parse_block(bad, len(bad), 4) is None, bad
+
+
+CACHE_PROBE = """
+from deeprank import fastparse
+data = b"a.jpg\\tc\\t0.5 1.25 -3e-2 4\\n"
+assert fastparse.parse_block(data, len(data), 4)[2].tolist() == [[0.5, 1.25, -0.029999999329447746, 4.0]]
+print(sum(fastparse._kernel().stats.cache_hits.values()), sum(fastparse._parse_line.stats.cache_hits.values()))
+"""
+
+
+def test_the_compiled_parser_is_cached_once_and_loaded_by_later_processes(tmp_path):
+    """The first process compiles and writes numba's cache; the next ones load both kernels from it,
+    and the cache does not grow."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    files, hits = [], []
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, cwd=root)
+        assert run.returncode == 0, run.stderr
+        hits.append(run.stdout.split())
+        files.append(sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()))
+    assert hits[0] == ["0", "0"] and hits[1] == hits[2] == ["1", "0"]  # the block kernel loads (its callee with it)
+    assert files[0] and files[0] == files[1] == files[2]
 
 
 def test_compiled_read_equals_numpy_read(tmp_path):

@@ -71,8 +71,8 @@ def test_multi_similarity_trains_on_pk_batches_and_refuses_csv_inputs(prepared_m
     assert log[-1]["loss"] < log[0]["loss"]
     printed = capsys.readouterr().out
     assert "ms_alpha" in printed and "  margin:" not in printed  # only the flags this run reads
-    for argv, message in ((["--mining", "none"], "pass --mining batch_all"),
-                          (["--mining", "batch_all", "--soft_margin"], "--soft_margin and --distance")):
+    for argv, message in ((["--mining", "none"], "pass --batches pk"),
+                          (["--mining", "batch_all", "--soft_margin"], "--soft_margin belongs to --loss triplet")):
         with pytest.raises(PipelineError, match=message):
             train_net.main(FAST + ["--loss", "multi_similarity", *argv, "--out", str(tmp_path / "x.model")])
 
@@ -171,9 +171,11 @@ def test_a_pk_step_with_memory_adds_the_memory_term_and_enqueues_the_batch(loss_
     for _ in range(3):
         emb, labels = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
         ref, ref_labels = state.memory.references(emb, labels)
-        loss, _ = PKBatches.loss(None, emb, labels, args, state)
-        one = SimpleNamespace(**{**vars(args), "memory": 0})
-        alone = PKBatches.loss(None, emb, labels, one, LossState.create(one, 3, 4, torch.device("cpu")))[0]
+        before = state.memory.embeddings.clone()
+        loss, _ = PKBatches.loss(None, emb, labels, args, state, state.memory)
+        assert torch.equal(state.memory.embeddings, before)  # the loss has no side effect
+        state.memory.push(emb, labels)  # the training step enqueues
+        alone = PKBatches.loss(None, emb, labels, args, state)[0]  # no memory: the batch alone
         term = (losses.pair_loss(emb, labels, None, 1.0, ref, ref_labels) if loss_name == "contrastive" else
                 losses.multi_similarity_loss(emb, labels, 2.0, 50.0, 0.5, 0.1, ref, ref_labels))[0]
         assert float(loss) == pytest.approx(float(alone + term), rel=1e-6)
@@ -214,16 +216,43 @@ def test_proxies_and_memory_train_and_resume_exactly(prepared_master, tmp_path, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss", "triplet", "--mining", "batch_all", "--memory", "10"], "--memory keeps the embeddings"),
+    (["--loss", "triplet", "--mining", "batch_all", "--memory", "10"],
+     "--memory belongs to --loss contrastive / multi_similarity; --loss triplet does not read it"),
     (["--loss", "contrastive", "--mining", "none", "--memory", "10"], "--memory keeps the embeddings"),
-    (["--loss", "proxy_anchor", "--mining", "batch_all", "--memory", "10"], "--memory keeps the embeddings"),
-    (["--loss", "proxy_anchor", "--mining", "none"], "pass --mining batch_all"),
-    (["--loss", "proxy_anchor", "--mining", "batch_all", "--distance", "squared"], "--soft_margin and --distance"),
+    (["--loss", "proxy_anchor", "--batches", "pk", "--memory", "10"], "--memory belongs to"),
+    (["--loss", "proxy_anchor"], "pass --batches pk"),
+    (["--loss", "proxy_anchor", "--mining", "batch_all", "--distance", "squared"],
+     "--distance belongs to --loss triplet; --loss proxy_anchor does not read it"),
+    (["--loss", "multi_similarity", "--batches", "pk", "--margin", "0.5"], "--margin belongs to --loss triplet / "
+                                                                            "contrastive"),
+    (["--loss", "triplet", "--ms_alpha", "3"], "--ms_alpha belongs to --loss multi_similarity"),
+    (["--loss", "contrastive", "--soft_margin"], "--soft_margin belongs to --loss triplet"),
+    (["--loss", "contrastive", "--mining", "batch_hard"], "mines triplets for --loss triplet"),
+    (["--loss", "contrastive", "--memory_start", "5", "--pa_delta", "0.2"], "--pa_delta belongs to"),
+    (["--batches", "csv", "--mining", "batch_hard"], "pass --batches pk, not csv"),
+    (["--batches", "pk", "--mining", "none"], "--batches pk mines inside P x K batches"),
 ])
 def test_refused_loss_flags(tmp_path, argv, message):
     with pytest.raises(PipelineError, match=message):
         train_net.main(FAST + argv + ["--out", str(tmp_path / "x.model")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_starts_at_its_step_and_pk_batches_have_their_name(prepared_master, tmp_path, capsys):
+    """--memory_start 2: the memory holds the batches of the steps from 2 on; --batches pk (the new
+    name) and --mining batch_all (the old spelling) train the same run."""
+    flags = [f for f in PK if f not in ("--mining", "batch_all")] + ["--data", str(prepared_master), "--loss",
+                                                                       "contrastive", "--epochs", "1"]
+    assert train_net.main(FAST + flags + ["--batches", "pk", "--memory", "100", "--memory_start", "2", "--out",
+                                          str(tmp_path / "m.model")]) == 0
+    saved = torch.load(tmp_path / "m.model", weights_only=True)
+    steps = saved["metrics"]["steps"]
+    assert steps > 2 and saved["loss_state"]["memory"]["embeddings"].shape[0] == (steps - 2) * 12  # P x K = 12
+    assert saved["metrics"]["active_of"].startswith("pairs with loss > 0")
+    assert train_net.main(FAST + flags + ["--batches", "pk", "--out", str(tmp_path / "new.model")]) == 0
+    assert train_net.main(FAST + flags + ["--mining", "batch_all", "--out", str(tmp_path / "old.model")]) == 0
+    new, old = (torch.load(tmp_path / f"{name}.model", weights_only=True)["model"] for name in ("new", "old"))
+    assert all(torch.equal(new[key], old[key]) for key in new)
 
 
 def test_a_memory_checkpoint_needs_its_flags_to_resume(prepared_master, tmp_path):

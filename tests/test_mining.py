@@ -11,7 +11,7 @@ import train_net
 import triplet_sampler
 from conftest import FAST, read_log
 from deep_rank_net import build_backbone
-from deeprank import losses, training
+from deeprank import losses, training, training_log
 from deeprank.common import PipelineError
 from deeprank.loaders import PKBatchSampler
 
@@ -149,7 +149,7 @@ def test_collapse_is_warned(capsys):
     epoch.add(0.0, {"active": 0, "count": 16, "d_pos": 0.0, "d_neg": 1e-4}, images=16)
     row = epoch.row(1, 0.001)
     assert training.collapsed(row) and row["zero_loss_share"] == 1.0
-    train_net.report_epoch(row, total_epochs=1)
+    training_log.report_epoch(row, total_epochs=1)
     assert "collapsed" in capsys.readouterr().err
     epoch.add(0.5, {"active": 8, "count": 16, "d_pos": 0.2, "d_neg": 0.9}, images=16)
     assert not training.collapsed(epoch.row(1, 0.001))

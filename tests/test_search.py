@@ -120,6 +120,23 @@ def test_queries_searched_in_small_chunks_give_the_results_of_one_chunk(world, t
     assert results[3] == results[10 ** 6]
 
 
+def test_a_caller_that_stops_early_holds_no_lock(world):
+    """One caller takes a first chunk and stops (the generator left suspended); another thread still
+    embeds at once, without waiting for garbage collection."""
+    import threading
+
+    from deeprank.search.searcher import Searcher
+    searcher = Searcher(str(world["model"]), str(world["train"]), num_workers=0)
+    paths = sorted(str(p) for p in (world["data"] / "val").rglob("*.JPEG"))[:6]
+    paused = searcher.embed_chunks(paths, rows=1)
+    first, _ = next(paused)
+    done = []
+    other = threading.Thread(target=lambda: done.append(searcher.embed(paths[:2])[0]))
+    other.start()
+    other.join(timeout=60)
+    assert not other.is_alive() and done and done[0].shape == (2, first.shape[1])
+
+
 def test_fp32_switch_reaches_the_embedding_header_and_the_queries(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEEPRANK_FP32", "1")
     gallery = tmp_path / "g.txt"

@@ -1,4 +1,4 @@
-"""Screenshot of image_search.py's web page (the README's picture), taken in headless Chromium.
+"""Screenshot of image_search.py's web page (docs/search.md's picture), taken in headless Chromium.
 
 Serves --gallery with --model on a free localhost port, uploads --query through the page's
 file input, waits for the results' thumbnails, and saves the window as a PNG. Needs Debian's

@@ -134,20 +134,27 @@ class Searcher:
 
     def embed_chunks(self, paths, bad_images=None, rows=None):
         """As embed, in pieces: yield (vectors, paths) of about `rows` images at a time (default: one
-        forward pass's), from one loader over all the paths, so memory holds one piece."""
+        forward pass's), from one loader over all the paths, so memory holds one piece. The model is
+        locked for each forward pass alone, never across a yield: a caller that stops early (or
+        pauses) holds nothing."""
         bad_images = bad_images or BadImages(self.on_bad_image, None)
         tta = self.source["tta"]
         compile = want_compile(COMPILE, len(paths) * TTA_PASSES[tta], self.model.image_size, self.device)
+        batches = embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
+                                self.precision == "bf16", None, self.source["layer"], compile, tta, bad_images,
+                                self.source["preprocess"] == "device")
         blocks, kept = [], []
-        with self._lock:
-            for vectors, found in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
-                                                self.precision == "bf16", None, self.source["layer"], compile, tta,
-                                                bad_images, self.source["preprocess"] == "device"):
-                blocks.append(vectors.numpy())
-                kept.extend(paths[i] for i in found)
-                if len(kept) >= (rows or 1):
-                    yield np.concatenate(blocks), kept
-                    blocks, kept = [], []
+        while True:
+            with self._lock:
+                batch = next(batches, None)
+            if batch is None:
+                break
+            vectors, found = batch
+            blocks.append(vectors.numpy())
+            kept.extend(paths[i] for i in found)
+            if len(kept) >= (rows or 1):
+                yield np.concatenate(blocks), kept
+                blocks, kept = [], []
         if kept:
             yield np.concatenate(blocks), kept
 

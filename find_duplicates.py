@@ -312,9 +312,12 @@ def move_one(src, dst):
     src; also when an earlier run moved it, or left both copies when it was killed), refused (dst
     holds another file), or failed (src is gone, or the move raised)."""
     if os.path.lexists(src) and os.path.exists(dst):
-        if not (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
-            return "refused", f"{dst} exists already and holds another file"
-        os.unlink(src)  # an interrupted earlier move left both: the copy at dst is whole
+        try:
+            if not (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
+                return "refused", f"{dst} exists already and holds another file"
+            os.unlink(src)  # an interrupted earlier move left both: the copy at dst is whole
+        except OSError as err:
+            return "failed", err.strerror or str(err)
     elif not os.path.lexists(src) and not os.path.exists(dst):
         return "failed", "the file is gone and not in --move_to; re-embed the folder with gen_embeddings.py"
     elif os.path.lexists(src):

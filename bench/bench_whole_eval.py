@@ -2,7 +2,10 @@
 
 Writes --train x --dim train and --test x --dim test text embedding files (bench_eval.py's
 clustered unit vectors), then times each whole process (start-up, imports, parsing, search,
-metrics), --repeats times, and prints the medians:
+metrics), --repeats times, and prints the medians, after one timed first run of eval.py with numba's
+cache empty (NUMBA_CACHE_DIR, a fresh folder: what the first run in a fresh clone costs, compiling
+the parser and writing the cache); every later run loads the parser from that cache, which must not
+grow:
   ours       python eval.py --train_embeddings ... --test_embeddings ... (exact kNN, every metric)
   reference  python -m bench.bench_whole_eval --reference TRAIN TEST: the lines split and the
              floats read by Python, scikit-learn NearestNeighbors(brute), score@k, P@1 and P@k
@@ -12,6 +15,7 @@ metrics), --repeats times, and prints the medians:
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -46,23 +50,24 @@ def reference(train_path, test_path, k=30):
           f"precision_at_k {same.mean():.4f}")
 
 
-def wall(command):
+def wall(command, env=None):
     """Seconds one whole process takes (its output discarded; its stderr in the error if it fails)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)  # -m bench.X
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,  # -m bench.X
+                   env=env)
     return time.perf_counter() - start
 
 
-def alternate(ours_command, ref_command, repeats, warmup=True):
+def alternate(ours_command, ref_command, repeats, warmup=True, env=None):
     """Whole-process seconds of both commands, alternated so both see the same machine state, after
     one untimed run of ours if warmup (a first run fills numba's and inductor's disk caches, as any
     first use does); their medians and the ratio reference / ours."""
     if warmup:
-        wall(ours_command)
+        wall(ours_command, env)
     ours, ref = [], []
     for _ in range(repeats):
-        ours.append(wall(ours_command))
-        ref.append(wall(ref_command))
+        ours.append(wall(ours_command, env))
+        ref.append(wall(ref_command, env))
     return {"ours_s": [round(t, 2) for t in ours], "reference_s": [round(t, 2) for t in ref],
             "ours_median_s": round(statistics.median(ours), 2),
             "reference_median_s": round(statistics.median(ref), 2),
@@ -88,9 +93,16 @@ def main():
         ours_command = [sys.executable, str(ROOT / "eval.py"), "--train_embeddings", str(train),
                         "--test_embeddings", str(test)]
         ref_command = [sys.executable, "-m", "bench.bench_whole_eval", "--reference", str(train), str(test)]
-        times = alternate(ours_command, ref_command, args.repeats)  # the untimed first run fills numba's cache
+        cache = folder / "numba_cache"
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+        first = wall(ours_command, env)  # a fresh clone's first run: numba compiles and writes its cache
+        files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+        times = alternate(ours_command, ref_command, args.repeats, warmup=False, env=env)
+        grown = sorted(p.name for p in cache.rglob("*") if p.is_file()) != files
     print(f"{args.train:,} x {args.test:,} x {args.dim} text embeddings ({size:.0f} MB); whole processes, "
           f"medians of {args.repeats}")
+    print(f"first run of eval.py with numba's cache empty (a fresh clone): {first:.2f} s; the cache then holds "
+          f"{len(files)} files and {'grew' if grown else 'did not grow'} over the {args.repeats} runs after it")
     print(f"eval.py {times['ours_median_s']:.2f} s; Python parse + scikit-learn {times['reference_median_s']:.2f} s; "
           f"{times['ratio']:.2f}x")
 

@@ -79,7 +79,7 @@ class CsvPairs:
 
 
 class PKBatches:
-    """--mining batch_*: P classes x K images of --data's train split a batch, labelled by class
+    """--batches pk (or --mining batch_*): P classes x K images of --data's train split a batch, labelled by class
     0..classes-1; the loss mines its triplets inside the batch (contrastive: takes every pair;
     multi-similarity: mines pairs; proxy-anchor: pairs each image with every class's proxy), and
     with a memory (--memory, from --memory_start on) also against its earlier embeddings (XBM's two

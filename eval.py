@@ -343,7 +343,8 @@ def write_eval_report(args, train, test, metrics, decisions, names):
               "checkpoint": f"{shown(model)} (sha256 {digest})", "layer": header.get("layer", "embedding"),
               "tta": header.get("tta", "none"),
               "embedding precision": header.get("amp", "unknown"), "kNN precision": args.knn_precision,
-              "k": metrics.get("k", args.k), "commit": project_commit(), "compared with": args.compare or "–"}
+              "k": metrics.get("k", args.k), "commit": project_commit(),
+              "compared with": shown(args.compare) if args.compare else "–"}
     return write_report(args.report, metrics, config, compare, log, grids, decisions)
 
 

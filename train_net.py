@@ -23,6 +23,7 @@ from tqdm import tqdm
 from deep_rank_net import (
     BACKBONE,
     BACKBONES,
+    CONV_DIM,
     EMBED_DIM,
     IMAGE_SIZE,
     TRAINABLE,
@@ -96,8 +97,8 @@ from deeprank.training_log import LOG_EVERY, TrainingLog, check_tensorboard, ear
 from deeprank.validation import pair_figures_of, triplet_accuracy_of
 
 # ---------------------------------------------------------------- hyperparameters
-# (the model's shape: --backbone, --embed_dim, --image_size and --trainable default to
-#  deep_rank_net.py's BACKBONE, EMBED_DIM, IMAGE_SIZE and TRAINABLE)
+# (the model's shape: --backbone, --embed_dim, --conv_dim, --image_size and --trainable default to
+#  deep_rank_net.py's BACKBONE, EMBED_DIM, CONV_DIM, IMAGE_SIZE and TRAINABLE)
 EPOCHS = 1                 # passes over the triplet CSV
 OPTIM = "sgd"              # sgd (Nesterov, momentum 0.9) | adam | rms, as the original
 BATCH_SIZE = 25            # triplets per step (75 images per forward pass)
@@ -163,6 +164,8 @@ def build_parser():
     a("--no_branches", action="store_true", help="drop the two sub-sampling branches (an ablation)")
     a("--image_size", type=positive_int, default=IMAGE_SIZE, help="input side in pixels (default: %(default)s)")
     a("--embed_dim", type=positive_int, default=EMBED_DIM, help="embedding size (default: %(default)s)")
+    a("--conv_dim", type=positive_int, default=CONV_DIM,
+      help="size the backbone's pooled features are projected to, the paper's 4096 (default: %(default)s)")
     a("--augment", default=AUGMENT, choices=AUGMENTS, help="train-only augmentation (default: %(default)s)")
     a("--triplets", default=TRAIN_TRIPLETS, help="training triplet CSV (default: %(default)s)")
     a("--pairs", default=SAMPLE_FILES["pairs", 1],
@@ -243,8 +246,9 @@ def build_model(args, ckpt):
         return model, start_epoch
     torch.manual_seed(args.seed)  # random init (heads, branches, --weights none) follows --seed
     with model_errors():
-        model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, image_size=args.image_size,
-                         trainable=args.trainable, weights=args.weights, branches=not args.no_branches)
+        model = DeepRank(backbone=args.backbone, embed_dim=args.embed_dim, conv_dim=args.conv_dim,
+                         image_size=args.image_size, trainable=args.trainable, weights=args.weights,
+                         branches=not args.no_branches)
     return model, 0
 
 

@@ -2,10 +2,14 @@
 (loss curve and weights), resume like one, embed into the same file byte for byte, and stop
 together with one clear line when one of them fails."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ import torch
 import train_net
 from conftest import ROOT, read_log
 from deeprank import distributed, runtime
+from deeprank.common import run_cli
 from deeprank.loaders import PKBatchSampler, RankSlices
 
 # the equivalence runs: BN frozen (--trainable head: per-process batch statistics would differ,
@@ -22,36 +27,58 @@ from deeprank.loaders import PKBatchSampler, RankSlices
 # bf16's rounding (8 significant bits) compounds; test_bf16_two_processes_take_the_same_first_step
 # checks the bf16 path where the CPU has it
 TWO_PROCESS_MODEL = ["--backbone", "small_cnn", "--weights", "none", "--image_size", "64", "--embed_dim", "32",
+                     "--conv_dim", "32",
                      "--num_workers", "0", "--trainable", "head", "--augment", "none", "--compile", "off",
-                     "--batch_size", "8", "--seed", "3"]
+                     "--batch_size", "8", "--seed", "3", "--keep_last", "1"]
 SMALL = TWO_PROCESS_MODEL + ["--optim", "adam", "--lr", "0.001", "--max_steps", "6", "--no_amp"]
 
 
 def run(script, *argv, processes=1, timeout=120):
-    """A stage as a user runs it: `python script` or `torchrun --nproc_per_node N script`."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                    str(processes)] if processes > 1 else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets per process; the same for the reference
-    return subprocess.run(launcher + [str(ROOT / script)] + [str(a) for a in argv], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    """A stage as a user runs it: `torchrun --nproc_per_node N script`, or for one process the stage's
+    main() in this process (the same code as `python script`, without a second interpreter's start-up)
+    on one thread, as torchrun gives each of its processes (OMP_NUM_THREADS=1)."""
+    argv = [str(a) for a in argv]
+    if processes == 1:
+        module = importlib.import_module(Path(script).stem)
+        out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = run_cli(module.main, argv)
+        finally:
+            torch.set_num_threads(threads)
+        return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets per process
+    return subprocess.run(launcher + [str(ROOT / script)] + argv, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_two_processes_train_like_one(triplets, tmp_path):
+def test_two_processes_train_like_one_and_resume_under_torchrun(triplets, tmp_path):
+    """Two epochs of one process against two processes: the first epoch run by torchrun, the second
+    resumed from its checkpoint by torchrun. Each epoch's loss and active share, and the weights at
+    the end, are the one process's (fp32, Adam, 12 steps: rounding differences only)."""
     train, _ = triplets
-    for processes in (1, 2):
-        result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train,
-                     "--out", tmp_path / f"p{processes}.model", processes=processes)
-        assert result.returncode == 0, result.stderr[-2000:]
-    one, two = read_log(tmp_path / "p1_log.jsonl"), read_log(tmp_path / "p2_log.jsonl")
-    assert [row["world_size"] for row in one + two] == [1, 1, 2, 2]
-    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose([r["active_share"] for r in two], [r["active_share"] for r in one])
-    a, b = weights(tmp_path / "p1.model"), weights(tmp_path / "p2.model")
-    for key in a:  # fp32, Adam, 12 steps: rounding differences only
+    result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train, "--out", tmp_path / "p1.model")
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = tmp_path / "two" / "p2.model"
+    two.parent.mkdir()
+    result = run("train_net.py", *SMALL, "--epochs", 1, "--triplets", train, "--out", two, processes=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train, "--out", two,
+                 "--resume", two.parent / "temp_net1.model", processes=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, both = read_log(tmp_path / "p1_log.jsonl"), read_log(two.parent / "p2_log.jsonl")
+    assert [row["epoch"] for row in both] == [1, 2]
+    assert [row["world_size"] for row in one + both] == [1, 1, 2, 2]
+    np.testing.assert_allclose([r["loss"] for r in both], [r["loss"] for r in one], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r["active_share"] for r in both], [r["active_share"] for r in one])
+    a, b = weights(tmp_path / "p1.model"), weights(two)
+    for key in a:
         torch.testing.assert_close(b[key].float(), a[key].float(), atol=2e-4, rtol=0), key
 
 
@@ -81,23 +108,6 @@ def test_bf16_two_processes_take_the_same_first_step(triplets, tmp_path):
         bound = 0.02 * float(step_one.abs().max()) + 1e-7
         assert float((step_two - step_one).abs().max()) <= bound, key
     assert float((a["embedding.weight"] - start["embedding.weight"]).abs().max()) > 1e-3  # the step was taken
-
-
-def test_resume_under_torchrun_continues_the_run(triplets, tmp_path):
-    train, _ = triplets
-    one_process = SMALL + ["--epochs", "2", "--triplets", str(train), "--out", str(tmp_path / "one.model")]
-    assert train_net.main(one_process) == 0
-    first = tmp_path / "two" / "m.model"
-    first.parent.mkdir()
-    result = run("train_net.py", *SMALL, "--epochs", 1, "--triplets", train, "--out", first, processes=2)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run("train_net.py", *SMALL, "--epochs", 2, "--triplets", train, "--out", first,
-                 "--resume", first.parent / "temp_net1.model", processes=2)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [row["epoch"] for row in read_log(first.parent / "m_log.jsonl")] == [1, 2]
-    one = weights(tmp_path / "one.model")
-    for key, value in weights(first).items():
-        torch.testing.assert_close(value.float(), one[key].float(), atol=2e-4, rtol=0), key
 
 
 def test_two_processes_embed_the_same_file(triplets, tmp_path):

@@ -18,7 +18,7 @@ from deeprank.datasets import unique_in_order
 from deeprank.embedding_io import read_embeddings
 from deeprank.sample_csv import read_triplet_csv
 
-FAST = ["--backbone", "small_cnn", "--weights", "none", "--image_size", "32", "--embed_dim", "64",
+FAST = ["--backbone", "small_cnn", "--weights", "none", "--image_size", "32", "--embed_dim", "64", "--conv_dim", "64",
         "--num_workers", "0"]
 
 

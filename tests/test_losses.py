@@ -77,7 +77,7 @@ def test_multi_similarity_trains_on_pk_batches_and_refuses_csv_inputs(prepared_m
             train_net.main(FAST + ["--loss", "multi_similarity", *argv, "--out", str(tmp_path / "x.model")])
 
 
-@pytest.mark.parametrize("flags", [["--loss", "multi_similarity"], ["--loss", "multi_similarity", "--memory", "24"],
+@pytest.mark.parametrize("flags", [["--loss", "multi_similarity", "--memory", "24"],  # its loss twice: batch, memory
                                    ["--loss", "contrastive", "--memory", "24"], ["--loss", "proxy_anchor"]])
 def test_every_pk_loss_under_torchrun_equals_one_process(prepared_master, tmp_path, flags):
     # SGD: a gradient twice too large (the proxies', were they scaled like the network's) moves it twice as far
@@ -202,7 +202,7 @@ def test_proxies_and_memory_train_and_resume_exactly(prepared_master, tmp_path, 
     state = a["loss_state"]
     if "proxies" in state:
         assert state["proxies"].shape == (4, 32)  # one per class of the synthetic data, --embed_dim 32
-        first = torch.load(tmp_path / "b" / "temp_net1.model", weights_only=True)["loss_state"]["proxies"]
+        first = torch.load(tmp_path / "b" / "first.model", weights_only=True)["loss_state"]["proxies"]
         assert not torch.equal(first, state["proxies"])  # the proxies train
     else:
         assert state["memory"]["embeddings"].shape == (20, 32) and state["memory"]["size"] == 20

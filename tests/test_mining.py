@@ -215,7 +215,7 @@ def test_distill_run_keeps_the_pretrained_neighbourhoods(prepared_master, tmp_pa
     torch.manual_seed(0)
     weights = tmp_path / "small_cnn.pth"
     torch.save(build_backbone("small_cnn", "none", 32)[0].state_dict(), weights)
-    flags = [f if f != "none" else str(weights) for f in FAST]
+    flags = [f if f != "none" else str(weights) for f in FAST] + ["--conv_dim", "4096"]  # the paper's width
     out = tmp_path / "m.model"
     assert train_net.main(flags + ["--mining", "batch_all", "--data", str(prepared_master), "--classes_per_batch", "4",
                                    "--images_per_class", "4", "--epochs", "4", "--optim", "adam", "--lr", "0.001",

@@ -74,6 +74,7 @@ def test_train_and_embed_with_device_preprocessing(triplets, tmp_path):
     train, val = triplets
     flags = list(FAST)
     flags[flags.index("--image_size") + 1] = "48"  # 64 px sources: the device resizes every batch
+    flags[flags.index("--conv_dim") + 1] = "4096"  # the paper's width: no two images embed a hair apart
     model = tmp_path / "m.model"
     assert train_net.main(flags + ["--triplets", str(train), "--out", str(model), "--augment", "standard",
                                    "--preprocess", "device", "--max_steps", "4", "--val_triplets", str(val)]) == 0

@@ -50,13 +50,14 @@ def test_training_lowers_the_loss_and_writes_checkpoints(triplets, tmp_path):
     out = tmp_path / "run" / "deepranknet.model"
     out.parent.mkdir()
     assert train_net.main(FAST + ["--epochs", "4", "--optim", "adam", "--lr", "0.001", "--trainable", "all",
-                                  "--triplets", str(train), "--val_triplets", str(val), "--out", str(out)]) == 0
+                                  "--triplets", str(train), "--val_triplets", str(val), "--keep_last", "2",
+                                  "--out", str(out)]) == 0
     log = read_log(out.parent / "deepranknet_log.jsonl")
     assert [row["epoch"] for row in log] == [1, 2, 3, 4]
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     assert all(0 <= row["zero_loss_share"] <= 1 and 0 <= row["val_triplet_accuracy"] <= 1 for row in log)
-    assert sorted(p.name for p in out.parent.glob("*.model")) == [
-        "deepranknet.model", "temp_net1.model", "temp_net2.model", "temp_net3.model", "temp_net4.model"]
+    assert sorted(p.name for p in out.parent.glob("*.model")) == [  # --keep_last 2: the last two epochs'
+        "deepranknet.model", "temp_net3.model", "temp_net4.model"]
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["epoch"] == 4 and ckpt["config"]["optim"] == "adam" and ckpt["metrics"]["epoch"] == 4
     model, _ = load_model(out)
@@ -148,7 +149,7 @@ def test_train_one_epoch_stops_at_a_non_finite_loss_and_at_the_time_budget():
         def __init__(self, poison):
             self.calls, self.poison, self.cluster = 0, poison, Cluster()
 
-        def batch_loss(self, images, labels):
+        def batch_loss(self, images, labels, step):
             self.calls += 1
             loss = weight.pow(2).sum()
             return (loss * math.nan if self.calls > self.poison else loss), dict(stats)

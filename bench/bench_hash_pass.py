@@ -37,8 +37,9 @@ from deeprank.duplicates import file_sizes, identical_files
 from deeprank.embedding_io import EmbeddingWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-# (side in pixels, JPEG quality, mirrored): 24 variants of each source image
-VARIANTS = [(side, quality, flip) for side in (64, 96, 128, 192, 256, 384) for quality in (80, 92)
+# (side in pixels, JPEG quality, mirrored): 24 variants of each source image, a sixth of them photo-sized
+# files larger than the 64 KiB head (1024 px at quality 95)
+VARIANTS = [(side, quality, flip) for side in (64, 128, 192, 256, 384, 1024) for quality in (80, 95)
             for flip in (False, True)]
 
 

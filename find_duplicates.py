@@ -73,7 +73,7 @@ CALIBRATION_NEIGHBOURS = 50  # --calibrate_copies: the nearest other gallery ima
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
 ROWS_PER_PICTURE = 20    # --grid: groups per PNG
 CELLS = 12               # --grid: images shown of a group
-UNREADABLE_SHOWN = 20    # files that could not be read, named one a line (then a count)
+FILES_SHOWN = 20         # files named one a line on stderr (unreadable, refused, failed), then a count
 MOVE_BATCH = 256         # --move_to: moves between two atomic rewrites of the CSV's status column
 # ----------------------------------------------------------------
 
@@ -175,17 +175,22 @@ def find_groups(gallery, args, threshold):
     return rows, summary, seconds
 
 
-def report_unreadable(unreadable, shown=UNREADABLE_SHOWN):
+def report_unreadable(unreadable):
     """Name the files that could not be read (left out of the byte-identical check; their embeddings
-    still count), the first `shown` of them one a line."""
+    still count)."""
     if not unreadable:
         return
     print(f"warning: {len(unreadable)} files could not be read and are left out of the byte-identical check "
           f"(their embeddings still count); check their permissions, or re-embed the folder:", file=sys.stderr)
-    for path, reason in unreadable[:shown]:
-        print(f"  {path}: {reason}", file=sys.stderr)
-    if len(unreadable) > shown:
-        print(f"  ... and {len(unreadable) - shown} more", file=sys.stderr)
+    name_files([f"{path}: {reason}" for path, reason in unreadable])
+
+
+def name_files(lines, what=""):
+    """Print lines (one a file) on stderr, the first FILES_SHOWN of them, then how many more `what`."""
+    for line in lines[:FILES_SHOWN]:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > FILES_SHOWN:
+        print(f"  ... and {len(lines) - FILES_SHOWN} more{what}", file=sys.stderr)
 
 
 def find_leaks(gallery, args, threshold):
@@ -361,11 +366,7 @@ def move(moves, rows, gallery, args):
     print(f"moved {moved - earlier} images to {args.move_to}" +
           (f" ({earlier} moved by an earlier run)" if earlier else ""))
     for kind in ("refused", "failed"):
-        left = [src for src, value in status.items() if value == kind]
-        for src in left[:UNREADABLE_SHOWN]:
-            print(f"  {kind}: {src}: {reasons[src]}", file=sys.stderr)
-        if len(left) > UNREADABLE_SHOWN:
-            print(f"  ... and {len(left) - UNREADABLE_SHOWN} more {kind}", file=sys.stderr)
+        name_files([f"{kind}: {src}: {reasons[src]}" for src, value in status.items() if value == kind], f" {kind}")
     done = {src for src, value in status.items() if value == "moved"}
     if args.update_gallery:
         drop_from_gallery(gallery, args.gallery, done)

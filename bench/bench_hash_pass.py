@@ -145,7 +145,7 @@ def main():
     start = time.perf_counter()
     paths, copies = make_gallery(args.data, work, args.files, args.identical)
     made = time.perf_counter() - start
-    sizes = np.array([os.path.getsize(p) for p in paths])
+    sizes = file_sizes(paths)[0]
     print(f"{len(paths):,} files ({len(copies):,} byte-identical copies), {sizes.sum() / 1e9:.2f} GB, "
           f"{len(np.unique(sizes)):,} distinct sizes, {np.mean(sizes > 65536):.1%} larger than 64 KiB; made or "
           f"listed in {made:.1f} s", flush=True)
@@ -175,14 +175,15 @@ def main():
               f"{passes['grouping']:.2f} s |")
 
     new_s, old_s = [], []
-    for _ in range(args.repeats):  # alternated, warm
+    for repeat in range(args.repeats):  # alternated, warm
+        found = []
         for timings, finder in ((new_s, new_identical_files), (old_s, old_identical_files)):
             start = time.perf_counter()
-            found = finder(paths)
+            found.append(finder(paths))
             timings.append(time.perf_counter() - start)
-        if _ == 0:
-            assert new_identical_files(paths) == found, "the two orders find different pairs"
-            print(f"byte-identical pairs found: {len(found):,} (planted: {len(copies):,})")
+        if repeat == 0:
+            assert found[0] == found[1], "the two orders find different pairs"
+            print(f"byte-identical pairs found: {len(found[0]):,} (planted: {len(copies):,})")
     new, old = statistics.median(new_s), statistics.median(old_s)
     print(f"hash pass alone, warm, medians of {args.repeats}: sizes + 64 KiB heads + whole files where heads "
           f"collide {new:.2f} s; sizes + whole files where sizes collide {old:.2f} s ({old / new:.2f} x)")

@@ -444,18 +444,19 @@ def main(argv=None):
         if args.task != "triplets" and detect_layout(args.data) != "tinyimagenet":
             return main_decisions(args, work, Path(args.data).resolve(), time.perf_counter() - begin)
         view = work / "test_view"  # --losses / --recipes: the held-out test split (taken from data's train)
-        if args.losses or args.recipes:
+        held_out = bool(args.losses or args.recipes)
+        if held_out:
             data = work / "data_heldout"
         if not data.exists():  # prepared under another name, then renamed: an interrupted copy is not reused
             partial = data.with_name(data.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(args.data, partial)
             stage(transform_validation.main, ["--data", str(partial)])
-            if args.losses or args.recipes:
+            if held_out:
                 shutil.rmtree(view, ignore_errors=True)
                 hold_out_test(partial, view, data / "train")
             partial.rename(data)
-        if args.losses or args.recipes:
+        if held_out:
             return main_losses(args, work, data, view)
         if args.task != "triplets":
             return main_decisions(args, work, data, time.perf_counter() - begin)

@@ -219,7 +219,7 @@ HASH_CHUNK = 1 << 20  # bytes read at a time by sha256_of
 
 def sha256_of(path, limit=None):
     """The SHA-256 (a hashlib object) of a file's bytes, or of its first `limit` bytes, read in
-    HASH_CHUNK pieces: the project's one file hash (Python 3.10 has no hashlib.file_digest)."""
+    HASH_CHUNK pieces: the project's one file hash (hashlib's own file helper needs Python 3.11)."""
     digest, left = hashlib.sha256(), float("inf") if limit is None else limit
     with open(path, "rb") as handle:
         while left > 0:

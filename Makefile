@@ -4,7 +4,8 @@
 # nothing else (a fresh clone's newer file times do not rebuild it), and a lock lets two clones
 # that want the same venv at once build it once.
 PYTHON ?= python3
-REQS   := requirements.txt requirements-dev.txt requirements-faiss.txt
+REQS   := requirements.txt requirements-dev.txt requirements-faiss.txt requirements-onnx.txt \
+          requirements-pretrained.txt
 VENV   ?= $(HOME)/.cache/deep-ranking/venv-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 PY     := $(VENV)/bin/python
 DEMO   ?= demo_run

@@ -57,6 +57,7 @@ from deeprank.duplicates import (
     star_groups,
     weakest_pair,
 )
+from deeprank.embedders import RUNTIMES
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
 from deeprank.metrics import pair_scores
 from deeprank.pictures import save_captioned_grid
@@ -75,6 +76,7 @@ ROWS_PER_PICTURE = 20    # --grid: groups per PNG
 CELLS = 12               # --grid: images shown of a group
 FILES_SHOWN = 20         # files named one a line on stderr (unreadable, refused, failed), then a count
 MOVE_BATCH = 256         # --move_to: moves between two atomic rewrites of the CSV's status column
+RUNTIME = "torch"        # --model's runtime when it is a checkpoint: torch | onnx
 # ----------------------------------------------------------------
 
 
@@ -108,7 +110,11 @@ def build_parser():
       help="leaks: each image of this embedding file (val, test) that near-duplicates a --gallery (train) image")
     a("--query", nargs="+", default=None, metavar="IMAGE",
       help="new images (or folders): embed them with --model and list the gallery images each duplicates")
-    a("--model", default=None, help="--query: the checkpoint that wrote the gallery")
+    a("--model", default=None, help="--query, --calibrate_copies: the checkpoint that wrote the gallery, or its "
+                                    "export (.onnx, run by onnxruntime)")
+    a("--runtime", default=RUNTIME, choices=RUNTIMES,
+      help="--model's runtime when it is a checkpoint: torch, or onnx (its fp32 export, made once and kept beside "
+           "it) (default: %(default)s)")
     a("--json", default=None, metavar="PATH", help="also write the result as JSON")
     a("--grid", default=None, metavar="DIR",
       help="draw the groups, one captioned row each (the kept image first), into DIR/groups_<n>.png")
@@ -270,7 +276,8 @@ def query_searcher(gallery, args):
     if not args.model:
         raise PipelineError(f"{'--query' if args.query else '--calibrate_copies'} needs --model, the checkpoint that "
                             f"wrote the gallery")
-    searcher = Searcher(args.model, args.gallery, args.device, args.index, args.nprobe, num_workers=args.num_workers)
+    searcher = Searcher(args.model, args.gallery, args.device, args.index, args.nprobe, num_workers=args.num_workers,
+                        runtime=args.runtime)
     searcher.gallery = gallery  # read once: main has it already
     return searcher
 

@@ -21,19 +21,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from deeprank.checkpoints import load_model
 from deeprank.common import (
+    COMPILE,
+    COMPILE_CHOICES,
     MODEL,
     TEST_EMBEDDINGS,
     TRAIN_EMBEDDINGS,
     TRAIN_TRIPLETS,
+    TTA_CHOICES,
     VAL_TRIPLETS,
     PipelineError,
     bad_image_flag,
     check_output_path,
     dataset_flags,
     device_flag,
-    file_digest,
     positive_int,
     preprocess_flag,
     print_args,
@@ -41,26 +42,16 @@ from deeprank.common import (
     workers_flag,
 )
 from deeprank.datasets import ImageSource, check_images_exist, class_of, unique_in_order
-from deeprank.distributed import Cluster
+from deeprank.embedders import RUNTIMES, open_embedder
 from deeprank.embedding_io import EmbeddingWriter, check_names, paths_file_of, read_embeddings
-from deeprank.loaders import BadImages, preprocess_on_device
-from deeprank.metrics import triplet_accuracy
-from deeprank.runtime import (
-    COMPILE,
-    COMPILE_CHOICES,
-    TTA_CHOICES,
-    TTA_PASSES,
-    default_batch,
-    embed_batches,
-    precision,
-    prepare,
-    want_compile,
-)
+from deeprank.images import BadImages
 from deeprank.sample_csv import read_triplet_csv, readable_triplets, triplet_rows
 
 # ---------------------------------------------------------------- hyperparameters
 BATCH_SIZE = None               # images per forward pass; None: runtime.default_batch's (CPU: by image size)
-TTA = "none"                    # test-time augmentation: none | flip (image + mirror image, 2 passes)
+TTA = None                      # test-time augmentation: none | flip (image + mirror image, 2 passes); None:
+                                # an exported model's, a checkpoint's none
+RUNTIME = "torch"               # a checkpoint's runtime: torch | onnx (its fp32 export, kept beside it)
 # ----------------------------------------------------------------
 
 
@@ -70,7 +61,11 @@ def build_parser():
                                                                    workers_flag(), bad_image_flag(), preprocess_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--model", default=MODEL, help="checkpoint from train_net.py (default: %(default)s)")
+    a("--model", default=MODEL, help="checkpoint from train_net.py, or a model from export_model.py (.onnx) "
+                                     "(default: %(default)s)")
+    a("--runtime", default=RUNTIME, choices=RUNTIMES,
+      help="a checkpoint's runtime: torch, or onnx (onnxruntime runs its fp32 export, made once and kept beside "
+           "it); an .onnx --model always runs in onnxruntime (default: %(default)s)")
     a("--train_triplets", default=TRAIN_TRIPLETS, help="train triplet CSV (default: %(default)s)")
     a("--test_triplets", default=VAL_TRIPLETS, help="test triplet CSV (default: %(default)s)")
     a("--split", default="both", choices=("train", "val", "both"),
@@ -79,12 +74,12 @@ def build_parser():
     a("--test_out", default=TEST_EMBEDDINGS, help="test embedding file (default: %(default)s)")
     a("--batch_size", type=positive_int, default=BATCH_SIZE,
       help="images per forward pass (default: 64 on CUDA; on a CPU 16 at 224 px, more for smaller images, at most 64)")
-    a("--layer", default="embedding", choices=("embedding", "backbone"),
+    a("--layer", default=None, choices=("embedding", "backbone"),
       help="embedding: DeepRank's output; backbone: the backbone's pooled features, L2-normalised "
-           "(a baseline) (default: %(default)s)")
+           "(a baseline) (default: an exported model's, else embedding)")
     a("--tta", default=TTA, choices=TTA_CHOICES,
       help="test-time augmentation: flip embeds each image and its mirror image and keeps their normalised "
-           "sum (two forward passes) (default: %(default)s)")
+           "sum (two forward passes) (default: an exported model's, else none)")
     a("--no_amp", action="store_true", help="embed in fp32 even where bf16 autocast is available")
     a("--compile", default=COMPILE, choices=COMPILE_CHOICES,
       help="torch.compile the network with its weights frozen; auto: when there are enough images to repay "
@@ -174,15 +169,12 @@ def write_outputs(plans, dim, header_model, source, label_of, total, batches):
     return outputs.vectors, outputs.row, outputs.close()
 
 
-def embedded(model, paths, device, args, bad_images, show=True):
+def embedded(embedder, paths, bad_images, show=True):
     """(paths, vectors) batches of the images that could be read, in order, with a progress bar (if show)."""
     bar = tqdm(total=len(paths), desc="embedding", unit="img", dynamic_ncols=True, leave=False,
                disable=None if show else True)
-    compile = want_compile(args.compile, TTA_PASSES[args.tta] * len(paths), model.image_size, device)
-    for batch, rows in embed_batches(model, paths, device, args.batch_size, args.num_workers, not args.no_amp, bar,
-                                     args.layer, compile, args.tta, bad_images,
-                                     preprocess_on_device(args.preprocess, device)):
-        yield [paths[i] for i in rows], batch.numpy()
+    for batch, rows in embedder.batches(paths, bad_images, bar):
+        yield [paths[i] for i in rows], batch
     bar.close()
 
 
@@ -197,11 +189,11 @@ def shard_batches(shards, union, rows=4096):
                    np.asarray(part.vectors[start:start + rows]))
 
 
-def embed_to_files(model, plans, device, args, header_model, bad_images, label_of=None, source=None,
-                   cluster=None):
+def embed_to_files(embedder, plans, header_model, bad_images, label_of=None, cluster=None):
     """Embed the union of all plans' images once; stream each row to every file that lists it.
 
-    Returns (vectors (N, D) on disk, {path: row of vectors}) of the images embedded, for the
+    The files' headers name header_model and the embedder's source(). Returns (vectors (N, D) on
+    disk, {path: row of vectors}) of the images embedded, for the
     triplet scores, and the files' row counts. Unreadable images go to bad_images. Under
     torchrun each rank embeds its contiguous share of the images into a shard file beside the
     outputs; rank 0 then merges the shards, in order, into the same files one process writes
@@ -210,16 +202,16 @@ def embed_to_files(model, plans, device, args, header_model, bad_images, label_o
     union = unique_in_order(*(paths for _, paths, _ in plans))
     label_of = label_of or {p: class_of(p) for p in union}
     check_names(union, [label_of[p] for p in union])
-    dim = model.model_args["embed_dim"] if args.layer == "embedding" else model.conv_fc.in_features
+    dim, source = embedder.dim, embedder.source()
     if cluster is None or not cluster.distributed:
         return write_outputs(plans, dim, header_model, source, label_of, len(union),
-                             embedded(model, union, device, args, bad_images))
+                             embedded(embedder, union, bad_images))
     first = Path(plans[0][0]).resolve()
     shards = [first.with_name(f".{first.stem}.shard{r}of{cluster.world_size}.npy") for r in range(cluster.world_size)]
     mine = cluster.part(union)
     try:
         write_outputs([(shards[cluster.rank], mine, None)], dim, header_model, source, label_of, len(mine),
-                      embedded(model, mine, device, args, bad_images, show=cluster.main))
+                      embedded(embedder, mine, bad_images, show=cluster.main))
         bad_images.merge(cluster.gather_objects(bad_images.found))  # every rank's skips, for rank 0's report
         if not cluster.main:
             return None
@@ -239,27 +231,28 @@ def main(argv=None):
     both = args.data is None or args.split == "both"
     if both and os.path.abspath(args.train_out) == os.path.abspath(args.test_out):
         raise PipelineError(f"--train_out and --test_out are the same file ({args.train_out}); give them two names")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: no process group (nor torch, for an export)
+        return embed_run(args, None, args.device)
+    from deeprank.distributed import Cluster
     cluster, device = Cluster.start(args.device)
     return cluster.run(embed_run, args, cluster, device)
 
 
 def embed_run(args, cluster, device):
-    """The run, once the process (group) is up: rank 0 alone prints and writes the outputs."""
+    """The run, once the process (group) is up: rank 0 alone prints and writes the outputs (cluster
+    None: one process)."""
+    main = cluster is None or cluster.main
     plans, label_of, dataset = plan_outputs(args)  # every listed image checked before the model loads
-    model, ckpt = load_model(args.model)
-    args.batch_size = args.batch_size or default_batch(device, model.image_size)
-    if cluster.main:
-        print_args("gen_embeddings.py", args, precision=precision(device, not args.no_amp))
-    model = prepare(model, device)
+    embedder = open_embedder(args.model, args.runtime, args.layer, args.tta, device, not args.no_amp, args.batch_size,
+                             args.num_workers, args.compile, args.preprocess,
+                             log=print if main else lambda *_: None)
+    args.batch_size = embedder.batch_size
+    if main:
+        print_args("gen_embeddings.py", args, precision=embedder.precision, runs_in=embedder.runtime)
     first = Path(plans[0][0])
     bad_images = BadImages(args.on_bad_image, first.with_name(f"{first.stem}_bad_images.txt"))
-
-    # the header says how the vectors were made, so image_search.py embeds its queries the same way
-    source = {"checkpoint": file_digest(args.model), "layer": args.layer, "tta": args.tta,
-              "amp": precision(device, not args.no_amp),
-              "preprocess": "device" if preprocess_on_device(args.preprocess, device) else "cpu"}
-    result = embed_to_files(model, plans, device, args, os.path.abspath(args.model), bad_images, label_of, source,
-                            cluster)
+    # the header says how the vectors were made (embedder.source()), so image_search.py embeds queries the same way
+    result = embed_to_files(embedder, plans, os.path.abspath(args.model), bad_images, label_of, cluster)
     if result is None:  # a rank other than 0: its share is in rank 0's files
         return 0
     vectors, row, counts = result
@@ -270,6 +263,7 @@ def embed_run(args, cluster, device):
         if columns is not None:
             columns, dropped = readable_triplets(columns, row)
             index = triplet_rows(columns, row, out, "was not embedded")
+            from deeprank.metrics import triplet_accuracy  # imports torch: not for an export's run without triplets
             accuracy = triplet_accuracy(vectors, *index)
             left_out = f" ({dropped} naming a skipped image left out)" if dropped else ""
             print(f"{name} triplets ranked correctly (similarity precision): {100 * accuracy:.2f}% "

@@ -1,7 +1,8 @@
 """Stage 5: search a gallery by image. Which images of the gallery look most like this one?
 
 A gallery is an embedding file written by gen_embeddings.py (text or .npy). Each query image
-(or every image in a query folder) is embedded with the checkpoint that wrote the gallery, the
+(or every image in a query folder) is embedded with the checkpoint that wrote the gallery (or its
+export from export_model.py, run by onnxruntime: then this stage never imports torch), the
 way the gallery was (its header names the checkpoint, layer, test-time augmentation and
 precision; another checkpoint is refused unless --force), then its --k nearest gallery images
 are printed: rank, squared L2 distance, label, path.
@@ -11,6 +12,7 @@ are printed: rank, squared L2 distance, label, path.
     python image_search.py --pair a.jpg b.jpg --threshold_from metrics.json     # same class or not?
     python image_search.py --gallery train_embedding.txt --add new_photos/       # grow the gallery
     python image_search.py --serve --gallery train_embedding.txt                 # a web page on localhost:8000
+    python image_search.py --serve --model deepranknet.onnx --gallery train_embedding.txt   # ... without torch
 
 --index auto (the default) searches exactly below 200,000 gallery rows and with a faiss index
 from there (pip install -r requirements-faiss.txt); the index is saved beside the gallery as
@@ -38,8 +40,9 @@ from deeprank.common import (
     workers_flag,
 )
 from deeprank.datasets import class_of, images_in
+from deeprank.embedders import RUNTIMES
 from deeprank.embedding_io import EmbeddingWriter, check_names, read_embeddings
-from deeprank.loaders import BadImages
+from deeprank.images import BadImages
 from deeprank.pictures import save_captioned_grid
 from deeprank.search.index import INDEX_KINDS, NPROBE, extend_faiss, faiss_module, load_fresh_faiss
 from deeprank.search.searcher import Searcher
@@ -52,6 +55,7 @@ PORT = 8000         # --serve
 HOST = "127.0.0.1"  # --serve binds to this machine only unless told otherwise
 MAX_UPLOAD_MB = 20  # --serve: larger uploads are refused
 LABEL_WIDTH = 32    # the printout's label column (a longer class name is cut short)
+RUNTIME = "torch"   # a checkpoint's runtime: torch | onnx
 # ----------------------------------------------------------------
 
 
@@ -61,7 +65,11 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("queries", nargs="*", metavar="QUERY", help="query images, or folders (every image inside)")
-    a("--model", default=MODEL, help="the checkpoint that wrote the gallery (default: %(default)s)")
+    a("--model", default=MODEL, help="the checkpoint that wrote the gallery, or its export (.onnx) "
+                                     "(default: %(default)s)")
+    a("--runtime", default=RUNTIME, choices=RUNTIMES,
+      help="a checkpoint's runtime: torch, or onnx (onnxruntime runs its fp32 export, made once and kept beside "
+           "it); an .onnx --model always runs in onnxruntime (default: %(default)s)")
     a("--gallery", default=TRAIN_EMBEDDINGS, help="embedding file to search, from gen_embeddings.py "
                                                   "(default: %(default)s)")
     a("--k", type=positive_int, default=K, help="neighbours per query (default: %(default)s)")
@@ -276,7 +284,7 @@ def main(argv=None):
         faiss_module()  # a clear message now, not after embedding
     pair_gallery = args.gallery if not args.pair or os.path.exists(args.gallery) else None
     searcher = Searcher(args.model, pair_gallery, args.device, args.index, args.nprobe, args.force, args.batch_size,
-                        args.num_workers, args.on_bad_image, names_file=args.class_names)
+                        args.num_workers, args.on_bad_image, names_file=args.class_names, runtime=args.runtime)
     print_args("image_search.py", args, skip=unused_flags(args), precision=searcher.precision)
     if args.pair:
         compare_pair(searcher, args)

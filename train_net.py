@@ -36,6 +36,8 @@ from deep_rank_net import (
 )
 from deeprank.checkpoints import load_checkpoint, model_errors, model_from_checkpoint, save_checkpoint
 from deeprank.common import (
+    COMPILE,
+    COMPILE_CHOICES,
     MODEL,
     SAMPLE_FILES,
     TRAIN_TRIPLETS,
@@ -56,9 +58,9 @@ from deeprank.common import (
 )
 from deeprank.datasets import check_images_exist, unique_in_order
 from deeprank.distributed import Cluster
+from deeprank.images import BadImages
 from deeprank.loaders import (
     AUGMENTS,
-    BadImages,
     Normalize,
     RankSlices,
     load_size,
@@ -70,8 +72,6 @@ from deeprank.loss_flags import ACTIVE_OF, check_loss_flags, given_flags, loss_f
 from deeprank.loss_state import LossState
 from deeprank.losses import MINERS, neighbour_kl
 from deeprank.runtime import (
-    COMPILE,
-    COMPILE_CHOICES,
     FrozenRunner,
     autocast,
     freeze_when_compiling,

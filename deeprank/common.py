@@ -32,6 +32,9 @@ NUM_WORKERS = 2                                 # image-loading worker processes
 ON_BAD_IMAGE = "error"                          # an image that cannot be decoded: error | skip
 BAD_IMAGE_POLICIES = ("error", "skip")
 PREPROCESS_CHOICES = ("auto", "cpu", "device")   # --preprocess
+TTA_CHOICES = ("none", "flip")                   # --tta: test-time augmentation
+COMPILE = "auto"                                 # --compile default of the stages that run a network
+COMPILE_CHOICES = ("auto", "on", "off")
 # ----------------------------------------------------------------
 
 

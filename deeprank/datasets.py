@@ -1,8 +1,9 @@
 """Datasets as files: the three layouts --data may point at (TinyImageNet, an ImageFolder tree,
 a CSV of image paths and labels), read into the same (paths, labels) per split, and the CSVs
 between stages (triplets, pairs, triples: read, written, and their paths as rows of an
-embedding array). torch-free, so the data stages start fast; the torch Datasets that load the
-images are in loaders.py.
+embedding array). torch-free, so the data stages start fast, and pandas is imported only by the
+functions that read or write CSVs, so the search page (which lists image folders) runs without
+it; the torch Datasets that load the images are in loaders.py.
 
     dataset = ImageSource.from_args(args)            # --data, --layout, --val_fraction, ...
     paths, labels = dataset.split("train")       # sorted by label, then path
@@ -16,7 +17,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from deeprank.common import PipelineError, RelativeTo, atomic_write, resolve_in
 
@@ -256,6 +256,7 @@ class ImageSource:
 
     def _read_csv(self):
         """A label CSV: path and label columns, a split column if present, else --val_fraction."""
+        import pandas as pd  # imported where used: see the module's docstring
         path_column, label_column = self.columns
         try:
             frame = pd.read_csv(self.data, dtype=str, keep_default_na=False)
@@ -289,6 +290,7 @@ class ImageSource:
     def _selected(self, paths, labels, top_classes=None):
         """Indices kept by --top_classes N (the N most frequent labels) and --per_class K (the
         first K images of each, in path order); all when neither is given."""
+        import pandas as pd  # imported where used: see the module's docstring
         top_classes = self.top_classes if top_classes is None else top_classes
         keep = list(range(len(paths)))
         if top_classes:
@@ -317,6 +319,7 @@ class ImageSource:
     def write_selection(self, path):
         """Write the images this dataset uses (after --top_classes / --per_class) with their split
         as a CSV that --data can take again; returns its path, or None when nothing was selected."""
+        import pandas as pd  # imported where used: see the module's docstring
         if not (self.top_classes or self.per_class) or not self._splits:
             return None
         if self._split_folders():  # every split folder, not only the ones this run read

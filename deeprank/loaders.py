@@ -18,60 +18,14 @@ Unreadable marker, the collate functions below set it aside, and the main proces
     loader = make_loader(ImageList(paths, 224), 64, num_workers=2, device=device, collate_fn=image_batch)
 """
 
-import warnings
-from typing import NamedTuple
-
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from deeprank.common import BAD_IMAGE_POLICIES, PREPROCESS_CHOICES, PipelineError, atomic_write, first_line
+from deeprank.common import PREPROCESS_CHOICES, PipelineError
+from deeprank.images import IMAGENET_MEAN, IMAGENET_STD, Unreadable, load_array
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("none", "flip", "standard")
-MAX_PIXELS = 89_478_485  # larger images are refused, not decoded (Pillow's own warning level: ~256 MB as RGB)
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def load_rgb(path):
-    """Any image file as an upright RGB PIL image: the EXIF orientation applied; grayscale, 16-bit,
-    palette, CMYK and RGBA converted (alpha dropped). A file that cannot be decoded (missing,
-    empty, truncated, not an image, more than MAX_PIXELS pixels) raises PipelineError naming it."""
-    try:
-        return _decode(path)
-    except Exception as err:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, EOFError, ...
-        raise PipelineError(f"cannot read image {path} ({first_line(err)}); replace or remove it") from None
-
-
-def _decode(path):
-    """load_rgb without the error translation: raises whatever the decoder raised."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own guard: an error too
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ValueError(f"{image.width} x {image.height} pixels, more than {MAX_PIXELS:,}: "
-                                 f"refused as a possible decompression bomb")
-            if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: rotate / mirror upright
-                image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-
-
-def _to_rgb(image):
-    """An opened PIL image in RGB; 16-bit values scaled to 8 bits, not clipped."""
-    if image.mode in _SIXTEEN_BIT:
-        values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if image.mode != "I" or values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "P":
-        image = image.convert("RGBA")  # palette transparency, converted as Pillow advises
-    return image.convert("RGB")
-
-
-class Unreadable(NamedTuple):
-    """An image file that could not be decoded, and why."""
-    path: str
-    reason: str
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -92,16 +46,9 @@ class ImageList(torch.utils.data.Dataset):
     def load(self, path):
         """One image file -> (3, S, S) uint8 tensor (augmented when the list has augment), or an
         Unreadable."""
-        try:
-            image = _decode(path)
-        except Exception as err:  # noqa: BLE001 - any decoder failure: the main process applies --on_bad_image
-            return Unreadable(str(path), first_line(err))
-        if self.augment is not None:
-            image = self.augment(image)
-        size = (self.image_size, self.image_size)
-        if image.size != size:
-            image = image.resize(size, Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+        array = load_array(path, self.image_size, self.augment)
+        if isinstance(array, Unreadable):
+            return array
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S) uint8
 
     def load_row(self, paths):
@@ -206,43 +153,6 @@ def pair_batch(items):
         return None, None, bad
     batch, same = _collate([items[row] for row in keep])
     return _columns_first(batch), same, bad
-
-
-class BadImages:
-    """--on_bad_image: 'error' stops at the first unreadable image with one line naming it;
-    'skip' leaves such images out, counts them, and lists them (path<TAB>reason) in `report`."""
-
-    def __init__(self, policy, report):
-        if policy not in BAD_IMAGE_POLICIES:
-            raise PipelineError(f"unknown --on_bad_image {policy!r}; choose {', '.join(BAD_IMAGE_POLICIES)}")
-        self.policy, self.report, self.found = policy, report, {}
-
-    def add(self, unreadable):
-        """Record a batch's unreadable images; in 'error' mode, stop at the first."""
-        for item in unreadable:
-            if self.policy == "error":
-                raise PipelineError(f"cannot read image {item.path} ({item.reason}); replace or remove it, or "
-                                    f"pass --on_bad_image skip to leave such files out")
-            self.found.setdefault(item.path, item.reason)
-
-    def merge(self, founds):
-        """Add other processes' skipped images ({path: reason} each, e.g. every rank's under torchrun)."""
-        for found in founds:
-            self.found.update(found)
-
-    def write_report(self):
-        """Write the report file (atomically) if any image was skipped; returns its path or None."""
-        if not self.found:
-            return None
-        with atomic_write(self.report) as handle:
-            handle.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(self.found.items())))
-        return self.report
-
-    def summary(self):
-        """One line for the printout, or '' when nothing was skipped."""
-        if not self.found:
-            return ""
-        return f"skipped {len(self.found)} unreadable image(s), listed in {self.report}"
 
 
 class PKBatchSampler(torch.utils.data.Sampler):

@@ -7,7 +7,7 @@ image_search.py --grid draw with it).
 from PIL import Image, ImageDraw
 
 from deeprank.common import atomic_write
-from deeprank.loaders import load_rgb
+from deeprank.images import load_rgb
 
 CELL = 96       # thumbnail side in pixels
 PAD = 4

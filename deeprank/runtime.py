@@ -16,11 +16,11 @@ import sys
 import torch
 
 from deep_rank_net import PooledFeatures, l2n, unwrap
-from deeprank.common import NUM_WORKERS, PipelineError
-from deeprank.loaders import BadImages, ImageList, Normalize, image_batch, load_size, make_loader
+from deeprank.checkpoints import load_model
+from deeprank.common import COMPILE, COMPILE_CHOICES, NUM_WORKERS, TTA_CHOICES, PipelineError, file_digest
+from deeprank.images import BadImages
+from deeprank.loaders import ImageList, Normalize, image_batch, load_size, make_loader
 
-COMPILE = "auto"         # --compile default of the stages that run a network: auto | on | off
-COMPILE_CHOICES = ("auto", "on", "off")
 # --compile auto: images (in 224-px equivalents) through frozen layers that repay compiling, per device type:
 # on a CPU about the break-even measured for resnet101; on CUDA an estimate, not a measurement
 # (docs/benchmarks.md, "Whole jobs on this CPU"; docs/distributed.md, "A busy GPU").
@@ -30,8 +30,7 @@ COMPILE_MIN_WORK = {"cpu": 3000, "cuda": 300_000}
 # fastest there (docs/benchmarks.md, "Whole jobs on this CPU"); CUDA passes BATCH (not measured).
 BATCH = 64
 CPU_PASS_PIXELS = 16 * 224 * 224
-TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation -> forward passes per image
-TTA_CHOICES = tuple(TTA_PASSES)
+TTA_PASSES = {"none": 1, "flip": 2}  # test-time augmentation (common.TTA_CHOICES) -> forward passes per image
 # DEEPRANK_FP32=1 in the environment: every stage of the process runs fp32, as if each were given --no_amp
 # (so a CPU or GPU with bf16 can run the whole test suite, or a whole pipeline, both ways).
 FP32_ENV = "DEEPRANK_FP32"
@@ -201,7 +200,7 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, 
     'backbone' (the backbone's pooled features, L2-normalised). progress: optional tqdm bar.
     compile: run the network compiled with its weights frozen (see FrozenRunner).
     tta: 'none', or 'flip': the normalised sum of the image's and its mirror image's embeddings
-    (two forward passes per image). bad_images: the loaders.BadImages that decides about images
+    (two forward passes per image). bad_images: the images.BadImages that decides about images
     that cannot be decoded (default: stop at the first). preprocess: the workers decode to the
     load size and the device resizes the batch (--preprocess device).
     """
@@ -227,3 +226,35 @@ def embed_batches(model, paths, device, batch_size=64, num_workers=NUM_WORKERS, 
         if progress is not None:
             progress.update(len(kept) + len(unreadable))
         start += len(kept) + len(unreadable)
+
+
+class TorchEmbedder:
+    """A checkpoint's network in PyTorch, embedding image files as a stage asks (layer, test-time
+    augmentation, precision, compile policy, where images are resized); the same interface as
+    onnx_model.OnnxEmbedder: dim, image_size, checkpoint, precision, source(), batches()."""
+
+    runtime = "torch"
+
+    def __init__(self, model_path, device, layer="embedding", tta="none", amp=True, batch_size=None,
+                 num_workers=NUM_WORKERS, compile=COMPILE, preprocess=False):
+        model, _ = load_model(model_path)
+        self.path, self.device, self.layer, self.tta = str(model_path), device, layer, tta
+        self.dim = model.model_args["embed_dim"] if layer == "embedding" else model.conv_fc.in_features
+        self.image_size, self.checkpoint = model.image_size, file_digest(model_path)
+        self.precision = precision(device, amp)
+        self.batch_size = batch_size or default_batch(device, model.image_size)
+        self.num_workers, self.compile, self.preprocess = num_workers, compile, preprocess
+        self.model = prepare(model, device)
+
+    def source(self):
+        """The embedding file header's fields for vectors this network makes."""
+        return {"checkpoint": self.checkpoint, "layer": self.layer, "tta": self.tta, "amp": self.precision,
+                "preprocess": "device" if self.preprocess else "cpu"}
+
+    def batches(self, paths, bad_images=None, progress=None):
+        """Yield (vectors (G, D) float32 numpy, rows of paths) per batch of readable images, in order."""
+        compile = want_compile(self.compile, TTA_PASSES[self.tta] * len(paths), self.image_size, self.device)
+        for vectors, rows in embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
+                                           self.precision == "bf16", progress, self.layer, compile, self.tta,
+                                           bad_images, self.preprocess):
+            yield vectors.numpy(), rows

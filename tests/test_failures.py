@@ -28,7 +28,7 @@ from deeprank.checkpoints import load_model, save_checkpoint
 from deeprank.common import PipelineError, atomic_write, run_cli
 from deeprank.datasets import list_split
 from deeprank.embedding_io import EmbeddingWriter, read_embeddings
-from deeprank.loaders import load_rgb
+from deeprank.images import load_rgb
 from deeprank.sample_csv import read_triplet_csv
 
 SMALL_MODEL = dict(backbone="small_cnn", image_size=32, embed_dim=8, weights="none")

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 STAGES = {"synthetic_data", "transform_validation", "triplet_sampler", "train_net", "gen_embeddings", "eval",
-          "image_search", "plot_log", "find_duplicates"}
+          "image_search", "plot_log", "find_duplicates", "export_model"}
 MODEL = "deep_rank_net"  # the architecture, at the root beside the stages
 # package module -> the package modules it may import (its place in the one-way order)
 PACKAGE = {
@@ -21,13 +21,19 @@ PACKAGE = {
     "deeprank.sample_csv": {"deeprank.common", "deeprank.datasets"},
     "deeprank.class_names": {"deeprank.common"},
     "deeprank.embedding_io": {"deeprank.common", "deeprank.fastparse"},
-    "deeprank.loaders": {"deeprank.common"},
+    "deeprank.images": {"deeprank.common"},
+    "deeprank.loaders": {"deeprank.common", "deeprank.images"},
     "deeprank.losses": set(),
     "deeprank.loss_state": {"deeprank.common"},
     "deeprank.loss_flags": {"deeprank.common", "deeprank.losses"},
     "deeprank.metrics": {"deeprank.common"},
     "deeprank.checkpoints": {"deeprank.common"},
-    "deeprank.runtime": {"deeprank.common", "deeprank.loaders"},
+    "deeprank.runtime": {"deeprank.checkpoints", "deeprank.common", "deeprank.images", "deeprank.loaders"},
+    "deeprank.onnx_model": {"deeprank.common", "deeprank.images"},
+    "deeprank.quantize": {"deeprank.common", "deeprank.images", "deeprank.onnx_model"},
+    "deeprank.export": {"deeprank.checkpoints", "deeprank.common", "deeprank.images", "deeprank.onnx_model"},
+    "deeprank.embedders": {"deeprank.common", "deeprank.export", "deeprank.loaders", "deeprank.onnx_model",
+                           "deeprank.runtime"},
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
     "deeprank.copies": set(),
@@ -38,15 +44,19 @@ PACKAGE = {
     "deeprank.training_log": {"deeprank.common", "deeprank.curves", "deeprank.training"},
     "deeprank.training": {"deeprank.common", "deeprank.datasets", "deeprank.distributed", "deeprank.loaders",
                           "deeprank.loss_flags", "deeprank.losses", "deeprank.sample_csv"},
-    "deeprank.pictures": {"deeprank.common", "deeprank.loaders"},
-    "deeprank.search.index": {"deeprank.common", "deeprank.embedding_io", "deeprank.metrics"},
-    "deeprank.search.searcher": {"deeprank.checkpoints", "deeprank.class_names", "deeprank.common",
-                                 "deeprank.embedding_io", "deeprank.loaders", "deeprank.runtime",
+    "deeprank.pictures": {"deeprank.common", "deeprank.images"},
+    "deeprank.search.index": {"deeprank.common", "deeprank.embedding_io"},
+    "deeprank.search.searcher": {"deeprank.class_names", "deeprank.common", "deeprank.embedders",
+                                 "deeprank.embedding_io", "deeprank.images", "deeprank.onnx_model",
                                  "deeprank.search.index"},
-    "deeprank.search.web": {"deeprank.common", "deeprank.loaders"},
+    "deeprank.search.web": {"deeprank.common", "deeprank.images"},
 }
 TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.sample_csv", "deeprank.embedding_io",
-              "deeprank.fastparse", "deeprank.copies", "synthetic_data", "transform_validation", "triplet_sampler")
+              "deeprank.fastparse", "deeprank.copies", "synthetic_data", "transform_validation", "triplet_sampler",
+              # the search page's modules: image_search.py --serve --model m.onnx runs without torch
+              "deeprank.images", "deeprank.onnx_model", "deeprank.quantize", "deeprank.embedders",
+              "deeprank.class_names", "deeprank.pictures", "deeprank.search.index", "deeprank.search.searcher",
+              "deeprank.search.web", "image_search")
 
 
 def file_of(name):

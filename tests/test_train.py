@@ -15,7 +15,7 @@ from deeprank import losses, training
 from deeprank.checkpoints import load_model, save_checkpoint
 from deeprank.common import PipelineError
 from deeprank.distributed import Cluster
-from deeprank.loaders import BadImages
+from deeprank.images import BadImages
 from deeprank.runtime import compiler_available, resolve_device
 
 FAST = SMALL + ["--batch_size", "16"]

@@ -1,6 +1,6 @@
 """Nearest neighbours of query vectors in a gallery of embeddings, by squared L2 distance: exact
-(metrics.knn, the chunked search eval.py uses, ties broken by gallery row) or a faiss index
-saved beside the gallery (faiss-cpu: requirements-faiss.txt).
+(numpy, chunked over queries, ties broken by gallery row; no torch, so the search page can run
+without it) or a faiss index saved beside the gallery (faiss-cpu: requirements-faiss.txt).
 
 The faiss index is `<gallery>.faiss`, with `<gallery>.faiss.json` beside it recording the
 gallery files' sizes and modification times when it was built: a gallery that changed since
@@ -23,7 +23,6 @@ import numpy as np
 
 from deeprank.common import PipelineError, atomic_write
 from deeprank.embedding_io import check_finite, read_npy_header
-from deeprank.metrics import knn
 
 INDEX_KINDS = ("auto", "exact", "faiss")
 AUTO_EXACT_ROWS = 200_000  # --index auto: exact search below this many gallery rows, faiss from there
@@ -36,6 +35,9 @@ HNSW_M = 32                # HNSW graph degree
 HNSW_EF_SEARCH = 128       # HNSW candidate list while searching (at least k)
 RERANK = 4                 # IVF: k * RERANK candidates (8-bit codes) re-ranked by their exact distances
 ADD_ROWS = 65_536          # rows handed to faiss at a time while building
+EXACT_CHUNK = 1 << 24      # exact search: at most this many query-to-gallery distances at once
+EXACT_SLACK = 64           # exact search: candidates within this many float32 epsilons (of the distances' scale)
+                           # of the k-th are re-ranked by exact distance
 
 
 def ivf_cells(rows):
@@ -63,20 +65,52 @@ def faiss_module():
 
 
 class ExactIndex:
-    """Brute-force search over the vectors in memory (metrics.knn)."""
+    """Brute-force search over the vectors in memory: each query's distances to every row (as
+    |g|^2 - 2 q.g, a matrix product); the rows up to its k-th smallest (and its near-ties) are
+    re-ranked by exact distance, ties by row."""
 
     kind = "exact"
 
     def __init__(self, vectors):
         self.vectors = vectors
+        self._squared = None  # each row's squared norm, on the first search
 
     def __len__(self):
         return len(self.vectors)
 
     def search(self, queries, k, exclude=None):
         """(distances, rows), (Q, min(k, usable rows)); exclude[i]: a row query i must not get, or -1."""
-        distances, rows = knn(queries, self.vectors, k, exclude=exclude)
-        return distances.numpy(), rows.numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        exclude = None if exclude is None else np.asarray(exclude)
+        k = min(k, len(self) - int(exclude is not None and (exclude >= 0).any()))
+        if k < 1:
+            raise PipelineError("the gallery has no row left to return; add images to it")
+        if self._squared is None:
+            self._squared = np.einsum("ij,ij->i", self.vectors, self.vectors)
+        step = max(1, EXACT_CHUNK // len(self))
+        blocks = [self._candidates(queries[s:s + step], k, None if exclude is None else exclude[s:s + step])
+                  for s in range(0, len(queries), step)]
+        width = max((b.shape[1] for b in blocks), default=k)
+        rows = np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=-1) for b in blocks]) \
+            if blocks else np.zeros((0, k), dtype=np.int64)
+        distances, rows = _rerank(queries, rows, self.vectors)
+        return distances[:, :k], rows[:, :k]
+
+    def _candidates(self, queries, k, exclude):
+        """Each query's rows whose distance by the matrix product is within float32 rounding of its
+        k-th smallest (ties and near-ties all kept, -1 padded), for the exact re-ranking."""
+        d = self._squared[None, :] - 2 * (queries @ self.vectors.T)
+        if exclude is not None:
+            valid = np.flatnonzero(exclude >= 0)
+            d[valid, exclude[valid]] = np.inf
+        kth = np.partition(d, k - 1, axis=1)[:, k - 1]
+        scale = (queries * queries).sum(1) + self._squared.max()
+        mask = d <= (kth + EXACT_SLACK * np.finfo(np.float32).eps * scale)[:, None]
+        counts = mask.sum(1)
+        hit, column = np.nonzero(mask)  # in row order within each query
+        rows = np.full((len(queries), int(counts.max(initial=k))), -1, dtype=np.int64)
+        rows[hit, np.arange(len(hit)) - np.repeat(np.cumsum(counts) - counts, counts)] = column
+        return rows
 
 
 class FaissIndex:

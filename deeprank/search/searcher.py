@@ -4,7 +4,9 @@
 Queries are embedded exactly as gen_embeddings.py embedded the gallery: the header of the
 gallery file says which checkpoint (its SHA-256), which layer, which test-time augmentation,
 which precision and where images were resized (--preprocess); a gallery that another
-checkpoint wrote is refused unless force=True.
+checkpoint wrote is refused unless force=True. The model is a checkpoint or its export (.onnx,
+run by onnxruntime; an export counts as its source checkpoint, and a process given one never
+imports torch).
 
     searcher = Searcher("deepranknet.model", "train_embedding.txt")
     vectors, paths = searcher.embed(["query.jpg"])
@@ -12,26 +14,17 @@ checkpoint wrote is refused unless force=True.
 """
 
 import os
+import sys
 import threading
 
 import numpy as np
 
-from deeprank.checkpoints import load_model
 from deeprank.class_names import ClassNames
-from deeprank.common import PipelineError, file_digest, resolve_in
+from deeprank.common import TTA_CHOICES, PipelineError, resolve_in
+from deeprank.embedders import open_embedder
 from deeprank.embedding_io import read_embeddings, read_header
-from deeprank.loaders import BadImages
-from deeprank.runtime import (
-    COMPILE,
-    TTA_CHOICES,
-    TTA_PASSES,
-    default_batch,
-    embed_batches,
-    precision,
-    prepare,
-    resolve_device,
-    want_compile,
-)
+from deeprank.images import BadImages
+from deeprank.onnx_model import is_onnx
 from deeprank.search.index import NPROBE, gallery_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
@@ -39,7 +32,7 @@ DEFAULT_SOURCE = {"layer": "embedding", "tta": "none", "amp": "bf16", "preproces
 
 
 def gallery_source(header):
-    """How a gallery's vectors were made: layer, tta, amp (bf16 | fp32), preprocess (cpu | device),
+    """How a gallery's vectors were made: layer, tta, amp (bf16 | fp32 | int8), preprocess (cpu | device),
     checkpoint digest or None."""
     source = {key: header.get(key, default) for key, default in DEFAULT_SOURCE.items()}
     source["checkpoint"] = header.get("checkpoint")
@@ -51,12 +44,13 @@ def gallery_source(header):
     return source
 
 
-def check_source(header, model_path, gallery_path, force):
+def check_source(header, model_path, gallery_path, force, checkpoint):
     """Refuse (unless force) a gallery that another checkpoint wrote: by its digest when the
-    header has one, else by the checkpoint path the header names."""
+    header has one (checkpoint: the digest of --model's checkpoint, or of an export's source), else
+    by the checkpoint path the header names."""
     digest = header.get("checkpoint")
     if digest:
-        same, written_by = digest == file_digest(model_path), f"checkpoint sha256 {digest}"
+        same, written_by = digest == checkpoint, f"checkpoint sha256 {digest}"
     else:
         written = resolve_in(header["model"], os.path.dirname(os.path.abspath(gallery_path)))  # relative to the file
         same, written_by = os.path.abspath(model_path) == written, header["model"] or "an unnamed model"
@@ -66,31 +60,47 @@ def check_source(header, model_path, gallery_path, force):
                             f"or pass --force")
 
 
+def check_export(source, embedder, gallery_path):
+    """An exported model must compute what the gallery's vectors are (its layer and test-time augmentation)."""
+    for flag, made in (("layer", embedder.layer), ("tta", embedder.tta)):
+        if source[flag] != made:
+            raise PipelineError(f"{gallery_path} was embedded with --{flag} {source[flag]} but {embedder.path} was "
+                                f"exported with --{flag} {made}; export the checkpoint with export_model.py --{flag} "
+                                f"{source[flag]}, or re-embed the gallery with this model")
+
+
 class Searcher:
-    """A checkpoint (loaded once) and, optionally, a gallery with its index (built on first use)."""
+    """A model (a checkpoint or its export, loaded once) and, optionally, a gallery with its index
+    (built on first use). runtime: a checkpoint's (torch | onnx, see embedders.open_embedder)."""
 
     def __init__(self, model_path, gallery_path=None, device="auto", index="auto", nprobe=NPROBE, force=False,
-                 batch_size=None, num_workers=0, on_bad_image="error", log=print, names_file=None):
+                 batch_size=None, num_workers=0, on_bad_image="error", log=print, names_file=None, runtime="torch"):
         self.model_path, self.gallery_path, self.log, self.names_file = model_path, gallery_path, log, names_file
         self._names = None
         self.index_kind, self.nprobe = index, nprobe
         self.num_workers, self.on_bad_image = num_workers, on_bad_image
         header = read_header(gallery_path) if gallery_path and os.path.exists(gallery_path) else {}
         self.header, self.source = header, gallery_source(header)
-        self.device = resolve_device(device)
-        # the checkpoint and the dimension first: neither can be forced, so their messages do not offer --force
-        model, _ = load_model(model_path)
-        dim = model.model_args["embed_dim"] if self.source["layer"] == "embedding" else model.conv_fc.in_features
+        exported = is_onnx(model_path)
+        # the model and the dimension first: neither can be forced, so their messages do not offer --force;
+        # queries are embedded in the gallery's precision where this device runs it (DEEPRANK_FP32=1: fp32)
+        self.embedder = open_embedder(model_path, runtime, None if exported else self.source["layer"],
+                                      None if exported else self.source["tta"], device, self.source["amp"] == "bf16",
+                                      batch_size, num_workers, "auto", self.source["preprocess"], log)
+        if header and exported:
+            check_export(self.source, self.embedder, gallery_path)
+        dim = self.embedder.dim
         if header and header["dim"] != dim:
             raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "
                                 f"search it with the checkpoint that wrote it, or re-embed it with this one "
                                 f"(gen_embeddings.py)")
         if header:
-            check_source(header, model_path, gallery_path, force)
-        self.model, self.dim = prepare(model, self.device), dim
-        # queries are embedded in the gallery's precision where this device runs it (DEEPRANK_FP32=1: fp32)
-        self.precision = precision(self.device, self.source["amp"] == "bf16")
-        self.batch_size = batch_size or default_batch(self.device, model.image_size)
+            check_source(header, model_path, gallery_path, force, self.embedder.checkpoint)
+            if (self.source["amp"] == "int8") != (self.embedder.precision == "int8"):
+                print(f"warning: {gallery_path} holds {self.source['amp']} vectors and the queries are embedded in "
+                      f"{self.embedder.precision} ({model_path}); distances are comparable but not identical",
+                      file=sys.stderr)
+        self.dim, self.precision = dim, self.embedder.precision
         self.gallery, self._index = None, None
         self._lock = threading.Lock()  # one forward pass at a time (the web server is threaded)
 
@@ -138,11 +148,7 @@ class Searcher:
         locked for each forward pass alone, never across a yield: a caller that stops early (or
         pauses) holds nothing."""
         bad_images = bad_images or BadImages(self.on_bad_image, None)
-        tta = self.source["tta"]
-        compile = want_compile(COMPILE, len(paths) * TTA_PASSES[tta], self.model.image_size, self.device)
-        batches = embed_batches(self.model, paths, self.device, self.batch_size, self.num_workers,
-                                self.precision == "bf16", None, self.source["layer"], compile, tta, bad_images,
-                                self.source["preprocess"] == "device")
+        batches = self.embedder.batches(paths, bad_images)
         blocks, kept = [], []
         while True:
             with self._lock:
@@ -150,7 +156,7 @@ class Searcher:
             if batch is None:
                 break
             vectors, found = batch
-            blocks.append(vectors.numpy())
+            blocks.append(vectors)
             kept.extend(paths[i] for i in found)
             if len(kept) >= (rows or 1):
                 yield np.concatenate(blocks), kept

@@ -22,7 +22,7 @@ from flask import Flask, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from deeprank.common import PipelineError
-from deeprank.loaders import BadImages, load_rgb
+from deeprank.images import BadImages, load_rgb
 
 PAGE = Path(__file__).resolve().parent / "search.html"
 THUMBNAIL = 256  # longest side of a served image, in pixels

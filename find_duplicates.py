@@ -54,6 +54,8 @@ from deeprank.duplicates import (
     file_sizes,
     identical_files,
     keep_order,
+    pair_precision,
+    recall_threshold,
     star_groups,
     weakest_pair,
 )
@@ -68,7 +70,7 @@ OUT = "duplicates.csv"   # --out default
 GROUP = "star"           # star | chain
 KEEP = "largest"         # largest | first | pixels: which image of a group is kept
 SHOWN = 10               # groups named in the summary (largest first)
-PRECISION = 0.99         # --calibrate_copies: copies' share of the calibration pairs below the threshold
+RECALL = 0.95            # --calibrate_copies: the share of its synthetic copies the threshold keeps
 MATCHES = 10             # --against / --query: the nearest gallery images checked for each image
 CALIBRATION_NEIGHBOURS = 50  # --calibrate_copies: the nearest other gallery images each copy is checked against
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
@@ -92,11 +94,14 @@ def build_parser():
                            help="the pair_threshold of eval.py --pairs --calibrate --json JSON")
     threshold.add_argument("--calibrate_copies", type=positive_int, metavar="N",
                            help="make N synthetic copies of gallery images (resized, JPEG, cropped, mirrored, "
-                                "colour-shifted), embed them with --model, and take the threshold that keeps the most "
-                                "copies at --precision")
-    a("--precision", type=fraction, default=PRECISION,
-      help="--calibrate_copies: of the pairs each copy forms below the threshold (with its original, and with every "
-           "other gallery image among its 50 nearest), the share that are copy and original (default: %(default)s)")
+                                "colour-shifted), embed them with --model, and take the threshold that keeps --recall "
+                                "of them (or the most of them at --precision)")
+    a("--recall", type=fraction, default=RECALL,
+      help="--calibrate_copies: the share of the synthetic copies the threshold keeps (default: %(default)s)")
+    a("--precision", type=fraction, default=None,
+      help="--calibrate_copies: instead of --recall, the threshold that keeps the most copies while this share of the "
+           "pairs they form below it (with their originals, and with every other gallery image among their 50 "
+           "nearest) are copy and original; a folder's own duplicates count against it here")
     a("--out", default=OUT, help="the CSV to write (default: %(default)s)")
     a("--group", default=GROUP, choices=GROUP_CHOICES, help="star or chain groups (default: %(default)s)")
     a("--keep", default=KEEP, choices=KEEP_CHOICES, help="the image each group keeps (default: %(default)s)")
@@ -226,8 +231,41 @@ def find_query_duplicates(gallery, args, threshold):
 
 
 def calibrate_copies(gallery, args):
-    """The threshold that separates synthetic copies of gallery images from their nearest non-copies
-    (deeprank.duplicates.copy_threshold), printed with what it keeps of each kind of copy."""
+    """The threshold from synthetic copies of gallery images: the one that keeps --recall of them
+    (deeprank.duplicates.recall_threshold), or with --precision the one that keeps the most of them
+    at that precision against their nearest non-copies (copy_threshold); printed with what it keeps
+    of each kind of copy and the precision of the pairs the copies form below it."""
+    copy_d, kinds, others = calibration_pairs(gallery, args)
+    if args.precision is not None:
+        chosen = copy_threshold(copy_d, others[np.isfinite(others)], args.precision)
+        if chosen is None:
+            raise PipelineError(f"no threshold separates {len(copy_d)} synthetic copies from the other gallery "
+                                f"images near them at precision {args.precision}: this embedding does not tell copies "
+                                f"from look-alikes; embed the gallery with gen_embeddings.py --layer backbone --tta "
+                                f"flip, or lower --precision")
+        threshold, recall = chosen[:2]
+    else:
+        threshold, recall = recall_threshold(copy_d, args.recall)
+    share, kept, joined = pair_precision(copy_d, others, threshold)
+    per_kind = ", ".join(f"{kind} {np.mean(copy_d[kinds == kind] < threshold):.2f}" for kind in KINDS
+                         if (kinds == kind).any())
+    rule = f"at precision {args.precision}" if args.precision is not None else f"to keep {args.recall:.0%} of them"
+    print(f"calibrated on {len(copy_d)} synthetic copies {rule}: threshold {threshold:.4g} keeps {recall:.1%} "
+          f"({per_kind}); of the pairs the copies form below it, with their originals and with every other gallery "
+          f"image near them, {kept} of {kept + joined} ({share:.1%}) are copy and original (a lower bound where the "
+          f"folder holds duplicates of its own: they count as errors here)")
+    full = int((others[:, -1] < threshold).sum()) if others.shape[1] else 0
+    if full:
+        print(f"warning: {full} copies are closer than the threshold to all of their {others.shape[1]} nearest "
+              f"other gallery images; the precision counts those {others.shape[1]} alone, so it may be lower",
+              file=sys.stderr)
+    return threshold
+
+
+def calibration_pairs(gallery, args):
+    """--calibrate_copies' synthetic copies of random gallery images, embedded as the gallery was, in
+    turn of each kind: (each copy's distance to its original, its kind, its distances to its
+    CALIBRATION_NEIGHBOURS nearest other gallery images (n, m), inf where there are fewer)."""
     searcher = query_searcher(gallery, args)
     rng = random.Random(args.seed)
     present = [row for row in range(len(gallery)) if os.path.isfile(gallery.paths[row])]
@@ -248,26 +286,7 @@ def calibrate_copies(gallery, args):
     copy_d = pair_scores(vectors, np.asarray(gallery.vectors[originals], dtype=np.float32))
     # every gallery image a copy would join, up to its CALIBRATION_NEIGHBOURS nearest non-originals
     others, _ = searcher.index.search(vectors, min(CALIBRATION_NEIGHBOURS, len(gallery) - 1), exclude=originals)
-    chosen = copy_threshold(copy_d, others[np.isfinite(others)], args.precision)
-    if chosen is None:
-        raise PipelineError(f"no threshold separates {len(kept)} synthetic copies from the other gallery images "
-                            f"near them at precision {args.precision}: this embedding does not tell copies from "
-                            f"look-alikes; embed the gallery with gen_embeddings.py --layer backbone --tta flip, or "
-                            f"lower --precision")
-    threshold, recall, share = chosen
-    joined = int((others < threshold).sum())
-    per_kind = ", ".join(f"{kind} {np.mean(copy_d[kinds == kind] < threshold):.2f}" for kind in KINDS
-                         if (kinds == kind).any())
-    print(f"calibrated on {len(kept)} synthetic copies: threshold {threshold:.4g} keeps {recall:.1%} of them "
-          f"({per_kind}) at precision {share:.1%}: of the pairs each copy forms below it, with its original and "
-          f"with every other gallery image, {int(round(recall * len(kept)))} of "
-          f"{int(round(recall * len(kept))) + joined} are copy and original")
-    full = int((others[:, -1] < threshold).sum()) if others.shape[1] else 0
-    if full:
-        print(f"warning: {full} copies are closer than the threshold to all of their {others.shape[1]} nearest "
-              f"other gallery images; the precision counts those {others.shape[1]} alone, so it may be lower",
-              file=sys.stderr)
-    return threshold
+    return copy_d, kinds, others
 
 
 def query_searcher(gallery, args):

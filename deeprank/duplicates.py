@@ -272,6 +272,28 @@ def weakest_pair(vectors, rows, block=1024):
     return largest
 
 
+def recall_threshold(copy_d, recall):
+    """(threshold, the share of copies it keeps) that keeps `recall` of the synthetic copies (copy_d:
+    each one's distance to its original): halfway between the distance of the last copy it keeps
+    and the next. It reads nothing of the other gallery images, so the folder's own duplicates
+    cannot make it stricter."""
+    d = np.sort(np.asarray(copy_d, np.float64))
+    keep = min(len(d), max(1, int(np.ceil(recall * len(d) - 1e-9))))
+    threshold = (d[keep - 1] + d[keep]) / 2 if keep < len(d) else np.nextafter(d[-1], np.inf)
+    if keep < len(d) and d[keep] == d[keep - 1]:  # a threshold cannot split copies at one distance
+        threshold = np.nextafter(d[keep - 1], np.inf)
+    return float(threshold), float(np.mean(d < threshold))
+
+
+def pair_precision(copy_d, other_d, threshold):
+    """The share of the calibration pairs below threshold that are copy and original (other_d: every
+    other pair the copies form, inf where none; the folder's own duplicates count as errors here, so
+    in a folder that holds many this is a lower bound)."""
+    copies = int((np.asarray(copy_d) < threshold).sum())
+    others = int((np.asarray(other_d)[np.isfinite(other_d)] < threshold).sum())
+    return copies / max(copies + others, 1), copies, others
+
+
 def copy_threshold(copy_d, other_d, precision):
     """(threshold, recall, precision at it) from calibration pairs: copy_d, each synthetic copy's
     distance to its original; other_d, the distances of the other pairs (each copy with the gallery

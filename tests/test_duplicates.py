@@ -168,6 +168,59 @@ def test_copy_threshold_keeps_the_most_copies_at_the_precision():
     assert copy_threshold([0.2], [0.1], 0.99) is None
 
 
+def test_recall_threshold_keeps_that_share_of_the_copies():
+    from deeprank.duplicates import pair_precision, recall_threshold
+    copies = [0.1, 0.2, 0.3, 0.5, 0.9]
+    assert recall_threshold(copies, 0.6) == (pytest.approx(0.4), pytest.approx(0.6))     # 3 of 5: between .3 and .5
+    assert recall_threshold(copies, 0.61) == (pytest.approx(0.7), pytest.approx(0.8))    # 3.05 of 5: four
+    assert recall_threshold(copies, 1.0)[1] == 1.0 and recall_threshold(copies, 1.0)[0] > 0.9
+    assert recall_threshold([0.1, 0.2, 0.2, 0.4], 0.5)[1] == 0.75  # a threshold cannot split the two at 0.2
+    others = np.array([[0.15, np.inf], [0.35, 0.6]])
+    assert pair_precision(copies, others, 0.4) == (pytest.approx(3 / 5), 3, 2)
+
+
+def planted_folder(share, rng, classes=40, per_class=25, dim=32):
+    """Unit vectors in classes of look-alikes (another image of a class at squared distance ~0.5), with
+    `share` of the folder near-copies (~0.03) of random images: (gallery, planted pairs)."""
+    centres = rng.standard_normal((classes, dim))
+    images = np.repeat(centres, per_class, axis=0) + 0.5 * rng.standard_normal((classes * per_class, dim))
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    copies = int(round(share / (1 - share) * len(images)))
+    originals = rng.choice(len(images), copies, replace=False)
+    planted = images[originals] + 0.025 * rng.standard_normal((copies, dim))
+    planted /= np.linalg.norm(planted, axis=1, keepdims=True)
+    gallery = np.concatenate([images, planted]).astype(np.float32)
+    return gallery, {frozenset((int(o), len(images) + i)) for i, o in enumerate(originals)}
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.3])
+def test_the_calibration_holds_when_the_folder_is_full_of_duplicates(share):
+    """Synthetic copies of a folder with 0%, 10% and 30% planted duplicates: the threshold that keeps
+    95% of the copies finds the planted pairs at precision and recall 0.9 or more, however many there
+    are; the precision rule (0.99, every neighbour counting against it) keeps ever fewer copies as the
+    folder's own duplicates count as its errors, and fails at 30%."""
+    from deeprank.duplicates import close_pairs, copy_threshold, recall_threshold
+    rng = np.random.default_rng(0)
+    gallery, planted = planted_folder(share, rng)
+    sources = rng.choice(len(gallery), 200, replace=False)
+    copies = gallery[sources] + 0.03 * rng.standard_normal((200, gallery.shape[1])).astype(np.float32)
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    copy_d = ((copies - gallery[sources]) ** 2).sum(1)
+    d = ((copies[:, None, :] - gallery[None]) ** 2).sum(-1)
+    d[np.arange(200), sources] = np.inf
+    others = np.sort(d, axis=1)[:, :50]
+    threshold, kept = recall_threshold(copy_d, 0.95)
+    assert kept >= 0.95
+    if planted:
+        i, j, _ = close_pairs(gallery, threshold)
+        called = {frozenset((int(a), int(b))) for a, b in zip(i, j, strict=True)}
+        precision, recall = len(called & planted) / max(len(called), 1), len(called & planted) / len(planted)
+        assert precision >= 0.9 and recall >= 0.9
+    before = copy_threshold(copy_d, others[np.isfinite(others)], 0.99)
+    if share >= 0.3:
+        assert before is None or before[1] < 0.6  # the precision rule fails exactly here
+
+
 def test_a_chain_is_one_group_only_when_asked(tmp_path, capsys):
     vectors = np.array([[0.0], [0.6], [1.2], [1.8], [10.0]])  # A~B~C~D one step apart (0.36 < 0.5), D far from A
     gallery = gallery_of(tmp_path / "g", vectors)

@@ -427,6 +427,12 @@ def train(args, out, cluster, device):
         print_args("train_net.py", args, skip=unused_flags(args), precision=precision(device, not args.no_amp))
     ckpt = load_checkpoint(args.resume) if args.resume else None
     model, start_epoch = build_model(args, ckpt)
+    if args.epochs == 0 and ckpt is None:  # the network as initialised: nothing to train on is read, in any mode
+        if cluster.main:
+            save_checkpoint(out, model, None, 0, dict(vars(args)), {})
+            print(f"wrote {out} (--epochs 0: the network as initialised, no training data read)")
+        cluster.barrier()
+        return 0
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mode = training_mode(args)

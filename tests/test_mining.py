@@ -162,6 +162,18 @@ def test_epochs_zero_writes_the_initial_model(prepared_master, tmp_path):
     assert torch.load(out, weights_only=True)["epoch"] == 0
 
 
+@pytest.mark.parametrize("flags", [[], ["--batches", "pk"], ["--loss", "contrastive", "--pairs", "none.csv"]],
+                         ids=["triplet_csv", "pk", "pair_csv"])
+def test_epochs_zero_needs_no_training_data_in_any_mode(tmp_path, flags, capsys):
+    """The untrained network as a checkpoint (a baseline, find_duplicates' features) needs no triplet,
+    pair or --data: none of them exists here."""
+    out = tmp_path / "init.model"
+    assert train_net.main(FAST + ["--epochs", "0", "--out", str(out)] + flags) == 0
+    assert "no training data read" in capsys.readouterr().out
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["model_args"]["backbone"] == "small_cnn"
+
+
 def test_parameter_groups_split_backbone_and_head():
     from deep_rank_net import DeepRank
 

@@ -8,6 +8,7 @@ ungrouped image within the threshold of itself, so each member is close to its g
 image; --group chain: the connected components of the "closer than" graph (a chain A~B~C~D is
 one group). Writes group,path,label,distance rows (distance to the kept image, 0 for it).
 
+    python find_duplicates.py --images photos/ --out groups.csv      # embed, calibrate and group, one command
     python find_duplicates.py --gallery gallery.npy --threshold 0.05 --out groups.csv
     python find_duplicates.py --gallery train.npy --against val.npy --threshold 0.05 --out leaks.csv
     python find_duplicates.py --gallery gallery.npy --threshold 0.05 --model m.model --query new_photos/
@@ -43,7 +44,7 @@ from deeprank.common import (
     workers_flag,
 )
 from deeprank.copies import KINDS, save_copy
-from deeprank.datasets import images_in
+from deeprank.datasets import class_of, images_in
 from deeprank.duplicates import (
     CELL_PROBES,
     GROUP_CHOICES,
@@ -59,8 +60,9 @@ from deeprank.duplicates import (
     star_groups,
     weakest_pair,
 )
-from deeprank.embedders import RUNTIMES
-from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.embedders import PRETRAINED_USE, RUNTIMES, embed_to_file, open_embedder, pretrained_checkpoint
+from deeprank.embedding_io import EmbeddingWriter, check_names, read_embeddings
+from deeprank.images import BadImages
 from deeprank.metrics import pair_scores
 from deeprank.pictures import save_captioned_grid
 from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths, read_rows
@@ -79,6 +81,9 @@ CELLS = 12               # --grid: images shown of a group
 FILES_SHOWN = 20         # files named one a line on stderr (unreadable, refused, failed), then a count
 MOVE_BATCH = 256         # --move_to: moves between two atomic rewrites of the CSV's status column
 RUNTIME = "torch"        # --model's runtime when it is a checkpoint: torch | onnx
+CACHE = ".deeprank"      # --images: the folder inside DIR that holds its gallery and the pretrained checkpoint
+IMAGES_COPIES = 500      # --images without a threshold: --calibrate_copies this many (at most half the images)
+LOW_PRECISION = 0.5      # --calibrate_copies: warn below this precision of the copies' pairs (30% duplicates: 0.75)
 # ----------------------------------------------------------------
 
 
@@ -87,8 +92,15 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, parents=[device_flag(), workers_flag(), seed_flag()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--gallery", required=True, help="embedding file of the collection (gen_embeddings.py; .npy or .txt)")
-    threshold = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gallery", help="embedding file of the collection (gen_embeddings.py; .npy or .txt)")
+    source.add_argument("--images", metavar="DIR",
+                        help="a folder of images, any layout: every image below it is embedded (with --model, or the "
+                             "ImageNet-pretrained efficientnet_lite0's features with flip) into --cache, and the "
+                             "threshold calibrated on synthetic copies of its own images unless given")
+    a("--cache", default=None, metavar="PATH",
+      help=f"--images: the embedding file written (default: DIR/{CACHE}/gallery.npy; rewritten each run)")
+    threshold = parser.add_mutually_exclusive_group()
     threshold.add_argument("--threshold", type=float, help="duplicates: squared L2 distance below this")
     threshold.add_argument("--threshold_from", metavar="JSON",
                            help="the pair_threshold of eval.py --pairs --calibrate --json JSON")
@@ -230,6 +242,35 @@ def find_query_duplicates(gallery, args, threshold):
             if hit["distance"] < threshold]
 
 
+def images_gallery(args):
+    """--images DIR: every image below DIR (its CACHE folder left out) embedded into --cache with
+    --model, or with the ImageNet-pretrained efficientnet_lite0's pooled features and flip; files that
+    cannot be decoded are named and left out. Without a threshold, --calibrate_copies follows.
+    Returns the gallery file."""
+    folder = os.path.join(os.path.abspath(args.images), CACHE)
+    out = args.cache or os.path.join(folder, "gallery.npy")
+    paths = [p for p in images_in([args.images], "--images") if not p.startswith(folder + os.sep)]
+    check_names(paths, [class_of(p) for p in paths])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    check_output_path(out)
+    asked = {"layer": None, "tta": None} if args.model else PRETRAINED_USE
+    args.model = args.model or pretrained_checkpoint(folder)
+    embedder = open_embedder(args.model, args.runtime, asked["layer"], asked["tta"], args.device,
+                             num_workers=args.num_workers)
+    skipped = BadImages("skip", None)
+    count = embed_to_file(embedder, paths, [class_of(p) for p in paths], out, args.model, skipped)
+    print(f"embedded {count} images of {args.images} into {out} ({args.model}, {embedder.layer}, tta {embedder.tta})")
+    if skipped.found:
+        print(f"warning: {len(skipped.found)} files below {args.images} could not be read as images and are left "
+              f"out:", file=sys.stderr)
+        name_files([f"{path}: {reason}" for path, reason in sorted(skipped.found.items())])
+    if count < 2:
+        raise PipelineError(f"--images {args.images} holds {count} readable image(s); duplicates need two or more")
+    if args.threshold is None and args.threshold_from is None and not args.calibrate_copies:
+        args.calibrate_copies = min(IMAGES_COPIES, max(1, count // 2))
+    return out
+
+
 def calibrate_copies(gallery, args):
     """The threshold from synthetic copies of gallery images: the one that keeps --recall of them
     (deeprank.duplicates.recall_threshold), or with --precision the one that keeps the most of them
@@ -254,6 +295,10 @@ def calibrate_copies(gallery, args):
           f"({per_kind}); of the pairs the copies form below it, with their originals and with every other gallery "
           f"image near them, {kept} of {kept + joined} ({share:.1%}) are copy and original (a lower bound where the "
           f"folder holds duplicates of its own: they count as errors here)")
+    if share < LOW_PRECISION:
+        print(f"warning: only {share:.0%} of the pairs the copies form below the threshold are copy and original: "
+              f"this embedding puts many images as close to each other as to a copy; check the groups (--grid) before "
+              f"moving anything, or pass --threshold", file=sys.stderr)
     full = int((others[:, -1] < threshold).sum()) if others.shape[1] else 0
     if full:
         print(f"warning: {full} copies are closer than the threshold to all of their {others.shape[1]} nearest "
@@ -460,6 +505,11 @@ def main(argv=None):
         raise PipelineError("--dry_run and --update_gallery go with --move_to DIR")
     if args.move_to and (args.against or args.query):
         raise PipelineError("--move_to moves the members of a gallery's groups; leave out --against / --query")
+    if args.images:
+        args.gallery = images_gallery(args)
+    elif args.threshold is None and args.threshold_from is None and not args.calibrate_copies:
+        raise PipelineError("give --threshold T, --threshold_from JSON or --calibrate_copies N (with --model) to say "
+                            "how close duplicates are")
     threshold = read_threshold(args)
     check_output_path(args.out)
     if args.json:

@@ -6,9 +6,14 @@ checkpoint is used, so a process given an exported model never loads it.
     embedder = open_embedder("deepranknet.model", runtime="onnx", layer="embedding", tta="flip")
     for vectors, rows in embedder.batches(paths):        # (G, D) float32 numpy, rows of paths
         ...
+    path = pretrained_checkpoint("photos/.deeprank")     # no model of your own: ImageNet features
 """
 
+import os
+
 from deeprank.common import PipelineError
+from deeprank.embedding_io import EmbeddingWriter
+from deeprank.images import BadImages
 from deeprank.onnx_model import OnnxEmbedder, is_onnx
 
 RUNTIMES = ("torch", "onnx")
@@ -40,3 +45,30 @@ def open_embedder(model, runtime="torch", layer=None, tta=None, device="auto", a
     kwargs = {} if num_workers is None else {"num_workers": num_workers}
     return TorchEmbedder(model, device, layer, tta, amp, batch_size, compile=compile,
                          preprocess=preprocess_on_device(preprocess, device), **kwargs)
+
+
+PRETRAINED = {"backbone": "efficientnet_lite0", "image_size": 160}  # find_duplicates.py --images without --model
+PRETRAINED_USE = {"layer": "backbone", "tta": "flip"}  # ... embedded as bench_duplicates measured best
+
+
+def pretrained_checkpoint(folder):
+    """The ImageNet-pretrained efficientnet_lite0 as an untrained DeepRank checkpoint in folder, made
+    once (requirements-pretrained.txt installs its weights offline)."""
+    path = os.path.join(folder, f"{PRETRAINED['backbone']}_{PRETRAINED['image_size']}.model")
+    if not os.path.isfile(path):
+        from deep_rank_net import DeepRank
+        from deeprank.checkpoints import model_errors, save_checkpoint
+        os.makedirs(folder, exist_ok=True)
+        with model_errors():
+            save_checkpoint(path, DeepRank(**PRETRAINED, weights="imagenet").eval())
+    return path
+
+
+def embed_to_file(embedder, paths, labels, out, model_path, bad_images=None, progress=None):
+    """Embed paths into the embedding file out (written atomically, its header naming model_path and
+    how the vectors were made); unreadable images go to bad_images. Returns the rows written."""
+    bad_images = bad_images or BadImages("error", None)
+    with EmbeddingWriter(out, embedder.dim, True, os.path.abspath(model_path), embedder.source()) as writer:
+        for vectors, rows in embedder.batches(paths, bad_images, progress):
+            writer.write([paths[i] for i in rows], [labels[i] for i in rows], vectors)
+    return writer.count

@@ -2,6 +2,7 @@
 files, leaks between splits, new images checked against a gallery, and its one-line errors."""
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import gen_embeddings
 import train_net
 from conftest import FAST
 from deeprank.common import PipelineError, run_cli
-from deeprank.embedding_io import EmbeddingWriter, read_embeddings
+from deeprank.embedding_io import EmbeddingWriter, read_embeddings, read_header
 
 
 def gallery_of(folder, vectors, labels=None, name="gallery.npy", contents=None):
@@ -166,6 +167,36 @@ def test_copy_threshold_keeps_the_most_copies_at_the_precision():
     assert copy_threshold(copies, others, 1.0)[:2] == (pytest.approx(0.35), pytest.approx(0.6))
     assert copy_threshold([0.5, 0.5], [0.5, 0.1], 0.9) is None  # an equal distance cannot be split
     assert copy_threshold([0.2], [0.1], 0.99) is None
+
+
+def test_images_folder_in_one_command(synthetic, tmp_path, capsys):
+    """find_duplicates.py --images DIR alone: the ImageNet-pretrained features with flip (no checkpoint
+    of one's own), the threshold calibrated on copies of the folder's images, a file that is not an
+    image named and left out, and each planted copy (of the calibration's own kinds) in one group with
+    its original (--group chain: the synthetic classes' look-alikes join star groups of their own)."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="requirements-pretrained.txt is not installed")
+    from deeprank.copies import save_copy
+    folder = tmp_path / "photos"
+    originals = sorted((synthetic / "train").rglob("*.JPEG"))
+    (folder / "copies").mkdir(parents=True)
+    for path in originals:
+        shutil.copy(path, folder / path.name)
+    rng = random.Random(0)
+    for number, (path, kind) in enumerate(zip(originals[:3], ("jpeg", "flip", "colour"), strict=True)):
+        save_copy(str(path), kind, str(folder / "copies" / f"copy{number}.jpg"), rng)  # the calibration's kinds
+    (folder / "notes.jpg").write_bytes(b"not an image")
+    out = tmp_path / "groups.csv"
+    assert find_duplicates.main(["--images", str(folder), "--out", str(out), "--group", "chain"]) == 0
+    printed = capsys.readouterr()
+    assert "calibrated on 25 synthetic copies" in printed.out and "notes.jpg" in printed.err
+    header = read_header(folder / ".deeprank" / "gallery.npy")
+    assert (header["layer"], header["tta"]) == ("backbone", "flip")
+    rows = pd.read_csv(out)
+    group_of = dict(zip(rows["path"], rows["group"], strict=True))
+    for number, path in enumerate(originals[:3]):
+        copy = str(folder / "copies" / f"copy{number}.jpg")
+        assert copy in group_of and group_of[copy] == group_of.get(str(folder / path.name))
+    assert str(folder / "notes.jpg") not in group_of
 
 
 def test_recall_threshold_keeps_that_share_of_the_copies():

@@ -1,12 +1,15 @@
 """Which runtime embeds a stage's images: an exported model (.onnx) always runs in onnxruntime; a
 checkpoint runs in PyTorch, or with --runtime onnx in onnxruntime through its fp32 export (made
 once, checked against PyTorch, kept beside the checkpoint). Torch is imported only when a
-checkpoint is used, so a process given an exported model never loads it.
+checkpoint is used, so a process given an exported model never loads it. Also: the pretrained
+checkpoint find_duplicates.py --images uses when no --model is given, and a list of images
+embedded into an embedding file.
 
     embedder = open_embedder("deepranknet.model", runtime="onnx", layer="embedding", tta="flip")
     for vectors, rows in embedder.batches(paths):        # (G, D) float32 numpy, rows of paths
         ...
     path = pretrained_checkpoint("photos/.deeprank")     # no model of your own: ImageNet features
+    embed_to_file(embedder, paths, labels, "gallery.npy", path)
 """
 
 import os
@@ -47,14 +50,16 @@ def open_embedder(model, runtime="torch", layer=None, tta=None, device="auto", a
                          preprocess=preprocess_on_device(preprocess, device), **kwargs)
 
 
-PRETRAINED = {"backbone": "efficientnet_lite0", "image_size": 160}  # find_duplicates.py --images without --model
+# find_duplicates.py --images without --model: the backbone's features are what is used (PRETRAINED_USE), so the
+# untrained head is built small (a 14 MB checkpoint, not the paper's 4,096-d head's 130 MB)
+PRETRAINED = {"backbone": "efficientnet_lite0", "image_size": 160, "conv_dim": 16, "embed_dim": 16}
 PRETRAINED_USE = {"layer": "backbone", "tta": "flip"}  # ... embedded as bench_duplicates measured best
 
 
 def pretrained_checkpoint(folder):
     """The ImageNet-pretrained efficientnet_lite0 as an untrained DeepRank checkpoint in folder, made
     once (requirements-pretrained.txt installs its weights offline)."""
-    path = os.path.join(folder, f"{PRETRAINED['backbone']}_{PRETRAINED['image_size']}.model")
+    path = os.path.join(folder, f"{PRETRAINED['backbone']}_{PRETRAINED['image_size']}_features.model")
     if not os.path.isfile(path):
         from deep_rank_net import DeepRank
         from deeprank.checkpoints import model_errors, save_checkpoint

@@ -505,15 +505,15 @@ def main(argv=None):
         raise PipelineError("--dry_run and --update_gallery go with --move_to DIR")
     if args.move_to and (args.against or args.query):
         raise PipelineError("--move_to moves the members of a gallery's groups; leave out --against / --query")
+    check_output_path(args.out)  # every output checked before the embedding of --images starts
+    if args.json:
+        check_output_path(args.json)
     if args.images:
         args.gallery = images_gallery(args)
     elif args.threshold is None and args.threshold_from is None and not args.calibrate_copies:
         raise PipelineError("give --threshold T, --threshold_from JSON or --calibrate_copies N (with --model) to say "
                             "how close duplicates are")
     threshold = read_threshold(args)
-    check_output_path(args.out)
-    if args.json:
-        check_output_path(args.json)
     print_args("find_duplicates.py", args, threshold_used=threshold)
     gallery = read_embeddings(args.gallery, mmap=True)
     if len(gallery) == 0:

@@ -199,6 +199,13 @@ def test_images_folder_in_one_command(synthetic, tmp_path, capsys):
     assert str(folder / "notes.jpg") not in group_of
 
 
+def test_a_gallery_without_a_threshold_is_one_line(tmp_path, capsys):
+    gallery = gallery_of(tmp_path / "g", np.eye(3))
+    code = run_cli(find_duplicates.main, ["--gallery", str(gallery), "--out", str(tmp_path / "x.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "--threshold T" in err and not (tmp_path / "x.csv").exists()
+
+
 def test_recall_threshold_keeps_that_share_of_the_copies():
     from deeprank.duplicates import pair_precision, recall_threshold
     copies = [0.1, 0.2, 0.3, 0.5, 0.9]

@@ -182,7 +182,7 @@ def test_images_folder_in_one_command(synthetic, tmp_path, capsys):
     for path in originals:
         shutil.copy(path, folder / path.name)
     rng = random.Random(0)
-    for number, (path, kind) in enumerate(zip(originals[:3], ("jpeg", "flip", "colour"), strict=True)):
+    for number, (path, kind) in enumerate(zip(originals[:3], ("jpeg", "flip", "jpeg"), strict=True)):
         save_copy(str(path), kind, str(folder / "copies" / f"copy{number}.jpg"), rng)  # the calibration's kinds
     (folder / "notes.jpg").write_bytes(b"not an image")
     out = tmp_path / "groups.csv"

@@ -16,19 +16,15 @@ one group). Writes group,path,label,distance rows (distance to the kept image, 0
 """
 
 import argparse
-import errno
-import filecmp
 import json
 import os
-import random
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pandas as pd
 
+from deeprank.calibration import calibration_pairs
 from deeprank.class_names import ClassNames
 from deeprank.common import (
     PipelineError,
@@ -43,7 +39,7 @@ from deeprank.common import (
     seed_flag,
     workers_flag,
 )
-from deeprank.copies import KINDS, save_copy
+from deeprank.copies import KINDS
 from deeprank.datasets import class_of, images_in
 from deeprank.duplicates import (
     CELL_PROBES,
@@ -64,6 +60,7 @@ from deeprank.embedders import PRETRAINED_USE, RUNTIMES, embed_to_file, open_emb
 from deeprank.embedding_io import EmbeddingWriter, check_names, read_embeddings
 from deeprank.images import BadImages
 from deeprank.metrics import pair_scores
+from deeprank.moving import move_one
 from deeprank.pictures import save_captioned_grid
 from deeprank.search.index import INDEX_KINDS, gallery_index, index_paths, read_rows
 
@@ -74,7 +71,6 @@ KEEP = "largest"         # largest | first | pixels: which image of a group is k
 SHOWN = 10               # groups named in the summary (largest first)
 RECALL = 0.95            # --calibrate_copies: the share of its synthetic copies the threshold keeps
 MATCHES = 10             # --against / --query: the nearest gallery images checked for each image
-CALIBRATION_NEIGHBOURS = 50  # --calibrate_copies: the nearest other gallery images each copy is checked against
 MAX_GROUPS = 100         # --grid: groups drawn (largest first)
 ROWS_PER_PICTURE = 20    # --grid: groups per PNG
 CELLS = 12               # --grid: images shown of a group
@@ -276,7 +272,8 @@ def calibrate_copies(gallery, args):
     (deeprank.duplicates.recall_threshold), or with --precision the one that keeps the most of them
     at that precision against their nearest non-copies (copy_threshold); printed with what it keeps
     of each kind of copy and the precision of the pairs the copies form below it."""
-    copy_d, kinds, others = calibration_pairs(gallery, args)
+    copy_d, kinds, others = calibration_pairs(query_searcher(gallery, args), gallery, args.calibrate_copies,
+                                              args.seed, args.gallery)
     if args.precision is not None:
         chosen = copy_threshold(copy_d, others[np.isfinite(others)], args.precision)
         if chosen is None:
@@ -307,33 +304,6 @@ def calibrate_copies(gallery, args):
     return threshold
 
 
-def calibration_pairs(gallery, args):
-    """--calibrate_copies' synthetic copies of random gallery images, embedded as the gallery was, in
-    turn of each kind: (each copy's distance to its original, its kind, its distances to its
-    CALIBRATION_NEIGHBOURS nearest other gallery images (n, m), inf where there are fewer)."""
-    searcher = query_searcher(gallery, args)
-    rng = random.Random(args.seed)
-    present = [row for row in range(len(gallery)) if os.path.isfile(gallery.paths[row])]
-    if len(present) < args.calibrate_copies:
-        raise PipelineError(f"--calibrate_copies {args.calibrate_copies}: {args.gallery} lists {len(present)} images "
-                            f"that are on disk; ask for {len(present)} or fewer")
-    rows = sorted(rng.sample(present, args.calibrate_copies))
-    with tempfile.TemporaryDirectory(prefix="calibrate_copies_") as folder:
-        made = {}
-        for number, row in enumerate(rows):
-            kind = KINDS[number % len(KINDS)]
-            target = os.path.join(folder, f"copy_{number:05d}_{kind}.jpg")
-            save_copy(gallery.paths[row], kind, target, rng)
-            made[target] = (row, kind)
-        vectors, kept = searcher.embed(list(made))
-    originals = np.array([made[path][0] for path in kept])
-    kinds = np.array([made[path][1] for path in kept])
-    copy_d = pair_scores(vectors, np.asarray(gallery.vectors[originals], dtype=np.float32))
-    # every gallery image a copy would join, up to its CALIBRATION_NEIGHBOURS nearest non-originals
-    others, _ = searcher.index.search(vectors, min(CALIBRATION_NEIGHBOURS, len(gallery) - 1), exclude=originals)
-    return copy_d, kinds, others
-
-
 def query_searcher(gallery, args):
     """A Searcher that embeds new images as the gallery was (--model), over the gallery already read."""
     from deeprank.search.searcher import Searcher
@@ -361,51 +331,6 @@ def planned_moves(rows, gallery, folder):
     kept = {number: path for number, path, _, _ in reversed(rows)}  # each group's first row is its kept image
     return {path: os.path.join(os.path.abspath(folder), os.path.relpath(path, root))
             for number, path, _, _ in rows if kept[number] != path}
-
-
-def move_file(src, dst):
-    """Move src to dst, never overwriting (FileExistsError) and never losing it: a hard link, then
-    the source removed; where links do not work (another filesystem), a copy under a temporary name
-    renamed into place, then the source removed. A kill at any point leaves src, or src and a whole
-    dst, which a rerun finishes (moves)."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:
-        partial = f"{dst}.partial"
-        shutil.copy2(src, partial)
-        if os.path.exists(dst):
-            os.unlink(partial)
-            raise FileExistsError(errno.EEXIST, "File exists", dst) from None
-        os.replace(partial, dst)
-    os.unlink(src)
-
-
-def move_one(src, dst):
-    """(status, reason) of one planned move, after trying it: moved (the file is at dst and gone from
-    src; also when an earlier run moved it, or left both copies when it was killed), refused (dst
-    holds another file), or failed (src is gone, or the move raised)."""
-    if os.path.lexists(src) and os.path.exists(dst):
-        try:
-            if not (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
-                return "refused", f"{dst} exists already and holds another file"
-            os.unlink(src)  # an interrupted earlier move left both: the copy at dst is whole
-        except OSError as err:
-            return "failed", err.strerror or str(err)
-    elif not os.path.lexists(src) and not os.path.exists(dst):
-        return "failed", "the file is gone and not in --move_to; re-embed the folder with gen_embeddings.py"
-    elif os.path.lexists(src):
-        try:
-            move_file(src, dst)
-        except FileExistsError:
-            return "refused", f"{dst} exists already"
-        except OSError as err:
-            return "failed", err.strerror or str(err)
-    if not os.path.lexists(src) and os.path.exists(dst):
-        return "moved", ""
-    return "failed", "not at the destination after the move"
 
 
 def move(moves, rows, gallery, args):

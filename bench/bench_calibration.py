@@ -4,7 +4,7 @@ For each --shares value s: every image of --data (TinyImageNet layout) plus plan
 random ones, so that copies make up s of the folder (bench_duplicates.make_collection, its
 combined recipe: two modifications a copy, at other strengths than the calibration's own
 copies); embedded with --model and --embed_flags; then --calibrate_copies N synthetic copies
-made, embedded and searched as find_duplicates.py does, and thresholds chosen from them:
+made, embedded and searched as find_duplicates.py does (deeprank.calibration), and thresholds chosen from them:
 --precision's (the rule find_duplicates.py has used: the most copies kept while that share of the
 pairs they form below it, with their originals and every neighbour, are copy and original) and
 each of --recalls' (the threshold that keeps that share of the copies, whatever the folder holds).
@@ -20,15 +20,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-import find_duplicates
 from bench.bench_duplicates import make_collection
+from deeprank.calibration import calibration_pairs
 from deeprank.datasets import list_split
 from deeprank.duplicates import close_pairs, copy_threshold, pair_precision, recall_threshold
 from deeprank.embedding_io import read_embeddings
+from deeprank.search.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT.parent / "shared" / "data" / "tiny-imagenet-mini"
@@ -72,10 +72,9 @@ def main(argv=None):
                             "--split", "train", "--val_fraction", "0", "--train_out", str(gallery_path),
                             *args.embed_flags.split()], cwd=ROOT, check=True, capture_output=True)
             gallery = read_embeddings(gallery_path)
-            stage_args = SimpleNamespace(model=args.model, gallery=str(gallery_path), device="auto", index="auto",
-                                         nprobe=find_duplicates.CELL_PROBES, num_workers=2, runtime="torch", seed=0,
-                                         calibrate_copies=args.calibrate_copies, query=None)
-            copy_d, _, others = find_duplicates.calibration_pairs(gallery, stage_args)
+            searcher = Searcher(args.model, str(gallery_path), num_workers=2)
+            searcher.gallery = gallery  # read once already
+            copy_d, _, others = calibration_pairs(searcher, gallery, args.calibrate_copies, 0, str(gallery_path))
             folder_shown = f"{copies} of {len(gallery)} ({share:.0%})"
             rules = {f"precision {args.precision} (every neighbour counts)":
                      copy_threshold(copy_d, others[np.isfinite(others)], args.precision)}

@@ -37,6 +37,8 @@ PACKAGE = {
     "deeprank.distributed": {"deeprank.common", "deeprank.runtime"},
     "deeprank.curves": {"deeprank.common"},
     "deeprank.copies": set(),
+    "deeprank.moving": set(),
+    "deeprank.calibration": {"deeprank.common", "deeprank.copies", "deeprank.metrics"},
     "deeprank.duplicates": {"deeprank.common", "deeprank.metrics"},
     "deeprank.report": {"deeprank.common", "deeprank.curves", "deeprank.metrics"},
     "deeprank.validation": {"deeprank.datasets", "deeprank.loaders", "deeprank.metrics", "deeprank.runtime",
@@ -52,7 +54,8 @@ PACKAGE = {
     "deeprank.search.web": {"deeprank.common", "deeprank.images"},
 }
 TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.sample_csv", "deeprank.embedding_io",
-              "deeprank.fastparse", "deeprank.copies", "synthetic_data", "transform_validation", "triplet_sampler",
+              "deeprank.fastparse", "deeprank.copies", "deeprank.moving", "synthetic_data", "transform_validation",
+              "triplet_sampler",
               # the search page's modules: image_search.py --serve --model m.onnx runs without torch
               "deeprank.images", "deeprank.onnx_model", "deeprank.quantize", "deeprank.embedders",
               "deeprank.class_names", "deeprank.pictures", "deeprank.search.index", "deeprank.search.searcher",

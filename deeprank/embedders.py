@@ -23,19 +23,22 @@ RUNTIMES = ("torch", "onnx")
 
 
 def open_embedder(model, runtime="torch", layer=None, tta=None, device="auto", amp=True, batch_size=None,
-                  num_workers=None, compile="auto", preprocess="auto", log=print):
+                  num_workers=None, compile="auto", preprocess="auto", log=print, gallery=None):
     """The embedder for --model / --runtime: an OnnxEmbedder or a runtime.TorchEmbedder (num_workers:
     its image-loading processes; onnxruntime's decoding threads, by default one per core). layer and
-    tta: what the stage asks for (None: the exported model's, or embedding / none for a checkpoint);
-    an exported model that computes something else is refused in one line."""
+    tta: what the stage asks for, or (gallery: its file) what that gallery was embedded with (None:
+    the exported model's, or embedding / none for a checkpoint); an exported model that computes
+    something else is refused in one line."""
     if runtime not in RUNTIMES:
         raise PipelineError(f"unknown --runtime {runtime!r}; choose {', '.join(RUNTIMES)}")
     if is_onnx(model):
         embedder = OnnxEmbedder(model, batch_size=batch_size, device=device, workers=num_workers)
         for flag, asked, made in (("--layer", layer, embedder.layer), ("--tta", tta, embedder.tta)):
             if asked is not None and asked != made:
-                raise PipelineError(f"{model} was exported with {flag} {made}, not {asked}; pass {flag} {made}, or "
-                                    f"export the checkpoint again with export_model.py {flag} {asked}")
+                wants, other = ((f"{gallery} was embedded with", "re-embed the gallery with this model") if gallery
+                                else ("the stage asks for", f"pass {flag} {made}"))
+                raise PipelineError(f"{model} was exported with {flag} {made}, but {wants} {flag} {asked}; {other}, "
+                                    f"or export the checkpoint again with export_model.py {flag} {asked}")
         return embedder
     layer, tta = layer or "embedding", tta or "none"
     if runtime == "onnx":

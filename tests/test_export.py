@@ -206,6 +206,10 @@ def test_an_export_of_another_layer_is_refused_naming_the_flag(exported, tmp_pat
                                                exported["data"], "--train_out", tmp_path / "a.txt",
                                                "--test_out", tmp_path / "b.txt"], capsys)
     assert "exported with --layer embedding" in err
+    flipped = tmp_path / "flip.txt"  # a gallery embedded with --tta flip, searched with an export without it
+    flipped.write_text(exported["files"]["onnx"][0].read_text().replace(" tta=none ", " tta=flip ", 1))
+    err = one_line_error(image_search.main, ["--model", exported["onnx"], "--gallery", flipped, "q.jpg"], capsys)
+    assert "exported with --tta none, but" in err and "was embedded with --tta flip" in err
 
 
 # ----------------------------------------------------------------------------- int8 on real images

@@ -49,8 +49,7 @@ PACKAGE = {
     "deeprank.pictures": {"deeprank.common", "deeprank.images"},
     "deeprank.search.index": {"deeprank.common", "deeprank.embedding_io"},
     "deeprank.search.searcher": {"deeprank.class_names", "deeprank.common", "deeprank.embedders",
-                                 "deeprank.embedding_io", "deeprank.images", "deeprank.onnx_model",
-                                 "deeprank.search.index"},
+                                 "deeprank.embedding_io", "deeprank.images", "deeprank.search.index"},
     "deeprank.search.web": {"deeprank.common", "deeprank.images"},
 }
 TORCH_FREE = ("deeprank.common", "deeprank.datasets", "deeprank.sample_csv", "deeprank.embedding_io",

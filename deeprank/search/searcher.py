@@ -24,7 +24,6 @@ from deeprank.common import TTA_CHOICES, PipelineError, resolve_in
 from deeprank.embedders import open_embedder
 from deeprank.embedding_io import read_embeddings, read_header
 from deeprank.images import BadImages
-from deeprank.onnx_model import is_onnx
 from deeprank.search.index import NPROBE, gallery_index
 
 # gen_embeddings.py's defaults, for headers written before these fields
@@ -60,15 +59,6 @@ def check_source(header, model_path, gallery_path, force, checkpoint):
                             f"or pass --force")
 
 
-def check_export(source, embedder, gallery_path):
-    """An exported model must compute what the gallery's vectors are (its layer and test-time augmentation)."""
-    for flag, made in (("layer", embedder.layer), ("tta", embedder.tta)):
-        if source[flag] != made:
-            raise PipelineError(f"{gallery_path} was embedded with --{flag} {source[flag]} but {embedder.path} was "
-                                f"exported with --{flag} {made}; export the checkpoint with export_model.py --{flag} "
-                                f"{source[flag]}, or re-embed the gallery with this model")
-
-
 class Searcher:
     """A model (a checkpoint or its export, loaded once) and, optionally, a gallery with its index
     (built on first use). runtime: a checkpoint's (torch | onnx, see embedders.open_embedder)."""
@@ -81,14 +71,13 @@ class Searcher:
         self.num_workers, self.on_bad_image = num_workers, on_bad_image
         header = read_header(gallery_path) if gallery_path and os.path.exists(gallery_path) else {}
         self.header, self.source = header, gallery_source(header)
-        exported = is_onnx(model_path)
         # the model and the dimension first: neither can be forced, so their messages do not offer --force;
-        # queries are embedded in the gallery's precision where this device runs it (DEEPRANK_FP32=1: fp32)
-        self.embedder = open_embedder(model_path, runtime, None if exported else self.source["layer"],
-                                      None if exported else self.source["tta"], device, self.source["amp"] == "bf16",
-                                      batch_size, num_workers, "auto", self.source["preprocess"], log)
-        if header and exported:
-            check_export(self.source, self.embedder, gallery_path)
+        # queries are embedded as the gallery was (an export computing something else is refused), in its
+        # precision where this device runs it (DEEPRANK_FP32=1: fp32)
+        asked = self.source if header else {"layer": None, "tta": None}
+        self.embedder = open_embedder(model_path, runtime, asked["layer"], asked["tta"], device,
+                                      self.source["amp"] == "bf16", batch_size, num_workers, "auto",
+                                      self.source["preprocess"], log, gallery=gallery_path)
         dim = self.embedder.dim
         if header and header["dim"] != dim:
             raise PipelineError(f"{gallery_path} holds dim={header['dim']} vectors but {model_path} makes dim={dim}; "

@@ -133,10 +133,11 @@ def int8_model(fp32, args):
         fp32_path, int8_path = os.path.join(work, "fp32.onnx"), os.path.join(work, "int8.onnx")
         with open(fp32_path, "wb") as handle:
             handle.write(fp32)
-        data = quantize_int8(fp32_path, calibrate, method=args.calibration, keep=args.keep_fp32)
+        reference_model = OnnxEmbedder(fp32_path)  # calibrates the int8 model, then is the reference
+        data = quantize_int8(reference_model, calibrate, method=args.calibration, keep=args.keep_fp32)
         with open(int8_path, "wb") as handle:
             handle.write(data)
-        reference, kept = embed_all(OnnxEmbedder(fp32_path), check)
+        reference, kept = embed_all(reference_model, check)
         quantised, _ = embed_all(OnnxEmbedder(int8_path), kept)
     overlap = neighbour_overlap(reference, quantised, NEIGHBOURS)
     print(f"int8: calibrated on {len(calibrate)} images ({args.calibration}; fp32 kept: "

@@ -246,7 +246,8 @@ def images_gallery(args):
     folder = os.path.join(os.path.abspath(args.images), CACHE)
     out = args.cache or os.path.join(folder, "gallery.npy")
     paths = [p for p in images_in([args.images], "--images") if not p.startswith(folder + os.sep)]
-    check_names(paths, [class_of(p) for p in paths])
+    labels = [class_of(p) for p in paths]
+    check_names(paths, labels)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     check_output_path(out)
     asked = {"layer": None, "tta": None} if args.model else PRETRAINED_USE
@@ -254,7 +255,7 @@ def images_gallery(args):
     embedder = open_embedder(args.model, args.runtime, asked["layer"], asked["tta"], args.device,
                              num_workers=args.num_workers)
     skipped = BadImages("skip", None)
-    count = embed_to_file(embedder, paths, [class_of(p) for p in paths], out, args.model, skipped)
+    count = embed_to_file(embedder, paths, labels, out, args.model, skipped)
     print(f"embedded {count} images of {args.images} into {out} ({args.model}, {embedder.layer}, tta {embedder.tta})")
     if skipped.found:
         print(f"warning: {len(skipped.found)} files below {args.images} could not be read as images and are left "

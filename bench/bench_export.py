@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT.parent / "shared" / "data" / "tiny-imagenet-mini"
 # the settings tried: images per forward pass; loader processes (eager) or decoding threads (onnxruntime)
@@ -109,13 +107,10 @@ def read_vectors(path):
 
 
 def top_overlap(reference, other, k=NEIGHBOURS):
-    """Mean share of each val image's k nearest train images (by reference's vectors) other also finds."""
-    found = []
-    for emb in (reference, other):
-        train, val = emb
-        d = (val.vectors ** 2).sum(1)[:, None] + (train.vectors ** 2).sum(1)[None] - 2 * val.vectors @ train.vectors.T
-        found.append(np.argsort(d, axis=1, kind="stable")[:, :k])
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found[0].tolist(), found[1].tolist(), strict=True)]))
+    """Mean share of each val image's k nearest train images (by reference's vectors) other also finds;
+    reference, other: (train, val) embeddings."""
+    from deeprank.quantize import neighbour_overlap
+    return neighbour_overlap(reference[1].vectors, other[1].vectors, k, reference[0].vectors, other[0].vectors)
 
 
 def quality(work, prepared, variants, tta):

@@ -2,7 +2,7 @@
 per-channel weights), calibrated on images of the user's data, and the check that it still
 finds the same neighbours: the top-k overlap with the fp32 model on held-out images.
 
-    int8 = quantize_int8(fp32_path, calibration_paths, batch_size=16)       # the int8 model's bytes
+    int8 = quantize_int8(OnnxEmbedder(fp32_path), calibration_paths)        # the int8 model's bytes
     overlap = neighbour_overlap(fp32_vectors, int8_vectors, k=10)            # 1.0: the same neighbours
 """
 
@@ -13,7 +13,6 @@ import numpy as np
 
 from deeprank.common import PipelineError, first_line
 from deeprank.images import BadImages, decoded_batches, normalized
-from deeprank.onnx_model import OnnxEmbedder
 
 # layers export_model.py --keep_fp32 may leave in fp32: the first convolution fed by the images, the graph's
 # last two linear layers. None by default: on the recommended model either made the int8 model's
@@ -53,12 +52,12 @@ class _Reader:
         return iter(self.get_next, None)
 
 
-def quantize_int8(fp32_path, paths, batch_size=16, method="minmax", keep=()):
+def quantize_int8(embedder, paths, batch_size=16, method="minmax", keep=()):
     """The bytes of a static int8 (QDQ, per-channel, signed weights, unsigned activations) model of
-    the fp32 export at fp32_path, calibrated on the images at paths; the metadata carried over with
-    precision=int8."""
+    the fp32 export an OnnxEmbedder runs (from its file, embedder.path), calibrated on the images at
+    paths (fed by that embedder); the metadata carried over with precision=int8."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-    embedder = OnnxEmbedder(fp32_path)
+    fp32_path = embedder.path
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory(prefix="deeprank-int8-") as work:
@@ -97,19 +96,24 @@ def embed_all(embedder, paths):
     return (np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)), kept
 
 
-def nearest(vectors, k):
-    """Each row's k nearest other rows by squared L2 (ties: lower row first), (n, k)."""
-    squared = (vectors * vectors).sum(1)
-    distances = squared[:, None] + squared[None, :] - 2 * vectors @ vectors.T
-    np.fill_diagonal(distances, np.inf)
+def nearest(queries, k, references=None):
+    """Each query's k nearest references by squared L2 (ties: lower row first), (n, k); without
+    references, each row's k nearest other rows."""
+    own = references is None
+    references = queries if own else references
+    distances = ((queries * queries).sum(1)[:, None] + (references * references).sum(1)[None, :]
+                 - 2 * queries @ references.T)
+    if own:
+        np.fill_diagonal(distances, np.inf)
     return np.argsort(distances, axis=1, kind="stable")[:, :k]
 
 
-def neighbour_overlap(reference, other, k=10):
+def neighbour_overlap(reference, other, k=10, reference_gallery=None, other_gallery=None):
     """The mean share of each image's k nearest images (by the reference vectors) that the other
-    vectors also put among its k nearest."""
-    k = min(k, len(reference) - 1)
+    vectors also put among its k nearest: among the images themselves, or (galleries given) among
+    each one's gallery vectors, the same images embedded the two ways."""
+    k = min(k, len(reference) - 1 if reference_gallery is None else len(reference_gallery))
     if k < 1:
         raise PipelineError("the neighbour overlap needs at least two held-out images")
-    a, b = nearest(reference, k), nearest(other, k)
+    a, b = nearest(reference, k, reference_gallery), nearest(other, k, other_gallery)
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a.tolist(), b.tolist(), strict=True)]))

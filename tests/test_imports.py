@@ -30,7 +30,7 @@ PACKAGE = {
     "deeprank.checkpoints": {"deeprank.common"},
     "deeprank.runtime": {"deeprank.checkpoints", "deeprank.common", "deeprank.images", "deeprank.loaders"},
     "deeprank.onnx_model": {"deeprank.common", "deeprank.images"},
-    "deeprank.quantize": {"deeprank.common", "deeprank.images", "deeprank.onnx_model"},
+    "deeprank.quantize": {"deeprank.common", "deeprank.images"},
     "deeprank.export": {"deeprank.checkpoints", "deeprank.common", "deeprank.images", "deeprank.onnx_model"},
     "deeprank.embedders": {"deeprank.checkpoints", "deeprank.common", "deeprank.embedding_io", "deeprank.export",
                            "deeprank.images", "deeprank.loaders", "deeprank.onnx_model", "deeprank.runtime"},
